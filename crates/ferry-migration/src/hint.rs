@@ -1,0 +1,506 @@
+//! Free page hint sources: the one trait through which the engine learns which pages need not
+//! be sent, and the fence that makes applying that knowledge safe.
+//!
+//! # Protocol
+//!
+//! Precopy runs in rounds. Before round `k` the engine fetches and clears the dirty log
+//! (sync `S_k`); the interval from `S_k` to `S_{k+1}` is *epoch* `k`. For every registered
+//! source, round by round:
+//!
+//! ```text
+//!  engine                                   source (e.g. the balloon)
+//!  ──────                                   ──────
+//!  start(sink) ───────────────────────────▶ keep the sink
+//!  dirty logging on
+//!  ┌▶ sync S_k (fetch-and-clear dirty log)
+//!  │  epoch_begin(k) ─────────────────────▶ ask the guest (new cmd_id)
+//!  │  send pages; between batches drain  ◀─ sink.hint(k, ranges) (any thread, any time)
+//!  │  the inbox and apply hints tagged k ◀─ sink.epoch_complete(k)
+//!  │  epoch_end(k) ───────────────────────▶ tell the guest to stop (cmd_id STOP)
+//!  │  close the inbox for k: later hints tagged k are dropped
+//!  └─ next round
+//!  pause VM, final sync, no hinting
+//!  finish(outcome) ─────────────────────▶ release the guest's pages (cmd_id DONE)
+//! ```
+//!
+//! # The safety invariant
+//!
+//! A hint tagged `k` says: "as of some moment after `S_k`, the guest did not care about these
+//! pages' content". The engine applies it **only to its own to-send bitmap** (never to the
+//! dirty log, which it cannot even reach through [`crate::DirtyLog`]) and **only while epoch
+//! `k` is current**. Every hint is applied on the engine's migration thread, the same thread
+//! that performs the syncs, so no application can be in flight during a sync: closing the
+//! epoch is the fence. If the guest reuses a hinted page after `S_k`, the write is in the
+//! dirty log, `S_{k+1}` marks the page again and round `k + 1` sends it. A hint therefore
+//! never loses a guest write, however late, early, stale, duplicated or malformed it is; at
+//! worst it costs bandwidth. [`HintInbox`] enforces this and asserts it in debug builds.
+//!
+//! Sources never make the engine wait: the inbox is a bounded queue, a full queue drops the
+//! hint (counted, costing only bandwidth), and the engine bounds how long it lets a source get
+//! ahead of the page scanner (the head start).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitmap::PageBitmap;
+use crate::layout::{GuestRange, MemoryLayout};
+
+/// Messages a sink may queue before further hints are dropped.
+pub const INBOX_MESSAGES_MAX: usize = 4096;
+/// Ranges carried by one message; longer hint lists are split.
+pub const RANGES_PER_MESSAGE_MAX: usize = 1024;
+
+/// The interval between two dirty-log syncs; hints are tagged with the epoch they belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Epoch(pub u64);
+
+/// What a source's hints promise about the hinted pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HintKind {
+    /// The guest does not care about the content (free page hints, reported free pages):
+    /// the pages need not be sent at all.
+    Free,
+    /// The pages read as zero on the source (never-populated or discarded host memory): they
+    /// need not be read, and need not be sent where the destination already holds zeros.
+    Zero,
+}
+
+/// How a migration ended, as told to sources in [`HintSource::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The VM is paused for switchover; hinting is over for good.
+    Switchover,
+    /// The migration was cancelled; the VM keeps running here.
+    Cancelled,
+    /// The migration failed; the VM keeps running here.
+    Failed,
+}
+
+/// A source of knowledge about pages that need not be sent.
+///
+/// Methods are called on the engine's migration thread and must not block: a source that
+/// needs the guest's help asks for it and delivers the answer later through its
+/// [`HintSink`], from any thread. The engine calls, in order: [`start`](Self::start) once,
+/// then for each round [`epoch_begin`](Self::epoch_begin) and [`epoch_end`](Self::epoch_end),
+/// and finally [`finish`](Self::finish) exactly once, on success, cancel and failure alike.
+pub trait HintSource: Send {
+    /// A short name for statistics and logs, e.g. `"balloon-hint"`.
+    fn name(&self) -> &str;
+    /// What this source's hints promise.
+    fn kind(&self) -> HintKind;
+    /// Called once before dirty logging starts, with the sink to deliver hints through.
+    fn start(&mut self, sink: HintSink);
+    /// Epoch `epoch` has begun: the dirty log was just synced. Hints about the guest's state
+    /// from now on may be delivered tagged `epoch`.
+    fn epoch_begin(&mut self, epoch: Epoch);
+    /// Epoch `epoch` is ending: stop producing hints for it. The engine drops any hint tagged
+    /// `epoch` that it has not applied yet, so this needs no synchronisation with the sink.
+    fn epoch_end(&mut self, epoch: Epoch);
+    /// Hinting is over (`Switchover`, before the device state is saved) or the migration
+    /// ended without switchover. Called exactly once.
+    fn finish(&mut self, outcome: Outcome);
+}
+
+/// What travels from sinks to the inbox.
+#[derive(Debug)]
+enum Message {
+    Hints {
+        source: usize,
+        epoch: Epoch,
+        ranges: Vec<GuestRange>,
+    },
+    EpochComplete {
+        source: usize,
+        epoch: Epoch,
+    },
+}
+
+/// The handle through which a source delivers hints. Cheap to clone, usable from any thread;
+/// never blocks.
+#[derive(Debug, Clone)]
+pub struct HintSink {
+    source: usize,
+    tx: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl HintSink {
+    /// Delivers hints for `epoch`. Returns `false` if (part of) it was dropped because the
+    /// inbox is full or the migration is over; a dropped hint only costs bandwidth.
+    pub fn hint(&self, epoch: Epoch, ranges: &[GuestRange]) -> bool {
+        ranges.chunks(RANGES_PER_MESSAGE_MAX).all(|chunk| {
+            self.send(Message::Hints {
+                source: self.source,
+                epoch,
+                ranges: chunk.to_vec(),
+            })
+        })
+    }
+
+    /// Tells the engine this source has nothing more to say about `epoch`, so the engine
+    /// need not give it a head start any longer.
+    pub fn epoch_complete(&self, epoch: Epoch) -> bool {
+        self.send(Message::EpochComplete {
+            source: self.source,
+            epoch,
+        })
+    }
+
+    fn send(&self, msg: Message) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+/// Per-source counters kept by the inbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStats {
+    /// Source name.
+    pub name: String,
+    /// Hinted ranges received for the current epoch and applied.
+    pub ranges_applied: u64,
+    /// Pages removed from the to-send set by this source (not counted again by others).
+    pub pages_skipped: u64,
+    /// Messages dropped because they were tagged with an epoch that was not current.
+    pub messages_stale: u64,
+    /// Ranges that were empty or lay wholly outside guest RAM.
+    pub ranges_invalid: u64,
+    /// Messages dropped by the sink because the inbox was full or closed.
+    pub messages_dropped: u64,
+}
+
+/// The result of draining the inbox once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Messages taken out of the queue.
+    pub messages: usize,
+    /// Pages removed from the to-send set.
+    pub pages_skipped: u64,
+}
+
+/// The engine's side of the hint queue: applies hints under the epoch fence.
+#[derive(Debug)]
+pub struct HintInbox {
+    rx: Receiver<Message>,
+    tx: SyncSender<Message>,
+    sources: Vec<(HintKind, Arc<AtomicU64>)>,
+    stats: Vec<SourceStats>,
+    /// The epoch whose hints may be applied now; `None` while closed (during syncs, the bulk
+    /// setup and the final round).
+    open: Option<Epoch>,
+    /// Sources that said they are done with the open epoch.
+    complete: Vec<bool>,
+}
+
+/// Bitmaps a hint is applied to.
+#[derive(Debug)]
+pub struct HintTargets<'a> {
+    /// Pages still to be sent in this round.
+    pub to_send: &'a mut PageBitmap,
+    /// Pages the destination may hold non-zero data for.
+    pub dest_nonzero: &'a PageBitmap,
+    /// Pages known to read as zero in this epoch: send a zero record without reading.
+    pub known_zero: &'a mut PageBitmap,
+}
+
+impl Default for HintInbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HintInbox {
+    /// An inbox with no sources, closed.
+    pub fn new() -> Self {
+        let (tx, rx) = sync_channel(INBOX_MESSAGES_MAX);
+        Self {
+            rx,
+            tx,
+            sources: Vec::new(),
+            stats: Vec::new(),
+            open: None,
+            complete: Vec::new(),
+        }
+    }
+
+    /// Registers a source and returns the sink it must deliver through.
+    pub fn register(&mut self, name: &str, kind: HintKind) -> HintSink {
+        let dropped = Arc::new(AtomicU64::new(0));
+        let source = self.sources.len();
+        self.sources.push((kind, dropped.clone()));
+        self.stats.push(SourceStats {
+            name: name.to_owned(),
+            ..Default::default()
+        });
+        self.complete.push(false);
+        HintSink {
+            source,
+            tx: self.tx.clone(),
+            dropped,
+        }
+    }
+
+    /// Opens epoch `epoch`: from now on hints tagged `epoch` are applied. Must follow a sync.
+    pub fn open(&mut self, epoch: Epoch) {
+        debug_assert!(
+            self.open.is_none(),
+            "epoch opened twice without a close (fence broken)"
+        );
+        self.open = Some(epoch);
+        self.complete.fill(false);
+    }
+
+    /// Closes the current epoch: every hint not applied yet becomes stale. This is the fence
+    /// that must precede every dirty-log sync.
+    pub fn close(&mut self) {
+        self.open = None;
+    }
+
+    /// Whether no epoch is open (hints cannot be applied); must hold during every sync.
+    pub fn is_closed(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// Whether every registered source said it is done with the open epoch.
+    pub fn all_complete(&self) -> bool {
+        self.complete.iter().all(|&c| c)
+    }
+
+    /// Takes up to `budget` messages out of the queue and applies those tagged with the open
+    /// epoch. Never blocks.
+    pub fn drain(
+        &mut self,
+        layout: &MemoryLayout,
+        targets: &mut HintTargets<'_>,
+        budget: usize,
+    ) -> Drained {
+        let mut drained = Drained::default();
+        while drained.messages < budget {
+            let Ok(msg) = self.rx.try_recv() else { break };
+            drained.messages += 1;
+            match msg {
+                Message::EpochComplete { source, epoch } => {
+                    if self.open == Some(epoch) {
+                        self.complete[source] = true;
+                    }
+                }
+                Message::Hints {
+                    source,
+                    epoch,
+                    ranges,
+                } => {
+                    if self.open != Some(epoch) {
+                        self.stats[source].messages_stale += 1;
+                        continue;
+                    }
+                    drained.pages_skipped += self.apply(source, layout, targets, &ranges);
+                }
+            }
+        }
+        drained
+    }
+
+    /// Applies one message's ranges; the epoch was checked by the caller.
+    fn apply(
+        &mut self,
+        source: usize,
+        layout: &MemoryLayout,
+        t: &mut HintTargets<'_>,
+        ranges: &[GuestRange],
+    ) -> u64 {
+        debug_assert!(
+            self.open.is_some(),
+            "hint applied while the epoch is closed"
+        );
+        let kind = self.sources[source].0;
+        let stats = &mut self.stats[source];
+        let mut skipped = 0;
+        for &range in ranges {
+            let mut any = false;
+            for (start, end) in layout.whole_pages_in(range) {
+                any = true;
+                match kind {
+                    HintKind::Free => skipped += t.to_send.clear_range(start, end),
+                    HintKind::Zero => {
+                        // Where the destination may hold data, the page must still become
+                        // zero there: keep it queued but mark it so it is sent as a zero
+                        // record without being read.
+                        let mut page = start;
+                        while page < end {
+                            let next = t.dest_nonzero.next_set(page).unwrap_or(end).min(end);
+                            skipped += t.to_send.clear_range(page, next);
+                            page = next;
+                            if page < end {
+                                if t.to_send.get(page) {
+                                    t.known_zero.set(page);
+                                }
+                                page += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            if any {
+                stats.ranges_applied += 1;
+            } else {
+                stats.ranges_invalid += 1;
+            }
+        }
+        stats.pages_skipped += skipped;
+        skipped
+    }
+
+    /// Per-source statistics so far.
+    pub fn stats(&self) -> Vec<SourceStats> {
+        let mut stats = self.stats.clone();
+        for (s, (_, dropped)) in stats.iter_mut().zip(&self.sources) {
+            s.messages_dropped = dropped.load(Ordering::Relaxed);
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{RegionDesc, PAGE_SIZE};
+
+    fn setup() -> (MemoryLayout, PageBitmap, PageBitmap, PageBitmap) {
+        let layout = MemoryLayout::new(vec![RegionDesc {
+            gpa: 0,
+            size: 64 * PAGE_SIZE,
+        }])
+        .unwrap();
+        (
+            layout,
+            PageBitmap::full(64),
+            PageBitmap::new(64),
+            PageBitmap::new(64),
+        )
+    }
+
+    #[test]
+    fn applies_only_hints_of_the_open_epoch() {
+        let (layout, mut to_send, dest, mut kz) = setup();
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("test", HintKind::Free);
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+
+        // Early: tagged with an epoch that has not begun.
+        assert!(sink.hint(Epoch(1), &[GuestRange::new(0, 8 * PAGE_SIZE)]));
+        inbox.open(Epoch(0));
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
+        // Current: applied, with partial pages rounded inwards.
+        sink.hint(Epoch(0), &[GuestRange::new(PAGE_SIZE / 2, 4 * PAGE_SIZE)]);
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 3);
+        inbox.close();
+        // Late: tagged with the epoch that was just closed.
+        sink.hint(Epoch(0), &[GuestRange::new(32 * PAGE_SIZE, 8 * PAGE_SIZE)]);
+        inbox.open(Epoch(1));
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
+        assert_eq!(t.to_send.count(), 61);
+        let s = &inbox.stats()[0];
+        assert_eq!(
+            (s.messages_stale, s.ranges_applied, s.pages_skipped),
+            (2, 1, 3)
+        );
+    }
+
+    #[test]
+    fn garbage_ranges_are_counted_not_applied() {
+        let (layout, mut to_send, dest, mut kz) = setup();
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("test", HintKind::Free);
+        inbox.open(Epoch(0));
+        sink.hint(
+            Epoch(0),
+            &[
+                GuestRange::new(u64::MAX - 10, 1000),
+                GuestRange::new(64 * PAGE_SIZE, PAGE_SIZE),
+                GuestRange::new(0, 0),
+                GuestRange::new(1, PAGE_SIZE),
+            ],
+        );
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
+        assert_eq!(inbox.stats()[0].ranges_invalid, 4);
+        assert_eq!(to_send.count(), 64);
+    }
+
+    #[test]
+    fn zero_hints_keep_pages_the_destination_holds_data_for() {
+        let (layout, mut to_send, mut dest, mut kz) = setup();
+        dest.set_range(4, 6);
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("holes", HintKind::Zero);
+        inbox.open(Epoch(3));
+        sink.hint(Epoch(3), &[GuestRange::new(0, 8 * PAGE_SIZE)]);
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 6);
+        assert!(to_send.get(4) && to_send.get(5) && !to_send.get(3) && !to_send.get(6));
+        assert!(kz.get(4) && kz.get(5) && !kz.get(3));
+    }
+
+    #[test]
+    fn a_flood_is_dropped_at_the_sink_and_drained_within_budget() {
+        let (layout, mut to_send, dest, mut kz) = setup();
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("flood", HintKind::Free);
+        inbox.open(Epoch(0));
+        let mut accepted = 0;
+        for _ in 0..INBOX_MESSAGES_MAX + 10 {
+            accepted += usize::from(sink.hint(Epoch(0), &[GuestRange::new(0, PAGE_SIZE)]));
+        }
+        assert_eq!(accepted, INBOX_MESSAGES_MAX);
+        assert_eq!(inbox.stats()[0].messages_dropped, 10);
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+        assert_eq!(inbox.drain(&layout, &mut t, 7).messages, 7);
+    }
+
+    #[test]
+    fn completion_counts_only_for_the_open_epoch() {
+        let mut inbox = HintInbox::new();
+        let a = inbox.register("a", HintKind::Free);
+        let b = inbox.register("b", HintKind::Zero);
+        let (layout, mut to_send, dest, mut kz) = setup();
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+        inbox.open(Epoch(2));
+        a.epoch_complete(Epoch(1));
+        b.epoch_complete(Epoch(2));
+        inbox.drain(&layout, &mut t, 100);
+        assert!(!inbox.all_complete());
+        a.epoch_complete(Epoch(2));
+        inbox.drain(&layout, &mut t, 100);
+        assert!(inbox.all_complete());
+    }
+}

@@ -1,0 +1,30 @@
+//! # ferry-migration
+//!
+//! A hypervisor-agnostic precopy RAM migration engine that does not send memory the guest
+//! does not use. It knows nothing of KVM, virtio or any VMM: the VMM plugs in through the
+//! traits defined here.
+//!
+//! - [`DirtyLog`]: fetch-and-clear dirty page tracking (KVM's dirty log, vm-memory's write
+//!   bitmap, or both OR-ed together).
+//! - [`HintSource`]: anything that knows pages need not be sent (the balloon's free page
+//!   hints, its reported and discarded pages, never-populated host memory). Hints arrive
+//!   asynchronously and are applied under the epoch fence described in [`hint`].
+//! - [`VmControl`]: pause, resume, device state and throttling.
+//!
+//! The engine sends guest RAM over one or more byte streams in the versioned [`wire`]
+//! format; the destination side receives into its own guest memory and refuses to report
+//! success for an incomplete or corrupt stream. See `docs/ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bitmap;
+pub mod dirty;
+pub mod hint;
+pub mod layout;
+pub mod vm;
+
+pub use bitmap::PageBitmap;
+pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
+pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};
+pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
+pub use vm::{VmControl, VmControlError};
