@@ -1,0 +1,175 @@
+//! Facts read from /proc and /sys: the balloon's negotiated features and memory counters.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+const VIRTIO_DEVICES: &str = "/sys/bus/virtio/devices";
+const VIRTIO_ID_BALLOON: &str = "0x0005";
+
+/// Names of the feature bits a balloon may negotiate (virtio 1.2, 5.5.3 and 6).
+const FEATURE_NAMES: &[(usize, &str)] = &[
+    (0, "MUST_TELL_HOST"),
+    (1, "STATS_VQ"),
+    (2, "DEFLATE_ON_OOM"),
+    (3, "FREE_PAGE_HINT"),
+    (4, "PAGE_POISON"),
+    (5, "PAGE_REPORTING"),
+    (24, "NOTIFY_ON_EMPTY"),
+    (27, "ANY_LAYOUT"),
+    (28, "RING_INDIRECT_DESC"),
+    (29, "RING_EVENT_IDX"),
+    (32, "VERSION_1"),
+    (33, "ACCESS_PLATFORM"),
+    (34, "RING_PACKED"),
+    (35, "IN_ORDER"),
+    (36, "ORDER_PLATFORM"),
+    (37, "SR_IOV"),
+    (38, "NOTIFICATION_DATA"),
+    (39, "NOTIF_CONFIG_DATA"),
+    (40, "RING_RESET"),
+];
+
+#[derive(Debug, Error)]
+pub enum SysinfoError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no virtio balloon (device id 5) in {VIRTIO_DEVICES}")]
+    NoBalloon,
+    #[error("{path}: expected 64 characters of 0 and 1, found {found:?}")]
+    BadFeatures { path: PathBuf, found: String },
+    #[error("/proc/meminfo has no {0} line")]
+    MissingField(&'static str),
+}
+
+fn read(path: &Path) -> Result<String, SysinfoError> {
+    fs::read_to_string(path).map_err(|source| SysinfoError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The balloon's negotiated features: the sysfs bit string and the names of the set bits.
+pub struct Features {
+    bits: String,
+}
+
+impl Features {
+    fn parse(path: &Path, text: &str) -> Result<Self, SysinfoError> {
+        let bits = text.trim();
+        if bits.len() != 64 || !bits.bytes().all(|b| b == b'0' || b == b'1') {
+            return Err(SysinfoError::BadFeatures {
+                path: path.to_path_buf(),
+                found: bits.chars().take(80).collect(),
+            });
+        }
+        Ok(Self {
+            bits: bits.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.bits)?;
+        for (bit, _) in self.bits.bytes().enumerate().filter(|(_, b)| *b == b'1') {
+            match FEATURE_NAMES.iter().find(|(n, _)| *n == bit) {
+                Some((_, name)) => write!(f, " {name}")?,
+                None => write!(f, " BIT{bit}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the balloon among the virtio devices and reads its negotiated features.
+pub fn balloon_features() -> Result<Features, SysinfoError> {
+    let root = Path::new(VIRTIO_DEVICES);
+    let entries = fs::read_dir(root).map_err(|source| SysinfoError::Read {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if read(&dir.join("device")).is_ok_and(|id| id.trim() == VIRTIO_ID_BALLOON) {
+            let path = dir.join("features");
+            return Features::parse(&path, &read(&path)?);
+        }
+    }
+    Err(SysinfoError::NoBalloon)
+}
+
+/// Memory counters from /proc/meminfo, displayed as `total_kib=N free_kib=N available_kib=N`.
+pub struct Meminfo {
+    total_kib: u64,
+    free_kib: u64,
+    available_kib: u64,
+}
+
+impl Meminfo {
+    fn parse(text: &str) -> Result<Self, SysinfoError> {
+        let field = |name: &'static str| {
+            text.lines()
+                .find_map(|line| {
+                    let rest = line.strip_prefix(name)?.strip_prefix(':')?;
+                    rest.split_whitespace().next()?.parse::<u64>().ok()
+                })
+                .ok_or(SysinfoError::MissingField(name))
+        };
+        Ok(Self {
+            total_kib: field("MemTotal")?,
+            free_kib: field("MemFree")?,
+            available_kib: field("MemAvailable")?,
+        })
+    }
+}
+
+impl fmt::Display for Meminfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "total_kib={} free_kib={} available_kib={}",
+            self.total_kib, self.free_kib, self.available_kib
+        )
+    }
+}
+
+pub fn meminfo() -> Result<Meminfo, SysinfoError> {
+    Meminfo::parse(&read(Path::new("/proc/meminfo"))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_feature_names_bit_0_first() {
+        let mut bits = ["0"; 64];
+        for bit in [3, 5, 32, 50] {
+            bits[bit] = "1";
+        }
+        let f = Features::parse(Path::new("features"), &format!("{}\n", bits.concat())).unwrap();
+        let shown = f.to_string();
+        assert_eq!(
+            shown.split_once(' ').unwrap().1,
+            "FREE_PAGE_HINT PAGE_REPORTING VERSION_1 BIT50"
+        );
+        assert!(Features::parse(Path::new("features"), "0101").is_err());
+    }
+
+    #[test]
+    fn reads_meminfo_fields() {
+        let text = "MemTotal:  1000 kB\nMemFree:  600 kB\nMemAvailable:  800 kB\n";
+        let m = Meminfo::parse(text).unwrap();
+        assert_eq!(
+            m.to_string(),
+            "total_kib=1000 free_kib=600 available_kib=800"
+        );
+        assert!(Meminfo::parse("MemTotal: 1 kB\n").is_err());
+    }
+}
