@@ -6,7 +6,11 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
 pub mod config;
+pub mod gate;
 pub mod layout;
+pub mod memory;
+pub mod serial;
 
 pub use config::{BalloonConfig, ConfigError, RunArgs, SerialTarget, VmConfig};

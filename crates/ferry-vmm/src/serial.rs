@@ -1,0 +1,367 @@
+//! COM1: vm-superio's 8250 UART with its interrupt on an irqfd, and the host side of the
+//! console: stdout/stdin, an output file, or a listening Unix socket (one client at a time,
+//! bidirectional) through which tests drive the guest agent.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::{lock, BusDevice};
+use crate::config::SerialTarget;
+use crate::gate::Gate;
+
+/// Console output kept while no socket client is connected; older bytes are dropped.
+pub const BACKLOG_BYTES_MAX: usize = 1 << 20;
+/// How long the input thread waits for FIFO space before retrying.
+const FIFO_RETRY: Duration = Duration::from_millis(2);
+
+/// Errors setting up the console.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The output file cannot be opened.
+    #[error("cannot open the serial output file {path}: {source}")]
+    File {
+        /// Path.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket cannot be bound.
+    #[error("cannot listen on the serial socket {path}: {source}")]
+    Socket {
+        /// Path.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The interrupt eventfd cannot be created.
+    #[error("cannot create the serial interrupt eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    /// The input thread cannot be started.
+    #[error("cannot start the serial input thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// Raises an interrupt by writing an eventfd registered with KVM as an irqfd.
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A connected client plus what was printed while none was.
+#[derive(Debug, Default)]
+pub struct SocketSlot {
+    client: Option<UnixStream>,
+    backlog: VecDeque<u8>,
+}
+
+/// Where console output goes.
+#[derive(Debug)]
+pub enum SerialOut {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file.
+    File(File),
+    /// The socket client, if any (else the backlog).
+    Socket(Arc<Mutex<SocketSlot>>),
+    /// Nowhere.
+    Sink,
+}
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Stdout => io::stdout().write(buf),
+            Self::File(f) => f.write(buf),
+            Self::Socket(slot) => {
+                let mut s = lock(slot);
+                let sent = match s.client.as_mut() {
+                    Some(c) => c.write_all(buf).is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    s.client = None;
+                    s.backlog.extend(buf);
+                    let excess = s.backlog.len().saturating_sub(BACKLOG_BYTES_MAX);
+                    s.backlog.drain(..excess);
+                }
+                Ok(buf.len())
+            }
+            Self::Sink => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Stdout => io::stdout().flush(),
+            Self::File(f) => f.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Serializable UART registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<&SerialState> for SerialSnapshot {
+    fn from(s: &SerialState) -> Self {
+        Self {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// COM1 as a port I/O bus device.
+pub struct SerialConsole {
+    uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
+}
+
+impl std::fmt::Debug for SerialConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialConsole").finish_non_exhaustive()
+    }
+}
+
+impl SerialConsole {
+    /// A UART raising `irq` and printing to `out`.
+    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+        Self {
+            uart: Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queues input bytes for the guest; returns how many fit in the FIFO.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// The UART state for migration.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        SerialSnapshot::from(&self.uart.state())
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let (Ok(off), Some(b)) = (u8::try_from(offset), data.first_mut()) {
+            *b = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), Some(&b)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.uart.write(off, b) {
+                tracing::warn!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// The console's host side, once opened.
+#[derive(Debug)]
+pub struct SerialBackend {
+    /// Output for the UART.
+    pub out: SerialOut,
+    input: Input,
+}
+
+#[derive(Debug)]
+enum Input {
+    None,
+    Stdin,
+    Socket(UnixListener, Arc<Mutex<SocketSlot>>),
+}
+
+impl SerialBackend {
+    /// Opens the host side of `target` (binds the socket, opens the file).
+    pub fn open(target: &SerialTarget) -> Result<Self, SerialError> {
+        Ok(match target {
+            SerialTarget::Stdio => Self {
+                out: SerialOut::Stdout,
+                input: Input::Stdin,
+            },
+            SerialTarget::None => Self {
+                out: SerialOut::Sink,
+                input: Input::None,
+            },
+            SerialTarget::File(path) => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SerialError::File {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                Self {
+                    out: SerialOut::File(f),
+                    input: Input::None,
+                }
+            }
+            SerialTarget::Socket(path) => {
+                let listener = bind(path)?;
+                let slot = Arc::new(Mutex::new(SocketSlot::default()));
+                Self {
+                    out: SerialOut::Socket(slot.clone()),
+                    input: Input::Socket(listener, slot),
+                }
+            }
+        })
+    }
+
+    /// Starts the thread feeding host input to `console`; it parks while `gate` is closed.
+    /// Returns `None` for output-only targets.
+    pub fn spawn_input(
+        self,
+        console: Arc<Mutex<SerialConsole>>,
+        gate: Arc<Gate>,
+    ) -> Result<Option<std::thread::JoinHandle<()>>, SerialError> {
+        let builder = std::thread::Builder::new().name("ferry-serial-in".into());
+        let handle = match self.input {
+            Input::None => return Ok(None),
+            Input::Stdin => builder.spawn(move || {
+                pump(io::stdin().lock(), &console, &gate);
+            }),
+            Input::Socket(listener, slot) => builder.spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let Ok(reader) = stream.try_clone() else {
+                        continue;
+                    };
+                    {
+                        let mut s = lock(&slot);
+                        let mut stream = stream;
+                        let backlog: Vec<u8> = s.backlog.drain(..).collect();
+                        if stream.write_all(&backlog).is_ok() {
+                            s.client = Some(stream);
+                        }
+                    }
+                    pump(reader, &console, &gate);
+                    lock(&slot).client = None;
+                }
+            }),
+        };
+        handle.map(Some).map_err(SerialError::Thread)
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, SerialError> {
+    UnixListener::bind(path).map_err(|source| SerialError::Socket {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Copies `input` into the UART's FIFO until EOF, waiting for FIFO space and for the gate.
+fn pump(mut input: impl Read, console: &Mutex<SerialConsole>, gate: &Gate) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            gate.wait_open();
+            let taken = lock(console).enqueue(rest);
+            rest = &rest[taken..];
+            if !rest.is_empty() {
+                std::thread::sleep(FIFO_RETRY);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(out: SerialOut) -> (SerialConsole, EventFd) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        (SerialConsole::new(irq.try_clone().unwrap(), out), irq)
+    }
+
+    #[test]
+    fn socket_output_is_kept_until_a_client_connects() {
+        let dir = std::env::temp_dir().join(format!("ferry-serial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.sock");
+        let backend = SerialBackend::open(&SerialTarget::Socket(path.clone())).unwrap();
+        let SerialOut::Socket(slot) = &backend.out else {
+            panic!("socket target gives socket output")
+        };
+        let slot = slot.clone();
+        let (c, _irq) = console(SerialOut::Socket(slot));
+        let c = Arc::new(Mutex::new(c));
+        // The guest prints before anyone listens.
+        for b in b"hello\n" {
+            lock(&c).write(0, &[*b]);
+        }
+        let gate = Arc::new(Gate::new());
+        backend.spawn_input(c.clone(), gate).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello\n");
+        // Input reaches the receive FIFO: LSR data-ready, then RBR.
+        client.write_all(b"x").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut lsr = [0u8];
+        while lsr[0] & 1 == 0 && std::time::Instant::now() < deadline {
+            lock(&c).read(5, &mut lsr);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut rbr = [0u8];
+        lock(&c).read(0, &mut rbr);
+        assert_eq!(rbr[0], b'x');
+    }
+
+    #[test]
+    fn transmit_interrupt_fires_the_eventfd() {
+        let (mut c, irq) = console(SerialOut::Sink);
+        // IER: enable THR-empty interrupt, which the 8250 raises at once.
+        c.write(1, &[0x02]);
+        c.write(0, b"a");
+        assert!(irq.read().unwrap() >= 1);
+        assert_eq!(c.snapshot().registers[2], 0x02);
+    }
+}
