@@ -127,12 +127,25 @@ pub struct HintSink {
     source: usize,
     tx: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
+    /// The inbox's open epoch ([`CLOSED`] when none), shared with the inbox.
+    open: Arc<AtomicU64>,
 }
+
+/// Value of the shared open-epoch cell while no epoch is open.
+const CLOSED: u64 = u64::MAX;
 
 impl HintSink {
     /// Delivers hints for `epoch`. Returns `false` if (part of) it was dropped because the
     /// inbox is full or the migration is over; a dropped hint only costs bandwidth.
+    ///
+    /// A hint tagged with an epoch that is not open *now* is dropped here: one tagged with
+    /// an epoch that has not begun was gathered before that epoch's sync and could hide a
+    /// write the sync found (the inbox drops those tagged with an epoch that has ended).
     pub fn hint(&self, epoch: Epoch, ranges: &[GuestRange]) -> bool {
+        if self.open.load(Ordering::Acquire) != epoch.0 {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         ranges.chunks(RANGES_PER_MESSAGE_MAX).all(|chunk| {
             self.send(Message::Hints {
                 source: self.source,
@@ -175,7 +188,8 @@ pub struct SourceStats {
     pub messages_stale: u64,
     /// Ranges that were empty or lay wholly outside guest RAM.
     pub ranges_invalid: u64,
-    /// Messages dropped by the sink because the inbox was full or closed.
+    /// Messages dropped by the sink: inbox full or gone, or tagged with an epoch that was
+    /// not open when they were sent.
     pub messages_dropped: u64,
 }
 
@@ -200,6 +214,8 @@ pub struct HintInbox {
     open: Option<Epoch>,
     /// Sources that said they are done with the open epoch.
     complete: Vec<bool>,
+    /// `open` as seen by the sinks.
+    shared_open: Arc<AtomicU64>,
 }
 
 /// Bitmaps a hint is applied to.
@@ -230,6 +246,7 @@ impl HintInbox {
             stats: Vec::new(),
             open: None,
             complete: Vec::new(),
+            shared_open: Arc::new(AtomicU64::new(CLOSED)),
         }
     }
 
@@ -247,6 +264,7 @@ impl HintInbox {
             source,
             tx: self.tx.clone(),
             dropped,
+            open: self.shared_open.clone(),
         }
     }
 
@@ -258,11 +276,13 @@ impl HintInbox {
         );
         self.open = Some(epoch);
         self.complete.fill(false);
+        self.shared_open.store(epoch.0, Ordering::Release);
     }
 
     /// Closes the current epoch: every hint not applied yet becomes stale. This is the fence
     /// that must precede every dirty-log sync.
     pub fn close(&mut self) {
+        self.shared_open.store(CLOSED, Ordering::Release);
         self.open = None;
     }
 
@@ -400,23 +420,30 @@ mod tests {
             known_zero: &mut kz,
         };
 
-        // Early: tagged with an epoch that has not begun.
-        assert!(sink.hint(Epoch(1), &[GuestRange::new(0, 8 * PAGE_SIZE)]));
+        // Early: tagged with an epoch that has not begun, refused by the sink.
         inbox.open(Epoch(0));
+        assert!(!sink.hint(Epoch(1), &[GuestRange::new(0, 8 * PAGE_SIZE)]));
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
         // Current: applied, with partial pages rounded inwards.
         sink.hint(Epoch(0), &[GuestRange::new(PAGE_SIZE / 2, 4 * PAGE_SIZE)]);
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 3);
+        // Late: sent while epoch 0 was open, drained after it closed.
+        assert!(sink.hint(Epoch(0), &[GuestRange::new(32 * PAGE_SIZE, 8 * PAGE_SIZE)]));
         inbox.close();
-        // Late: tagged with the epoch that was just closed.
-        sink.hint(Epoch(0), &[GuestRange::new(32 * PAGE_SIZE, 8 * PAGE_SIZE)]);
+        // Sent after the epoch closed: refused by the sink.
+        assert!(!sink.hint(Epoch(0), &[GuestRange::new(48 * PAGE_SIZE, 8 * PAGE_SIZE)]));
         inbox.open(Epoch(1));
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
         assert_eq!(t.to_send.count(), 61);
         let s = &inbox.stats()[0];
         assert_eq!(
-            (s.messages_stale, s.ranges_applied, s.pages_skipped),
-            (2, 1, 3)
+            (
+                s.messages_stale,
+                s.messages_dropped,
+                s.ranges_applied,
+                s.pages_skipped
+            ),
+            (1, 2, 1, 3)
         );
     }
 

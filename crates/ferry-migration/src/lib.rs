@@ -18,13 +18,30 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+pub mod convergence;
+pub mod dest;
 pub mod dirty;
 pub mod hint;
+mod lane;
 pub mod layout;
+pub mod progress;
+pub mod source;
+pub mod stats;
+pub mod transport;
+pub mod unpopulated;
 pub mod vm;
+pub mod wire;
+pub mod zero;
 
 pub use bitmap::PageBitmap;
+pub use convergence::Policy;
+pub use dest::{Destination, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
 pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};
 pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
+pub use progress::{Event, NoObserver, Observer};
+pub use source::{Migration, MigrationConfig, MigrationError};
+pub use stats::{MigrationStats, RoundStats};
+pub use transport::{Connection, Endpoint, Listener};
+pub use unpopulated::UnpopulatedSource;
 pub use vm::{VmControl, VmControlError};

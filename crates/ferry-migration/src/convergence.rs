@@ -1,0 +1,170 @@
+//! When to stop iterating and switch over, and when to throttle the guest.
+
+use std::time::Duration;
+
+use crate::layout::PAGE_SIZE;
+
+/// The convergence policy's knobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The longest acceptable pause of the VM.
+    pub downtime_max: Duration,
+    /// Iterative rounds after the bulk round before switching over regardless.
+    pub rounds_max: u32,
+    /// Throttle vCPUs when the guest dirties memory faster than we can send it.
+    pub auto_converge: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            downtime_max: Duration::from_millis(300),
+            rounds_max: 30,
+            auto_converge: true,
+        }
+    }
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Run another iterative round.
+    Iterate,
+    /// The remaining dirty pages fit in the downtime budget: switch over.
+    SwitchOver,
+    /// The round limit was hit: switch over even though the downtime budget is exceeded.
+    RoundLimit,
+}
+
+/// Tracks rounds and decides.
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    policy: Policy,
+    /// Best bandwidth observed, bytes per second.
+    bandwidth: f64,
+    throttle: u8,
+    hot_rounds: u32,
+}
+
+/// Fraction of the send rate the dirty rate may reach before throttling.
+const HOT_RATIO: f64 = 0.5;
+/// Consecutive hot rounds before the throttle is raised.
+const HOT_ROUNDS_BEFORE_THROTTLE: u32 = 2;
+const THROTTLE_FIRST: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+const THROTTLE_MAX: u8 = 90;
+
+impl Convergence {
+    /// A tracker for `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            bandwidth: 0.0,
+            throttle: 0,
+            hot_rounds: 0,
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The throttle currently asked for, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle
+    }
+
+    /// Expected time to send `pages` at the best bandwidth seen (all pages counted as data).
+    pub fn expected_downtime(&self, pages: u64) -> Duration {
+        if self.bandwidth <= 0.0 {
+            return Duration::MAX;
+        }
+        Duration::from_secs_f64((pages * PAGE_SIZE) as f64 / self.bandwidth)
+    }
+
+    /// Records round `round` (0 = bulk) that wrote `bytes` in `elapsed` and left
+    /// `pages_dirty` pages dirty, and decides what comes next.
+    pub fn after_round(
+        &mut self,
+        round: u32,
+        bytes: u64,
+        elapsed: Duration,
+        pages_dirty: u64,
+    ) -> Decision {
+        // Rounds shorter than a few milliseconds say little about the link.
+        if elapsed >= Duration::from_millis(5) && bytes > 0 {
+            self.bandwidth = self.bandwidth.max(bytes as f64 / elapsed.as_secs_f64());
+        }
+        if pages_dirty == 0 || self.expected_downtime(pages_dirty) <= self.policy.downtime_max {
+            return Decision::SwitchOver;
+        }
+        if round >= self.policy.rounds_max {
+            return Decision::RoundLimit;
+        }
+        let dirty_bytes = (pages_dirty * PAGE_SIZE) as f64;
+        if self.policy.auto_converge && round > 0 && dirty_bytes > HOT_RATIO * bytes as f64 {
+            self.hot_rounds += 1;
+            if self.hot_rounds >= HOT_ROUNDS_BEFORE_THROTTLE {
+                self.throttle = match self.throttle {
+                    0 => THROTTLE_FIRST,
+                    t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+                };
+            }
+        } else {
+            self.hot_rounds = 0;
+        }
+        Decision::Iterate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn switches_over_when_the_rest_fits_the_budget() {
+        let mut c = Convergence::new(Policy::default());
+        // 100 MiB in 100 ms: 1 GiB/s; 300 ms fits ~76k pages.
+        assert_eq!(
+            c.after_round(0, 100 << 20, 100 * MS, 100_000),
+            Decision::Iterate
+        );
+        assert_eq!(
+            c.after_round(1, 10 << 20, 10 * MS, 50_000),
+            Decision::SwitchOver
+        );
+        assert_eq!(c.after_round(2, 0, MS, 0), Decision::SwitchOver);
+    }
+
+    #[test]
+    fn round_limit_and_throttle() {
+        let policy = Policy {
+            rounds_max: 4,
+            ..Policy::default()
+        };
+        let mut c = Convergence::new(policy);
+        let mut throttles = vec![];
+        for round in 0..=4 {
+            // 1 MiB/s with 1 GiB dirty: never converges.
+            let d = c.after_round(round, 1 << 20, 1000 * MS, 262_144);
+            throttles.push(c.throttle());
+            assert_eq!(d == Decision::RoundLimit, round == 4, "round {round}");
+        }
+        assert_eq!(throttles, vec![0, 0, 20, 30, 30]);
+    }
+
+    #[test]
+    fn no_throttle_when_disabled() {
+        let mut c = Convergence::new(Policy {
+            auto_converge: false,
+            ..Policy::default()
+        });
+        for round in 0..5 {
+            c.after_round(round, 1 << 20, 1000 * MS, 262_144);
+        }
+        assert_eq!(c.throttle(), 0);
+    }
+}

@@ -1,0 +1,458 @@
+//! The destination side: receives guest RAM into its own memory, validates everything, and
+//! refuses to report success for an incomplete or corrupt stream.
+//!
+//! Each connection is applied by its own thread; the source assigns pages to connections by
+//! chunk, so the order of writes to any one page is the order the source sent them. The
+//! result, [`Received`], carries the device state; the VMM restores it and only then calls
+//! [`Received::acknowledge`], which lets the source stop its VM for good.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::lane::CHUNK_PAGES;
+use crate::layout::{GuestRange, LayoutError, MemoryLayout, PAGE_SIZE};
+use crate::transport::{Closer, Connection, Listener, CONNECTIONS_MAX};
+use crate::wire::{
+    self, Decoder, Encoder, Hello, HelloReply, Record, Summary, WireError, MAGIC_DEST, MAGIC_SOURCE,
+};
+
+const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Why receiving failed. The destination's memory must then be discarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Local memory cannot be described.
+    #[error("guest memory layout: {0}")]
+    Layout(#[from] LayoutError),
+    /// The stream failed.
+    #[error("migration stream on connection {connection}: {source}")]
+    Wire {
+        /// Connection index.
+        connection: usize,
+        /// Cause.
+        #[source]
+        source: WireError,
+    },
+    /// The source sent something the protocol does not allow.
+    #[error("connection {connection}: {reason}")]
+    Protocol {
+        /// Connection index.
+        connection: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The source reported a failure.
+    #[error("the source reported: {0}")]
+    Source(String),
+    /// Accepting connections failed or timed out.
+    #[error("accepting connections: {0}")]
+    Accept(String),
+    /// Writing guest memory failed.
+    #[error("writing guest memory at {gpa:#x}: {source}")]
+    Memory {
+        /// Address.
+        gpa: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// What the destination received.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReceiveStats {
+    /// Pages written with data.
+    pub pages: u64,
+    /// Pages zeroed.
+    pub zero_pages: u64,
+    /// Rounds seen (per connection, they must agree).
+    pub rounds: u64,
+    /// Time from the first connection to completion, milliseconds.
+    pub duration_ms: f64,
+}
+
+/// A complete, validated migration stream, applied to guest memory.
+#[derive(Debug)]
+pub struct Received {
+    /// The source VMM's state blob, to be restored by the caller.
+    pub device_state: Vec<u8>,
+    /// Totals.
+    pub stats: ReceiveStats,
+    reply: Connection,
+    summary: Summary,
+}
+
+impl Received {
+    /// Tells the source that everything arrived and the VM was restored here; the source
+    /// may then stop its copy. Call it only once the VM can run here.
+    pub fn acknowledge(mut self) -> Result<(), WireError> {
+        let mut enc = Encoder::new();
+        enc.ack(self.summary);
+        self.reply.writer.write_all(enc.bytes())?;
+        self.reply.writer.flush()?;
+        Ok(())
+    }
+
+    /// Tells the source the migration failed here after all (e.g. the state did not
+    /// restore); the source then resumes its VM.
+    pub fn reject(mut self, reason: &str) {
+        let mut enc = Encoder::new();
+        enc.error(reason);
+        let _ = self.reply.writer.write_all(enc.bytes());
+    }
+}
+
+/// Receiving settings.
+#[derive(Debug, Clone)]
+pub struct ReceiveConfig {
+    /// Whether local guest RAM is all zero (a fresh VM), so the source need not send zeros.
+    pub zeroed: bool,
+    /// How long to wait for all connections of a migration after the first.
+    pub accept_timeout: Duration,
+    /// A connection silent for this long fails the migration.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ReceiveConfig {
+    fn default() -> Self {
+        Self {
+            zeroed: true,
+            accept_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The receiving end of a migration into `mem`.
+#[derive(Debug)]
+pub struct Destination<'a, M> {
+    mem: &'a M,
+    layout: MemoryLayout,
+    config: ReceiveConfig,
+}
+
+/// A connection whose Hello has been read.
+struct Greeted {
+    conn: Connection,
+    hello: Hello,
+}
+
+impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
+    /// A destination writing into `mem`.
+    pub fn new(mem: &'a M, config: ReceiveConfig) -> Result<Self, ReceiveError> {
+        Ok(Self {
+            layout: MemoryLayout::from_guest_memory(mem)?,
+            mem,
+            config,
+        })
+    }
+
+    /// Accepts one migration's connections on `listener` and receives it.
+    pub fn accept(&self, listener: &Listener) -> Result<Received, ReceiveError> {
+        let accept_err = |e: std::io::Error| ReceiveError::Accept(e.to_string());
+        let first = self.greet(0, listener.accept().map_err(accept_err)?)?;
+        let n = usize::from(first.hello.connections);
+        let mut conns = vec![first];
+        let deadline = Instant::now() + self.config.accept_timeout;
+        while conns.len() < n {
+            let conn = listener.accept_until(deadline).map_err(accept_err)?;
+            conns.push(self.greet(conns.len(), conn)?);
+        }
+        self.receive_greeted(conns)
+    }
+
+    /// Receives a migration over already-connected `connections` (any order).
+    pub fn receive(&self, connections: Vec<Connection>) -> Result<Received, ReceiveError> {
+        let greeted = connections
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| self.greet(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.receive_greeted(greeted)
+    }
+
+    /// Reads the preamble and Hello of a new connection.
+    fn greet(&self, i: usize, mut conn: Connection) -> Result<Greeted, ReceiveError> {
+        let wire_err = |source| ReceiveError::Wire {
+            connection: i,
+            source,
+        };
+        conn.set_read_timeout(Some(self.config.idle_timeout))
+            .map_err(|e| wire_err(WireError::Io(e)))?;
+        wire::read_preamble(&mut conn.reader, MAGIC_SOURCE).map_err(wire_err)?;
+        let hello = match Decoder::new(&mut conn.reader)
+            .next_record()
+            .map_err(wire_err)?
+        {
+            Record::Hello(h) => h,
+            r => return Err(protocol(i, format!("expected hello, got {r:?}"))),
+        };
+        Ok(Greeted { conn, hello })
+    }
+
+    /// Checks every Hello, answers, and applies all connections in parallel.
+    fn receive_greeted(&self, mut conns: Vec<Greeted>) -> Result<Received, ReceiveError> {
+        let started = Instant::now();
+        let closers: Vec<Closer> = conns.iter().map(|g| g.conn.closer()).collect();
+        let checked = self.check_hellos(&mut conns);
+        let result = checked.and_then(|()| {
+            for g in &mut conns {
+                let mut enc = Encoder::new();
+                enc.hello_reply(HelloReply {
+                    zeroed: self.config.zeroed,
+                });
+                let i = usize::from(g.hello.connection);
+                wire::write_preamble(&mut g.conn.writer, MAGIC_DEST)
+                    .and_then(|()| g.conn.writer.write_all(enc.bytes()))
+                    .map_err(|e| ReceiveError::Wire {
+                        connection: i,
+                        source: e.into(),
+                    })?;
+            }
+            self.apply_all(&mut conns, &closers)
+        });
+        match result {
+            Ok((device_state, summary)) => {
+                let stats = ReceiveStats {
+                    pages: summary.pages,
+                    zero_pages: summary.zero_pages,
+                    rounds: summary.rounds,
+                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                };
+                let reply = conns.swap_remove(0).conn;
+                Ok(Received {
+                    device_state,
+                    stats,
+                    reply,
+                    summary,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "receiving failed; discarding the incoming VM");
+                if let Some(g) = conns.first_mut() {
+                    let mut enc = Encoder::new();
+                    enc.error(&e.to_string());
+                    let _ = g.conn.writer.write_all(enc.bytes());
+                }
+                closers.iter().for_each(Closer::shutdown);
+                Err(e)
+            }
+        }
+    }
+
+    fn check_hellos(&self, conns: &mut [Greeted]) -> Result<(), ReceiveError> {
+        let n = conns.len();
+        for (i, g) in conns.iter().enumerate() {
+            let h = &g.hello;
+            if usize::from(h.connections) != n || n > usize::from(CONNECTIONS_MAX) {
+                return Err(protocol(
+                    i,
+                    format!("announced {} connections, {n} arrived", h.connections),
+                ));
+            }
+            if u64::from(h.page_size) != PAGE_SIZE {
+                return Err(protocol(
+                    i,
+                    format!("page size {} is not {PAGE_SIZE}", h.page_size),
+                ));
+            }
+            if h.regions != self.layout.regions() {
+                return Err(protocol(
+                    i,
+                    format!(
+                        "guest memory layout differs: the source has {:x?}, this VM has {:x?}",
+                        h.regions,
+                        self.layout.regions()
+                    ),
+                ));
+            }
+        }
+        conns.sort_by_key(|g| g.hello.connection);
+        if conns
+            .iter()
+            .enumerate()
+            .any(|(i, g)| usize::from(g.hello.connection) != i)
+        {
+            return Err(protocol(
+                0,
+                "connection indices are not 0..n, each once".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies every connection on its own thread; the first failure shuts all down.
+    fn apply_all(
+        &self,
+        conns: &mut [Greeted],
+        closers: &[Closer],
+    ) -> Result<(Vec<u8>, Summary), ReceiveError> {
+        let n = conns.len();
+        let device_state = Mutex::new(None);
+        let results: Vec<Result<Summary, ReceiveError>> = thread::scope(|s| {
+            let handles: Vec<_> = conns
+                .iter_mut()
+                .enumerate()
+                .map(|(i, g)| {
+                    let device_state = &device_state;
+                    s.spawn(move || {
+                        let r = self.apply(i, n, &mut g.conn, device_state);
+                        if r.is_err() {
+                            closers.iter().for_each(Closer::shutdown);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(protocol(i, "receiver thread panicked".into())))
+                })
+                .collect()
+        });
+        // Report the root cause: the first error that is not a consequence of the shutdown.
+        let mut total = Summary::default();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(s) => {
+                    total.page_records += s.page_records;
+                    total.pages += s.pages;
+                    total.zero_pages += s.zero_pages;
+                    total.rounds = total.rounds.max(s.rounds);
+                }
+                Err(e) => {
+                    let secondary = matches!(
+                        &e,
+                        ReceiveError::Wire {
+                            source: WireError::Io(_) | WireError::Closed,
+                            ..
+                        }
+                    );
+                    if first_err.is_none()
+                        || (!secondary && first_err.as_ref().is_some_and(|(s, _)| *s))
+                    {
+                        first_err = Some((secondary, e));
+                    }
+                }
+            }
+        }
+        if let Some((_, e)) = first_err {
+            return Err(e);
+        }
+        let state = device_state
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| protocol(0, "the stream completed without device state".into()))?;
+        Ok((state, total))
+    }
+
+    /// Applies one connection's records until `Complete`.
+    fn apply(
+        &self,
+        i: usize,
+        n: usize,
+        conn: &mut Connection,
+        device_state: &Mutex<Option<Vec<u8>>>,
+    ) -> Result<Summary, ReceiveError> {
+        let wire_err = |source| ReceiveError::Wire {
+            connection: i,
+            source,
+        };
+        let mut d = Decoder::new(&mut conn.reader);
+        let mut got = Summary::default();
+        loop {
+            match d.next_record().map_err(wire_err)? {
+                Record::Pages { gpas, data } => {
+                    got.page_records += 1;
+                    for (k, gpa) in gpas.iter().enumerate() {
+                        self.check_page(i, n, gpa, 1)?;
+                        let page = &data[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize];
+                        self.mem
+                            .write_slice(page, GuestAddress(gpa))
+                            .map_err(|source| ReceiveError::Memory { gpa, source })?;
+                    }
+                    got.pages += gpas.len() as u64;
+                }
+                Record::ZeroRuns(runs) => {
+                    for (gpa, pages) in runs.iter() {
+                        self.check_page(i, n, gpa, pages)?;
+                        for p in 0..pages {
+                            let at = gpa + p * PAGE_SIZE;
+                            self.mem
+                                .write_slice(&ZERO_PAGE, GuestAddress(at))
+                                .map_err(|source| ReceiveError::Memory { gpa: at, source })?;
+                        }
+                        got.zero_pages += pages;
+                    }
+                }
+                Record::DeviceState(state) => {
+                    let mut slot = device_state.lock().unwrap_or_else(|p| p.into_inner());
+                    if i != 0 || slot.is_some() {
+                        return Err(protocol(i, "unexpected device state".into()));
+                    }
+                    *slot = Some(state.to_vec());
+                }
+                Record::EndOfRound(round) => {
+                    if u64::from(round) != got.rounds {
+                        return Err(protocol(
+                            i,
+                            format!("round {round} ended, expected {}", got.rounds),
+                        ));
+                    }
+                    got.rounds += 1;
+                }
+                Record::Complete(sent) => {
+                    if sent != got {
+                        return Err(protocol(
+                            i,
+                            format!("the stream is incomplete: the source sent {sent:?}, {got:?} arrived"),
+                        ));
+                    }
+                    return Ok(got);
+                }
+                Record::Error(msg) => return Err(ReceiveError::Source(msg)),
+                r => return Err(protocol(i, format!("unexpected {r:?}"))),
+            }
+        }
+    }
+
+    /// Checks that `pages` pages at `gpa` are guest RAM in one region and belong to
+    /// connection `i` of `n`.
+    fn check_page(&self, i: usize, n: usize, gpa: u64, pages: u64) -> Result<(), ReceiveError> {
+        let len = pages.checked_mul(PAGE_SIZE).filter(|&l| l > 0);
+        let whole = len.and_then(|len| {
+            let mut it = self.layout.whole_pages_in(GuestRange::new(gpa, len));
+            match (it.next(), it.next()) {
+                (Some((s, e)), None) if e - s == pages && gpa % PAGE_SIZE == 0 => Some((s, e)),
+                _ => None,
+            }
+        });
+        let Some((start, end)) = whole else {
+            return Err(protocol(
+                i,
+                format!("{pages} page(s) at {gpa:#x} are not guest RAM"),
+            ));
+        };
+        let lane = |p: u64| ((p / CHUNK_PAGES) % n as u64) as usize;
+        if lane(start) != i || lane(end - 1) != i {
+            return Err(protocol(
+                i,
+                format!("page {gpa:#x} arrived on the wrong connection"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn protocol(connection: usize, reason: String) -> ReceiveError {
+    ReceiveError::Protocol { connection, reason }
+}

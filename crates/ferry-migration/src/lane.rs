@@ -1,0 +1,238 @@
+//! Per-connection sending lanes: record building on the migration thread, socket writes on a
+//! writer thread per connection.
+//!
+//! Pages are assigned to connections by 2 MiB chunk (`page_index / 512 % connections`), so all
+//! records about one page travel on one connection and arrive in the order they were sent;
+//! the destination can apply connections independently.
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::{self, JoinHandle};
+
+use crate::transport::RateLimiter;
+use crate::wire::{Encoder, Summary, PAGES_PER_RECORD_MAX, ZERO_RUNS_PER_RECORD_MAX};
+
+/// Pages per lane-assignment chunk.
+pub const CHUNK_PAGES: u64 = 512;
+/// Buffered bytes that make a lane hand its buffer to the writer thread.
+const FLUSH_BYTES: usize = 1 << 20;
+/// Buffers in flight per lane (bounds memory and keeps the writer busy).
+const BUFFERS_IN_FLIGHT: usize = 4;
+
+/// A lane's writer failed; the connection is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("writing to connection {lane} failed: {source}")]
+pub struct LaneError {
+    /// Connection index.
+    pub lane: usize,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// One connection's outgoing side.
+pub struct Lane {
+    index: usize,
+    enc: Encoder,
+    /// Start offset of the open `Pages` record in `enc`, if any.
+    pages_at: Option<usize>,
+    zero_runs: Vec<(u64, u64)>,
+    /// What has been sent so far, reported in `Complete`.
+    pub summary: Summary,
+    tx: Option<SyncSender<Vec<u8>>>,
+    pool: Receiver<Vec<u8>>,
+    writer: Option<JoinHandle<Result<(), std::io::Error>>>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    /// Starts the writer thread for connection `index`.
+    pub fn spawn(index: usize, mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT);
+        let (pool_tx, pool) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT + 1);
+        let writer = thread::Builder::new()
+            .name(format!("ferry-tx-{index}"))
+            .spawn(move || {
+                for buf in rx {
+                    w.write_all(&buf)?;
+                    let _ = pool_tx.try_send(buf);
+                }
+                w.flush()
+            })?;
+        Ok(Self {
+            index,
+            enc: Encoder::new(),
+            pages_at: None,
+            zero_runs: Vec::new(),
+            summary: Summary::default(),
+            tx: Some(tx),
+            pool,
+            writer: Some(writer),
+        })
+    }
+
+    /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`] or
+    /// [`Lane::drop_page`] afterwards.
+    pub fn page_slot(&mut self, gpa: u64) -> &mut [u8] {
+        if self.pages_at.is_none() {
+            self.pages_at = Some(self.enc.begin_pages());
+        }
+        self.enc.page_slot(gpa)
+    }
+
+    /// Keeps the page just filled. Returns bytes handed to the writer, if a flush happened.
+    pub fn keep_page(&mut self, limiter: Option<&mut RateLimiter>) -> Result<u64, LaneError> {
+        self.summary.pages += 1;
+        if self.enc.pages_in_record() >= PAGES_PER_RECORD_MAX {
+            self.close_pages();
+            if self.enc.bytes().len() >= FLUSH_BYTES {
+                return self.flush(limiter);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Takes back the page just filled (it was all zero).
+    pub fn drop_page(&mut self) {
+        self.enc.unpage();
+    }
+
+    /// Queues page `gpa` to be zeroed at the destination, coalescing with the previous run.
+    /// Returns bytes handed to the writer, if a flush happened.
+    pub fn zero_page(
+        &mut self,
+        gpa: u64,
+        limiter: Option<&mut RateLimiter>,
+    ) -> Result<u64, LaneError> {
+        self.summary.zero_pages += 1;
+        if let Some((start, n)) = self.zero_runs.last_mut() {
+            if *start + *n * crate::PAGE_SIZE == gpa {
+                *n += 1;
+                return Ok(0);
+            }
+        }
+        let mut flushed = 0;
+        if self.zero_runs.len() == ZERO_RUNS_PER_RECORD_MAX {
+            self.close_zero_runs();
+            if self.enc.bytes().len() >= FLUSH_BYTES {
+                flushed = self.flush(limiter)?;
+            }
+        }
+        self.zero_runs.push((gpa, 1));
+        Ok(flushed)
+    }
+
+    fn close_pages(&mut self) {
+        if let Some(at) = self.pages_at.take() {
+            if self.enc.pages_in_record() > 0 {
+                self.summary.page_records += 1;
+            }
+            self.enc.finish_pages(at);
+        }
+    }
+
+    fn close_zero_runs(&mut self) {
+        if !self.zero_runs.is_empty() {
+            // Zero runs may refer to pages an earlier record of this round carried; both
+            // are in the same stream, so order is preserved.
+            self.close_pages();
+            self.enc.zero_runs(&self.zero_runs);
+            self.zero_runs.clear();
+        }
+    }
+
+    /// Ends round `round` on this connection and hands everything to the writer.
+    pub fn end_round(
+        &mut self,
+        round: u32,
+        limiter: Option<&mut RateLimiter>,
+    ) -> Result<u64, LaneError> {
+        self.close_pages();
+        self.close_zero_runs();
+        self.enc.end_of_round(round);
+        self.summary.rounds += 1;
+        self.flush(limiter)
+    }
+
+    /// Sends the device state (lane 0 only, in the final round).
+    pub fn device_state(&mut self, state: &[u8]) {
+        self.close_pages();
+        self.close_zero_runs();
+        self.enc.device_state(state);
+    }
+
+    /// Sends `Complete` with this lane's totals, flushes, and waits for the writer to finish.
+    pub fn complete(&mut self) -> Result<u64, LaneError> {
+        self.close_pages();
+        self.close_zero_runs();
+        self.enc.complete(self.summary);
+        let n = self.flush(None)?;
+        self.tx = None;
+        self.join()?;
+        Ok(n)
+    }
+
+    /// Hands the encoded bytes to the writer thread; returns how many.
+    fn flush(&mut self, limiter: Option<&mut RateLimiter>) -> Result<u64, LaneError> {
+        // Close an open record so the buffer ends at a record boundary.
+        self.close_pages();
+        let buf = self.enc.take();
+        let n = buf.len() as u64;
+        if n == 0 {
+            return Ok(0);
+        }
+        if let Some(l) = limiter {
+            l.consume(n);
+        }
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(buf).is_ok());
+        if !sent {
+            // The writer exited: its error says why.
+            self.tx = None;
+            self.join()?;
+            return Err(LaneError {
+                lane: self.index,
+                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
+            });
+        }
+        if let Ok(b) = self.pool.try_recv() {
+            self.enc.recycle(b);
+        }
+        Ok(n)
+    }
+
+    fn join(&mut self) -> Result<(), LaneError> {
+        match self.writer.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(source))) => Err(LaneError {
+                lane: self.index,
+                source,
+            }),
+            Some(Err(_)) => Err(LaneError {
+                lane: self.index,
+                source: std::io::Error::other("writer thread panicked"),
+            }),
+        }
+    }
+
+    /// Queues an `Error` record without blocking (failure path; best effort).
+    pub fn send_error(&mut self, msg: &str) {
+        let mut enc = Encoder::new();
+        enc.error(msg);
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(enc.take());
+        }
+    }
+
+    /// Stops the writer without sending anything more (failure path).
+    pub fn abort(&mut self) {
+        self.tx = None;
+        let _ = self.join();
+    }
+}

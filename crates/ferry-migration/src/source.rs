@@ -1,0 +1,616 @@
+//! The source side: drives a precopy migration of guest RAM.
+//!
+//! ```text
+//! setup ─▶ bulk round (every page) ─▶ iterative dirty rounds ─▶ pause ─▶ final round
+//!       ─▶ device state ─▶ Complete on every connection ─▶ wait for the destination's Ack
+//! ```
+//!
+//! Every failure before the Ack leaves the VM running here: hint sources are told
+//! `finish(Failed)` (or `Cancelled`), dirty logging is stopped, the throttle is lifted, a
+//! paused VM is resumed, and the connections are shut down.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::bitmap::PageBitmap;
+use crate::convergence::{Convergence, Decision, Policy};
+use crate::dirty::{DirtyLog, DirtyLogError};
+use crate::hint::{Epoch, HintInbox, HintSource, HintTargets, Outcome};
+use crate::lane::{Lane, LaneError, CHUNK_PAGES};
+use crate::layout::{LayoutError, MemoryLayout, PAGE_SIZE};
+use crate::progress::{Event, Observer};
+use crate::stats::{MigrationStats, RoundStats};
+use crate::transport::{Closer, Connection, RateLimiter, CONNECTIONS_MAX};
+use crate::vm::{VmControl, VmControlError};
+use crate::wire::{
+    self, Decoder, Encoder, Hello, Record, WireError, DEVICE_STATE_BYTES_MAX, MAGIC_DEST,
+    MAGIC_SOURCE,
+};
+use crate::zero::is_zero;
+
+/// Pages handled between two checkpoints (hint drain, progress, cancel and peer checks).
+const CHECKPOINT_PAGES: u64 = 256;
+/// Hint messages applied per checkpoint at most.
+const DRAIN_BUDGET: usize = 1024;
+/// How long to wait for the destination's acknowledgement after the last byte.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Migration settings.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Convergence policy (downtime target, round limit, auto-converge).
+    pub policy: Policy,
+    /// Give up (the VM keeps running here) after this long.
+    pub timeout: Duration,
+    /// Average send rate limit, bytes per second.
+    pub bandwidth_limit: Option<u64>,
+    /// How long the bulk round may wait for hint sources to answer before it starts
+    /// scanning. Bounded, and cut short as soon as every source reports it is done.
+    pub hint_head_start: Duration,
+    /// Whether hint sources are used at all.
+    pub hints: bool,
+    /// Set to `true` from any thread to cancel.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            timeout: Duration::from_secs(30 * 60),
+            bandwidth_limit: None,
+            hint_head_start: Duration::from_millis(50),
+            hints: true,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Why a migration failed. In every case the VM is left running on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Guest memory cannot be described.
+    #[error("guest memory layout: {0}")]
+    Layout(#[from] LayoutError),
+    /// Bad argument.
+    #[error("{0}")]
+    Config(String),
+    /// The stream failed.
+    #[error("migration stream: {0}")]
+    Wire(#[from] WireError),
+    /// A connection's writer failed.
+    #[error(transparent)]
+    Lane(#[from] LaneError),
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    /// VM control failed.
+    #[error(transparent)]
+    Vm(#[from] VmControlError),
+    /// Reading guest memory failed.
+    #[error("reading guest memory at {gpa:#x}: {source}")]
+    Memory {
+        /// Address.
+        gpa: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The destination refused or failed.
+    #[error("the destination reported: {0}")]
+    Destination(String),
+    /// The destination broke protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The overall timeout expired.
+    #[error("migration timed out after {0:?}")]
+    Timeout(Duration),
+    /// Cancelled by the user.
+    #[error("migration cancelled")]
+    Cancelled,
+}
+
+/// The destination's replies, read on connection 0 by a helper thread.
+type PeerReply = Result<wire::Summary, MigrationError>;
+
+/// Where a migration is in its life; decides what cleanup a failure needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Setup,
+    Precopy,
+    Paused,
+}
+
+/// A migration of one VM's RAM to one destination.
+pub struct Migration<'a, M: GuestMemoryBackend> {
+    mem: &'a M,
+    layout: MemoryLayout,
+    dirty_log: &'a mut dyn DirtyLog,
+    vm: &'a mut dyn VmControl,
+    sources: Vec<&'a mut dyn HintSource>,
+    observer: &'a mut dyn Observer,
+    config: MigrationConfig,
+}
+
+/// The mutable state of a running migration.
+struct Run {
+    lanes: Vec<Lane>,
+    closers: Vec<Closer>,
+    replies: Receiver<PeerReply>,
+    inbox: HintInbox,
+    to_send: PageBitmap,
+    dest_nonzero: PageBitmap,
+    known_zero: PageBitmap,
+    limiter: Option<RateLimiter>,
+    stats: MigrationStats,
+    started: Instant,
+    deadline: Instant,
+    phase: Phase,
+    sources_finished: bool,
+    dirty_started: bool,
+    /// Per-source counters at the end of the previous round.
+    skip_mark: Vec<crate::hint::SourceStats>,
+}
+
+impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
+    /// Prepares a migration of `mem`. Nothing happens until [`run`](Self::run).
+    pub fn new(
+        mem: &'a M,
+        dirty_log: &'a mut dyn DirtyLog,
+        vm: &'a mut dyn VmControl,
+        observer: &'a mut dyn Observer,
+        config: MigrationConfig,
+    ) -> Result<Self, MigrationError> {
+        Ok(Self {
+            layout: MemoryLayout::from_guest_memory(mem)?,
+            mem,
+            dirty_log,
+            vm,
+            sources: Vec::new(),
+            observer,
+            config,
+        })
+    }
+
+    /// Registers a hint source. Ignored when the configuration turns hints off.
+    pub fn add_source(&mut self, source: &'a mut dyn HintSource) {
+        if self.config.hints {
+            self.sources.push(source);
+        }
+    }
+
+    /// Runs the migration over `connections` (1 to 16). Returns the statistics once the
+    /// destination acknowledged everything; the caller may then stop the VM for good.
+    pub fn run(mut self, connections: Vec<Connection>) -> Result<MigrationStats, MigrationError> {
+        let mut run = self.setup(connections)?;
+        let result = self.drive(&mut run);
+        match result {
+            Ok(()) => {
+                run.stats.total_ms = ms(run.started.elapsed());
+                run.stats.sources = run.inbox.stats();
+                self.observer.event(&Event::Completed(&run.stats));
+                Ok(run.stats)
+            }
+            Err(e) => {
+                self.fail(&mut run, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Handshake on every connection; starts writers, the reply reader and the sources.
+    fn setup(&mut self, mut conns: Vec<Connection>) -> Result<Run, MigrationError> {
+        let n = conns.len();
+        if n == 0 || n > usize::from(CONNECTIONS_MAX) {
+            return Err(MigrationError::Config(format!(
+                "connections must be between 1 and {CONNECTIONS_MAX}, got {n}"
+            )));
+        }
+        let closers: Vec<Closer> = conns.iter().map(Connection::closer).collect();
+        let shut = |e: MigrationError| {
+            closers.iter().for_each(Closer::shutdown);
+            e
+        };
+        let mut zeroed = true;
+        for (i, c) in conns.iter_mut().enumerate() {
+            let mut enc = Encoder::new();
+            enc.hello(&Hello {
+                connection: i as u16,
+                connections: n as u16,
+                page_size: PAGE_SIZE as u32,
+                regions: self.layout.regions().to_vec(),
+            });
+            let handshake = (|| {
+                wire::write_preamble(&mut c.writer, MAGIC_SOURCE)?;
+                c.writer.write_all(enc.bytes())?;
+                wire::read_preamble(&mut c.reader, MAGIC_DEST)
+            })();
+            handshake.map_err(|e| shut(e.into()))?;
+            match Decoder::new(&mut c.reader)
+                .next_record()
+                .map_err(|e| shut(e.into()))?
+            {
+                Record::HelloReply(r) => zeroed &= r.zeroed,
+                Record::Error(msg) => return Err(shut(MigrationError::Destination(msg))),
+                r => {
+                    return Err(shut(MigrationError::Protocol(format!(
+                        "expected hello-reply, got {r:?}"
+                    ))))
+                }
+            }
+        }
+        let mut readers = Vec::with_capacity(n);
+        let mut lanes = Vec::with_capacity(n);
+        for (i, c) in conns.into_iter().enumerate() {
+            readers.push(c.reader);
+            lanes.push(Lane::spawn(i, c.writer).map_err(|e| shut(WireError::Io(e).into()))?);
+        }
+        let replies = spawn_reply_reader(readers.swap_remove(0));
+        let pages = self.layout.pages();
+        let mut inbox = HintInbox::new();
+        for s in self.sources.iter_mut() {
+            let sink = inbox.register(s.name(), s.kind());
+            s.start(sink);
+        }
+        let started = Instant::now();
+        self.observer.event(&Event::Connected {
+            pages,
+            connections: n as u16,
+        });
+        Ok(Run {
+            lanes,
+            closers,
+            replies,
+            inbox,
+            to_send: PageBitmap::full(pages),
+            dest_nonzero: if zeroed {
+                PageBitmap::new(pages)
+            } else {
+                PageBitmap::full(pages)
+            },
+            known_zero: PageBitmap::new(pages),
+            limiter: self.config.bandwidth_limit.map(RateLimiter::new),
+            stats: MigrationStats {
+                guest_bytes: self.layout.bytes(),
+                connections: n as u16,
+                ..Default::default()
+            },
+            started,
+            deadline: started + self.config.timeout,
+            phase: Phase::Setup,
+            sources_finished: false,
+            dirty_started: false,
+            skip_mark: Vec::new(),
+        })
+    }
+
+    /// Bulk round, iterative rounds, switchover.
+    fn drive(&mut self, run: &mut Run) -> Result<(), MigrationError> {
+        self.dirty_log.start()?;
+        run.dirty_started = true;
+        run.phase = Phase::Precopy;
+        let mut conv = Convergence::new(self.config.policy.clone());
+        let mut round = 0u32;
+        self.begin_epoch(run, Epoch(0));
+        self.head_start(run)?;
+        loop {
+            let t = Instant::now();
+            let mut stats = self.send_round(run, round, true)?;
+            // The fence: close the epoch, then sync.
+            self.end_epoch(run, Epoch(u64::from(round)));
+            debug_assert!(
+                run.inbox.is_closed(),
+                "dirty log synced with hints still applicable"
+            );
+            self.dirty_log
+                .fetch_and_clear(&self.layout, &mut run.to_send)?;
+            let elapsed = t.elapsed();
+            stats.pages_dirtied = run.to_send.count();
+            stats.dirty_rate_pages_per_s = stats.pages_dirtied as f64 / elapsed.as_secs_f64();
+            stats.duration_ms = ms(elapsed);
+            stats.throttle_percent = conv.throttle();
+            self.finish_round(run, stats);
+            let decision = conv.after_round(
+                round,
+                run.stats.rounds.last().map_or(0, |r| r.bytes),
+                elapsed,
+                run.to_send.count(),
+            );
+            match decision {
+                Decision::Iterate => {
+                    self.vm.set_throttle(conv.throttle());
+                    round += 1;
+                    self.begin_epoch(run, Epoch(u64::from(round)));
+                }
+                Decision::SwitchOver => break,
+                Decision::RoundLimit => {
+                    tracing::warn!(
+                        rounds = round + 1,
+                        expected_downtime_ms = ms(conv.expected_downtime(run.to_send.count())),
+                        "round limit reached before convergence; switching over anyway"
+                    );
+                    break;
+                }
+            }
+        }
+        self.switch_over(run, round + 1)
+    }
+
+    /// Opens epoch `epoch` for hint application and tells the sources.
+    fn begin_epoch(&mut self, run: &mut Run, epoch: Epoch) {
+        run.inbox.open(epoch);
+        for s in self.sources.iter_mut() {
+            s.epoch_begin(epoch);
+        }
+    }
+
+    /// Tells the sources the epoch ends and closes it: the fence before every sync.
+    fn end_epoch(&mut self, run: &mut Run, epoch: Epoch) {
+        for s in self.sources.iter_mut() {
+            s.epoch_end(epoch);
+        }
+        run.inbox.close();
+        run.known_zero.clear_all();
+    }
+
+    /// Lets sources answer the first epoch before the scan starts, within the bound.
+    fn head_start(&mut self, run: &mut Run) -> Result<(), MigrationError> {
+        if self.sources.is_empty() {
+            return Ok(());
+        }
+        let until = Instant::now() + self.config.hint_head_start;
+        loop {
+            self.drain_hints(run);
+            if run.inbox.all_complete() || Instant::now() >= until {
+                return Ok(());
+            }
+            self.check(run)?;
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn drain_hints(&mut self, run: &mut Run) -> u64 {
+        let mut targets = HintTargets {
+            to_send: &mut run.to_send,
+            dest_nonzero: &run.dest_nonzero,
+            known_zero: &mut run.known_zero,
+        };
+        run.inbox
+            .drain(&self.layout, &mut targets, DRAIN_BUDGET)
+            .pages_skipped
+    }
+
+    /// Cancel, timeout and destination-failure checks.
+    fn check(&self, run: &Run) -> Result<(), MigrationError> {
+        if self.config.cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        if Instant::now() >= run.deadline {
+            return Err(MigrationError::Timeout(self.config.timeout));
+        }
+        match run.replies.try_recv() {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Err(MigrationError::Protocol(
+                "acknowledged before completion".into(),
+            )),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Sends every page queued in `to_send`, applying hints between batches if `hinting`.
+    fn send_round(
+        &mut self,
+        run: &mut Run,
+        round: u32,
+        hinting: bool,
+    ) -> Result<RoundStats, MigrationError> {
+        let queued = run.to_send.count();
+        self.observer.event(&Event::RoundStarted {
+            round,
+            pages_queued: queued,
+            is_final: !hinting,
+        });
+        let mut stats = RoundStats {
+            round,
+            is_final: !hinting,
+            pages_queued: queued,
+            ..Default::default()
+        };
+        let lanes = run.lanes.len() as u64;
+        let mut cursor = 0;
+        let mut done = 0u64;
+        let mut skipped = 0u64;
+        let mut next_checkpoint = CHECKPOINT_PAGES;
+        while let Some(i) = run.to_send.next_set(cursor) {
+            run.to_send.clear(i);
+            cursor = i + 1;
+            let gpa = self.layout.gpa_of(i);
+            let lane = &mut run.lanes[((i / CHUNK_PAGES) % lanes) as usize];
+            let zero = if run.known_zero.get(i) {
+                true
+            } else {
+                let slot = lane.page_slot(gpa);
+                self.mem
+                    .read_slice(slot, GuestAddress(gpa))
+                    .map_err(|source| MigrationError::Memory { gpa, source })?;
+                if is_zero(slot) {
+                    lane.drop_page();
+                    true
+                } else {
+                    run.dest_nonzero.set(i);
+                    stats.pages_sent += 1;
+                    stats.bytes += lane.keep_page(run.limiter.as_mut())?;
+                    false
+                }
+            };
+            if zero {
+                stats.pages_zero += 1;
+                if run.dest_nonzero.get(i) {
+                    run.dest_nonzero.clear(i);
+                    stats.bytes += lane.zero_page(gpa, run.limiter.as_mut())?;
+                }
+            }
+            done += 1;
+            if done >= next_checkpoint {
+                next_checkpoint = done + CHECKPOINT_PAGES;
+                if hinting {
+                    skipped += self.drain_hints(run);
+                }
+                self.check(run)?;
+                self.observer.event(&Event::Progress {
+                    round,
+                    pages_done: done + skipped,
+                    pages_left: queued.saturating_sub(done + skipped),
+                    bytes: run.stats.bytes + stats.bytes,
+                });
+            }
+        }
+        for lane in &mut run.lanes {
+            stats.bytes += lane.end_round(round, run.limiter.as_mut())?;
+        }
+        // Attribute skips since the previous round (including the head start) to this one.
+        let now = run.inbox.stats();
+        stats.pages_skipped = now
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let before = run.skip_mark.get(i).map_or(0, |b| b.pages_skipped);
+                (a.name.clone(), a.pages_skipped - before)
+            })
+            .collect();
+        run.skip_mark = now;
+        Ok(stats)
+    }
+
+    fn finish_round(&mut self, run: &mut Run, mut stats: RoundStats) {
+        stats.bandwidth_bytes_per_s = stats.bytes as f64 / (stats.duration_ms / 1000.0).max(1e-9);
+        self.observer.event(&Event::RoundFinished(&stats));
+        run.stats.push_round(stats);
+    }
+
+    /// Pause, final round without hints, device state, completion, acknowledgement.
+    fn switch_over(&mut self, run: &mut Run, round: u32) -> Result<(), MigrationError> {
+        let paused_at = Instant::now();
+        self.vm.pause()?;
+        run.phase = Phase::Paused;
+        self.observer.event(&Event::Paused);
+        debug_assert!(run.inbox.is_closed());
+        self.dirty_log
+            .fetch_and_clear(&self.layout, &mut run.to_send)?;
+        // Hinting is over before the device state is saved, so the guest finds its hinted
+        // pages released (cmd_id DONE) when it resumes at the destination.
+        self.finish_sources(run, Outcome::Switchover);
+        let t = Instant::now();
+        let mut stats = self.send_round_final(run, round)?;
+        let state = self.vm.save_state()?;
+        if state.len() > DEVICE_STATE_BYTES_MAX {
+            return Err(MigrationError::Config(format!(
+                "device state of {} bytes exceeds the format's limit of {DEVICE_STATE_BYTES_MAX}",
+                state.len()
+            )));
+        }
+        run.lanes[0].device_state(&state);
+        for lane in &mut run.lanes {
+            stats.bytes += lane.complete()?;
+        }
+        stats.duration_ms = ms(t.elapsed());
+        self.finish_round(run, stats);
+        let ack = run.replies.recv_timeout(ACK_TIMEOUT).map_err(|_| {
+            MigrationError::Protocol(format!("no acknowledgement within {ACK_TIMEOUT:?}"))
+        })??;
+        let sent: u64 = run.lanes.iter().map(|l| l.summary.pages).sum();
+        if ack.pages != sent {
+            return Err(MigrationError::Protocol(format!(
+                "destination acknowledged {} pages, {sent} were sent",
+                ack.pages
+            )));
+        }
+        run.stats.downtime_ms = ms(paused_at.elapsed());
+        self.dirty_log.stop();
+        self.vm.set_throttle(0);
+        Ok(())
+    }
+
+    fn send_round_final(
+        &mut self,
+        run: &mut Run,
+        round: u32,
+    ) -> Result<RoundStats, MigrationError> {
+        let mut stats = self.send_round(run, round, false)?;
+        stats.pages_dirtied = 0;
+        Ok(stats)
+    }
+
+    fn finish_sources(&mut self, run: &mut Run, outcome: Outcome) {
+        if !run.sources_finished {
+            run.sources_finished = true;
+            for s in self.sources.iter_mut() {
+                s.finish(outcome);
+            }
+        }
+    }
+
+    /// Leaves the VM running here after a failure.
+    fn fail(&mut self, run: &mut Run, e: &MigrationError) {
+        tracing::warn!(error = %e, "migration failed; the VM keeps running on the source");
+        let outcome = if matches!(e, MigrationError::Cancelled) {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed
+        };
+        run.inbox.close();
+        self.finish_sources(run, outcome);
+        if run.dirty_started {
+            self.dirty_log.stop();
+        }
+        self.vm.set_throttle(0);
+        // Tell the destination why, best effort, then cut the connections so that no
+        // writer stays blocked on a peer that stopped reading.
+        if let Some(lane) = run.lanes.first_mut() {
+            lane.send_error(&e.to_string());
+        }
+        run.closers.iter().for_each(Closer::shutdown);
+        run.lanes.iter_mut().for_each(Lane::abort);
+        if run.phase == Phase::Paused {
+            if let Err(re) = self.vm.resume() {
+                tracing::error!(error = %re, "could not resume the VM after a failed migration");
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Reads the destination's replies (Ack or Error) on connection 0.
+fn spawn_reply_reader(r: Box<dyn std::io::Read + Send>) -> Receiver<PeerReply> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let spawned = thread::Builder::new()
+        .name("ferry-rx-reply".into())
+        .spawn(move || {
+            let mut d = Decoder::new(r);
+            let reply = match d.next_record() {
+                Ok(Record::Ack(s)) => Ok(s),
+                Ok(Record::Error(msg)) => Err(MigrationError::Destination(msg)),
+                Ok(r) => Err(MigrationError::Protocol(format!(
+                    "unexpected {r:?} from the destination"
+                ))),
+                Err(WireError::Closed) => Err(MigrationError::Destination(
+                    "closed the connection without a reason".into(),
+                )),
+                Err(e) => Err(e.into()),
+            };
+            let _ = tx.send(reply);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the reply reader");
+    }
+    rx
+}

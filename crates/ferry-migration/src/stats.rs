@@ -1,0 +1,89 @@
+//! Migration statistics, per round and in total, serializable to JSON.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hint::SourceStats;
+
+/// What one precopy round did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Round number; 0 is the bulk round.
+    pub round: u32,
+    /// Whether this was the final, stop-and-copy round.
+    pub is_final: bool,
+    /// Pages queued at the start of the round (all pages in the bulk round, dirty pages
+    /// after).
+    pub pages_queued: u64,
+    /// Pages sent with their data.
+    pub pages_sent: u64,
+    /// Pages found all zero (sent as compact zero runs, or not at all where the destination
+    /// already holds zeros).
+    pub pages_zero: u64,
+    /// Pages not sent thanks to hint sources, per source name.
+    pub pages_skipped: Vec<(String, u64)>,
+    /// Bytes written to the connections.
+    pub bytes: u64,
+    /// Wall time of the round in milliseconds.
+    pub duration_ms: f64,
+    /// Pages dirtied during the round (found by the sync that ended it).
+    pub pages_dirtied: u64,
+    /// `pages_dirtied` per second of the round.
+    pub dirty_rate_pages_per_s: f64,
+    /// Bytes per second over the round.
+    pub bandwidth_bytes_per_s: f64,
+    /// vCPU throttle in force during the round, percent.
+    pub throttle_percent: u8,
+}
+
+impl RoundStats {
+    /// Total pages skipped by all hint sources in this round.
+    pub fn pages_skipped_total(&self) -> u64 {
+        self.pages_skipped.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// The whole migration's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// Guest RAM size in bytes.
+    pub guest_bytes: u64,
+    /// Every round, bulk first, final last.
+    pub rounds: Vec<RoundStats>,
+    /// Total pages sent with data.
+    pub pages_sent: u64,
+    /// Total zero pages.
+    pub pages_zero: u64,
+    /// Total pages skipped per hint source.
+    pub pages_skipped: Vec<(String, u64)>,
+    /// Total bytes written.
+    pub bytes: u64,
+    /// From the start of setup to the destination's acknowledgement, milliseconds.
+    pub total_ms: f64,
+    /// From pausing the VM to the destination's acknowledgement, milliseconds.
+    pub downtime_ms: f64,
+    /// Per-source hint counters.
+    pub sources: Vec<SourceStats>,
+    /// Connections used.
+    pub connections: u16,
+}
+
+impl MigrationStats {
+    /// Adds a finished round to the totals.
+    pub fn push_round(&mut self, r: RoundStats) {
+        self.pages_sent += r.pages_sent;
+        self.pages_zero += r.pages_zero;
+        self.bytes += r.bytes;
+        for (name, n) in &r.pages_skipped {
+            match self.pages_skipped.iter_mut().find(|(m, _)| m == name) {
+                Some((_, total)) => *total += n,
+                None => self.pages_skipped.push((name.clone(), *n)),
+            }
+        }
+        self.rounds.push(r);
+    }
+
+    /// Total pages skipped by all hint sources.
+    pub fn pages_skipped_total(&self) -> u64 {
+        self.pages_skipped.iter().map(|(_, n)| n).sum()
+    }
+}

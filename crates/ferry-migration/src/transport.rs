@@ -1,0 +1,324 @@
+//! Byte-stream transports: TCP and Unix sockets, one or more connections per migration, and
+//! an optional bandwidth limit.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Connections one migration may use at most.
+pub const CONNECTIONS_MAX: u16 = 16;
+
+/// Where a destination listens or a source connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `tcp:HOST:PORT` or plain `HOST:PORT`.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path, e.g. unix:/run/ferry.sock".into());
+            }
+            return Ok(Self::Unix(path.into()));
+        }
+        let addr = s.strip_prefix("tcp:").unwrap_or(s);
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(addr.to_owned()))
+            }
+            _ => Err(format!(
+                "`{s}` is not an address: use HOST:PORT, tcp:HOST:PORT or unix:PATH"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One connection, split into independently owned halves.
+pub struct Connection {
+    /// The receiving half.
+    pub reader: Box<dyn Read + Send>,
+    /// The sending half.
+    pub writer: Box<dyn Write + Send>,
+    closer: Closer,
+    read_timeout: Box<dyn Fn(Option<Duration>) -> io::Result<()> + Send + Sync>,
+}
+
+/// Shuts a connection down from any thread, unblocking its reader and writer.
+#[derive(Clone)]
+pub struct Closer(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl Closer {
+    /// Shuts the connection down in both directions.
+    pub fn shutdown(&self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Closer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Closer")
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Wraps a TCP stream (with Nagle off: records are written whole).
+    pub fn from_tcp(s: TcpStream) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
+        Ok(Self {
+            read_timeout: Box::new(move |d| t.set_read_timeout(d)),
+            reader: Box::new(r),
+            writer: Box::new(s),
+            closer: Closer(std::sync::Arc::new(move || {
+                let _ = c.shutdown(Shutdown::Both);
+            })),
+        })
+    }
+
+    /// Wraps a Unix stream.
+    pub fn from_unix(s: UnixStream) -> io::Result<Self> {
+        let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
+        Ok(Self {
+            read_timeout: Box::new(move |d| t.set_read_timeout(d)),
+            reader: Box::new(r),
+            writer: Box::new(s),
+            closer: Closer(std::sync::Arc::new(move || {
+                let _ = c.shutdown(Shutdown::Both);
+            })),
+        })
+    }
+
+    /// A connected pair of Unix-socket connections, for tests and in-process migration.
+    pub fn pair() -> io::Result<(Self, Self)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Self::from_unix(a)?, Self::from_unix(b)?))
+    }
+
+    /// Shuts the connection down in both directions.
+    pub fn shutdown(&self) {
+        self.closer.shutdown()
+    }
+
+    /// Makes reads fail after `timeout` without data (`None`: wait forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        (self.read_timeout)(timeout)
+    }
+
+    /// A handle that shuts this connection down from anywhere.
+    pub fn closer(&self) -> Closer {
+        self.closer.clone()
+    }
+}
+
+/// Opens `count` connections to `endpoint`.
+pub fn connect(endpoint: &Endpoint, count: u16) -> io::Result<Vec<Connection>> {
+    if count == 0 || count > CONNECTIONS_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("connections must be between 1 and {CONNECTIONS_MAX}, got {count}"),
+        ));
+    }
+    (0..count)
+        .map(|_| match endpoint {
+            Endpoint::Tcp(a) => Connection::from_tcp(TcpStream::connect(a)?),
+            Endpoint::Unix(p) => Connection::from_unix(UnixStream::connect(p)?),
+        })
+        .collect()
+}
+
+/// A listening endpoint for the destination.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket; the path is removed when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Listens on `endpoint`. A Unix socket path that exists is an error, not replaced.
+    pub fn bind(endpoint: &Endpoint) -> io::Result<Self> {
+        match endpoint {
+            Endpoint::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a)?)),
+            Endpoint::Unix(p) => Ok(Self::Unix(UnixListener::bind(p)?, p.clone())),
+        }
+    }
+
+    /// The endpoint actually bound (with the real port when port 0 was asked for).
+    pub fn local_endpoint(&self) -> io::Result<Endpoint> {
+        Ok(match self {
+            Self::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
+            Self::Unix(_, p) => Endpoint::Unix(p.clone()),
+        })
+    }
+
+    /// Accepts one connection.
+    pub fn accept(&self) -> io::Result<Connection> {
+        match self {
+            Self::Tcp(l) => Connection::from_tcp(l.accept()?.0),
+            Self::Unix(l, _) => Connection::from_unix(l.accept()?.0),
+        }
+    }
+
+    /// Accepts one connection, giving up at `deadline`.
+    pub fn accept_until(&self, deadline: Instant) -> io::Result<Connection> {
+        self.set_nonblocking(true)?;
+        let result = loop {
+            let r = match self {
+                Self::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Self::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        break Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the source did not open all its connections in time",
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                other => break other,
+            }
+        };
+        self.set_nonblocking(false)?;
+        match result? {
+            Stream::Tcp(s) => {
+                s.set_nonblocking(false)?;
+                Connection::from_tcp(s)
+            }
+            Stream::Unix(s) => {
+                s.set_nonblocking(false)?;
+                Connection::from_unix(s)
+            }
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Self::Tcp(l) => l.set_nonblocking(on),
+            Self::Unix(l, _) => l.set_nonblocking(on),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Limits the average send rate to a number of bytes per second.
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_s: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl RateLimiter {
+    /// A limiter allowing `bytes_per_s` on average (must be non-zero).
+    pub fn new(bytes_per_s: u64) -> Self {
+        Self {
+            bytes_per_s: bytes_per_s.max(1),
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    /// Accounts for `bytes` about to be sent and sleeps until sending them keeps the
+    /// average at or below the limit.
+    pub fn consume(&mut self, bytes: u64) {
+        self.sent += bytes;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.bytes_per_s as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            thread::sleep(wait);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!(
+            "127.0.0.1:4000".parse(),
+            Ok(Endpoint::Tcp("127.0.0.1:4000".into()))
+        );
+        assert_eq!(
+            "tcp:[::1]:4000".parse(),
+            Ok(Endpoint::Tcp("[::1]:4000".into()))
+        );
+        assert_eq!("unix:/tmp/x".parse(), Ok(Endpoint::Unix("/tmp/x".into())));
+        for bad in ["", "unix:", "host", "host:port", ":80", "h:99999"] {
+            assert!(bad.parse::<Endpoint>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn connects_several_connections() {
+        let l = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = l.local_endpoint().unwrap();
+        let t = thread::spawn(move || {
+            let mut c = connect(&ep, 2).unwrap();
+            c[1].writer.write_all(b"hi").unwrap();
+        });
+        let _a = l.accept().unwrap();
+        let mut b = l.accept().unwrap();
+        let mut buf = [0u8; 2];
+        b.reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        t.join().unwrap();
+        assert!(connect(&"127.0.0.1:1".parse().unwrap(), 0).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_spreads_sends() {
+        let mut r = RateLimiter::new(1 << 20);
+        let t = Instant::now();
+        for _ in 0..4 {
+            r.consume(64 << 10);
+        }
+        // 256 KiB at 1 MiB/s needs at least 250 ms; allow scheduling slack above.
+        assert!(
+            t.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
