@@ -7,6 +7,7 @@
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -23,6 +24,14 @@ const OEM_REVISION: u32 = 1;
 const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
 /// Table alignment inside the ACPI area.
 const TABLE_ALIGN: u64 = 64;
+/// SLP_TYP for S5 (soft off) as declared in `\_S5`.
+pub const SLP_TYP_S5: u8 = 5;
+/// Sleep control register bit: SLP_EN.
+pub const SLP_EN: u8 = 1 << 5;
+/// The value the guest writes to the sleep control register to power off.
+pub const POWER_OFF_VALUE: u8 = (SLP_TYP_S5 << 2) | SLP_EN;
+/// The value the guest writes to the reset register to reboot.
+pub const RESET_VALUE: u8 = 1;
 
 /// Errors building or writing the tables.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +92,10 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
 /// Builds the DSDT: COM1 and one `LNRO0005` device per virtio-mmio window.
 pub fn dsdt(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, AcpiError> {
     let mut body = com1_aml();
+    // \_S5 gives the SLP_TYP value Linux writes to the sleep control register to power off.
+    let s5_typ = aml::Package::new(vec![&SLP_TYP_S5]);
+    let s5 = aml::Name::new("_S5_".into(), &s5_typ);
+    body.extend_from_slice(&to_bytes(&s5));
     for (i, dev) in devices.iter().enumerate() {
         body.extend_from_slice(&virtio_aml(i, dev)?);
     }
@@ -132,8 +145,14 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton);
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
     b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    let port = |p: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(p));
+    b.sleep_control_reg = port(layout::ACPI_SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = port(layout::ACPI_SLEEP_STATUS_PORT);
+    b.reset_reg = port(layout::ACPI_RESET_PORT);
+    b.reset_value = RESET_VALUE;
     b.hypervisor_vendor_identity = u64::from_le_bytes(*b"FERRYVMM").into();
     to_bytes(&b.finalize())
 }
@@ -249,6 +268,11 @@ mod tests {
         assert!(fadt[8] >= 5);
         assert_ne!(u32_at(fadt, 112) & (1 << 20), 0);
         assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), IAPC_BOOT_ARCH);
+        // Sleep control register (offset 244): I/O space, byte access, our port.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64_at(fadt, 248), u64::from(layout::ACPI_SLEEP_CONTROL_PORT));
+        assert_eq!(u64_at(fadt, 120), u64::from(layout::ACPI_RESET_PORT));
+        assert_eq!(fadt[128], RESET_VALUE);
         let dsdt = by_addr(u64_at(fadt, 140));
         assert_eq!(&dsdt[0..4], b"DSDT");
         // All in the reserved area.
@@ -288,6 +312,7 @@ mod tests {
         assert!(contains(dsdt, b"LNRO0005\0"));
         assert!(contains(dsdt, b"V000"));
         assert!(contains(dsdt, b"COM1"));
+        assert!(contains(dsdt, b"_S5_"));
         // EISA id of PNP0501.
         assert!(contains(dsdt, &[0x41, 0xd0, 0x05, 0x01]));
         // Memory32Fixed: tag 0x86, length 9, read-write, base, size.

@@ -61,6 +61,13 @@ pub const COM1_PORT: u16 = 0x3f8;
 /// i8042 command/status port.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 
+/// ACPI sleep control register (hardware-reduced power off), one byte.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+/// ACPI reset register.
+pub const ACPI_RESET_PORT: u16 = 0x602;
+
 /// E820 entry types used in the boot map.
 pub const E820_RAM: u32 = 1;
 /// Reserved memory.

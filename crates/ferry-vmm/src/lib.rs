@@ -9,6 +9,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod gate;
+pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod serial;

@@ -1,0 +1,140 @@
+//! CPUID for each vCPU: KVM's supported list, normalised so the guest sees a consistent
+//! topology (APIC ids matching the MADT), that it runs on a hypervisor, a TSC-deadline LAPIC
+//! timer (no calibration needed), and KVM's paravirt leaves (kvmclock) untouched.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// Leaf 1 ECX: TSC-deadline timer.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 1 ECX: running under a hypervisor.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 EDX: HTT (the logical processor count in EBX is valid).
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// x2APIC topology level types in leaf 0xB/0x1F ECX[15:8].
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Bits needed to number `n` things.
+fn bits_for(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+/// Rewrites `entries` (KVM's supported CPUID) for vCPU `id` of `count`, each vCPU a core of
+/// one socket, one thread per core. APIC id = vCPU index.
+pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
+    let (id, count) = (u32::from(id), u32::from(count));
+    let core_bits = bits_for(count);
+    for e in entries.iter_mut() {
+        match e.function {
+            0x1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count.max(1).min(255) << 16);
+                e.ecx |= LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            0x4 => {
+                // Intel deterministic cache parameters: cores per package - 1 in EAX[31:26].
+                e.eax = (e.eax & 0x03ff_ffff) | ((count.saturating_sub(1) & 0x3f) << 26);
+            }
+            0xb | 0x1f => {
+                e.edx = id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (LEVEL_SMT << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = count;
+                        e.ecx = (LEVEL_CORE << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            0x8000_0008 => {
+                // AMD: ApicIdSize in ECX[15:12], NC (cores - 1) in ECX[7:0].
+                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count.saturating_sub(1) & 0xff);
+            }
+            0x8000_001e => {
+                // AMD extended APIC id; one thread per core, core id = APIC id.
+                e.eax = id;
+                e.ebx = (e.ebx & !0xff) | (id & 0xff);
+                e.ecx &= !0xff;
+            }
+            // 0x4000_0000 (KVM signature) and 0x4000_0001 (KVM features: kvmclock, PV EOI,
+            // async PF, steal time) are kept as KVM reports them.
+            _ => {}
+        }
+    }
+}
+
+/// The CPUID for vCPU `id` of `count`, derived from KVM's supported list.
+pub fn for_vcpu(supported: &CpuId, id: u8, count: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    normalize(cpuid.as_mut_slice(), id, count);
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx: 0xdead_0800,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn topology_matches_the_madt() {
+        let mut e = vec![
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x8000_0008, 0),
+            entry(0x4000_0001, 0),
+        ];
+        let kvm_leaf = e[4];
+        normalize(&mut e, 2, 3);
+        assert_eq!(e[0].ebx >> 24, 2, "initial APIC id");
+        assert_eq!((e[0].ebx >> 16) & 0xff, 3, "logical processors");
+        assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_ne!(e[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(e[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_ne!(e[0].edx & LEAF1_EDX_HTT, 0);
+        assert_eq!((e[1].edx, e[2].edx), (2, 2), "x2APIC id on every subleaf");
+        assert_eq!((e[1].ebx, e[2].ebx, e[2].eax), (1, 3, 2));
+        assert_eq!((e[1].ecx >> 8, e[2].ecx >> 8), (LEVEL_SMT, LEVEL_CORE));
+        assert_eq!(e[3].ecx & 0xff, 2);
+        assert_eq!(e[4], kvm_leaf, "KVM paravirt leaf untouched");
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let mut e = vec![kvm_cpuid_entry2 {
+            function: 1,
+            edx: LEAF1_EDX_HTT,
+            ..Default::default()
+        }];
+        normalize(&mut e, 0, 1);
+        assert_eq!(e[0].edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(bits_for(1), 0);
+        assert_eq!(bits_for(2), 1);
+        assert_eq!(bits_for(5), 3);
+    }
+}

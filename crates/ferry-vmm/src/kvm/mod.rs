@@ -1,0 +1,4 @@
+//! Everything that talks to KVM. With [`crate::memory`], the only place `unsafe` is allowed.
+
+pub mod cpuid;
+pub mod regs;
