@@ -1,0 +1,280 @@
+//! Client side of the agent's line protocol (see the `ferry-guest-agent` crate).
+//!
+//! A reader thread splits the console stream into lines and keeps every one of them (the
+//! transcript); [`AgentClient::command`] writes one command and waits for the first line that
+//! starts with `OK ` or `ERR ` after it. Kernel messages, heartbeats (`HB <n>`) and progress lines
+//! (`# ...`) can appear in between and are only recorded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+/// The line the agent prints once it accepts commands.
+pub const READY_LINE: &str = "FERRY-AGENT READY";
+
+/// Console text that means the guest kernel hit an error; no test guest may print any.
+pub const KERNEL_ERROR_MARKERS: &[&str] = &[
+    "BUG:",
+    "Oops",
+    "Kernel panic",
+    "list_del corruption",
+    "list_add corruption",
+    "WARNING:",
+    "general protection fault",
+    "Call Trace:",
+    "segfault",
+    "page allocation failure",
+    "Out of memory",
+];
+
+/// Why a command did not get an `OK` answer.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The agent answered `ERR ...`.
+    #[error("the agent refused `{command}`: {answer}")]
+    Refused {
+        /// The command sent.
+        command: String,
+        /// The whole `ERR` line.
+        answer: String,
+    },
+    /// No answer in time.
+    #[error("no answer to `{command}` within {timeout:?}; last console lines:\n{tail}")]
+    Timeout {
+        /// The command sent (or what was awaited).
+        command: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last lines of the console.
+        tail: String,
+    },
+    /// The console closed (the VMM exited or the guest powered off).
+    #[error("the console closed while waiting for `{command}`; last console lines:\n{tail}")]
+    Closed {
+        /// The command sent (or what was awaited).
+        command: String,
+        /// The last lines of the console.
+        tail: String,
+    },
+    /// Writing the command failed.
+    #[error("cannot send `{command}` to the agent: {source}")]
+    Send {
+        /// The command.
+        command: String,
+        /// The write error.
+        source: std::io::Error,
+    },
+    /// A command must be one line.
+    #[error("a command must be a single line: {0:?}")]
+    NotOneLine(String),
+}
+
+/// Lines shown in error messages.
+const TAIL_LINES: usize = 20;
+
+/// Talks to `ferry-guest-agent` over a console stream.
+pub struct AgentClient {
+    writer: Box<dyn Write + Send>,
+    lines: Receiver<String>,
+    transcript: Arc<Mutex<Vec<String>>>,
+}
+
+impl AgentClient {
+    /// Starts reading `reader` (the console output) on a thread; commands go to `writer`.
+    pub fn new<R, W>(reader: R, writer: W) -> Self
+    where
+        R: Read + Send + 'static,
+        W: Write + Send + 'static,
+    {
+        let (tx, lines) = mpsc::channel();
+        let transcript = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&transcript);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(reader);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                lock(&record).push(line.clone());
+                // The client may be gone; the transcript still has the line.
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            writer: Box::new(writer),
+            lines,
+            transcript,
+        }
+    }
+
+    /// Waits for [`READY_LINE`].
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), AgentError> {
+        self.wait_for(READY_LINE, timeout, |line| line == READY_LINE)
+            .map(drop)
+    }
+
+    /// Sends `command` and returns its `OK` line, without the `OK ` prefix.
+    pub fn command(&mut self, command: &str, timeout: Duration) -> Result<String, AgentError> {
+        if command.contains('\n') {
+            return Err(AgentError::NotOneLine(command.to_string()));
+        }
+        self.writer
+            .write_all(format!("{command}\n").as_bytes())
+            .and_then(|()| self.writer.flush())
+            .map_err(|source| AgentError::Send {
+                command: command.to_string(),
+                source,
+            })?;
+        let answer = self.wait_for(command, timeout, |line| {
+            line.starts_with("OK ") || line.starts_with("ERR ")
+        })?;
+        match answer.strip_prefix("OK ") {
+            Some(rest) => Ok(rest.to_string()),
+            None => Err(AgentError::Refused {
+                command: command.to_string(),
+                answer,
+            }),
+        }
+    }
+
+    /// Waits for the next line matching `wanted`, e.g. a heartbeat.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<String, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if wanted(&line) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(AgentError::Timeout {
+                        command: what.to_string(),
+                        timeout,
+                        tail: self.tail(),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(AgentError::Closed {
+                        command: what.to_string(),
+                        tail: self.tail(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Every console line received so far.
+    pub fn transcript(&self) -> Vec<String> {
+        lock(&self.transcript).clone()
+    }
+
+    /// The console lines that contain one of [`KERNEL_ERROR_MARKERS`].
+    pub fn kernel_errors(&self) -> Vec<String> {
+        lock(&self.transcript)
+            .iter()
+            .filter(|line| KERNEL_ERROR_MARKERS.iter().any(|m| line.contains(m)))
+            .cloned()
+            .collect()
+    }
+
+    fn tail(&self) -> String {
+        let transcript = lock(&self.transcript);
+        let from = transcript.len().saturating_sub(TAIL_LINES);
+        transcript[from..].join("\n")
+    }
+}
+
+/// The transcript stays usable even if a thread panicked while holding it.
+fn lock(m: &Mutex<Vec<String>>) -> MutexGuard<'_, Vec<String>> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// A fake guest console: kernel noise, then READY, then scripted answers per command.
+    fn fake_console(answers: &'static [(&'static str, &'static [&'static str])]) -> AgentClient {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        thread::spawn(move || {
+            let mut out = theirs.try_clone().unwrap();
+            writeln!(out, "[    0.5] virtio_balloon: loading\r").unwrap();
+            writeln!(out, "{READY_LINE}").unwrap();
+            for line in BufReader::new(theirs).lines() {
+                let line = line.unwrap();
+                let Some((_, reply)) = answers.iter().find(|(c, _)| *c == line) else {
+                    continue; // No answer: the client times out.
+                };
+                for r in reply.iter() {
+                    writeln!(out, "{r}").unwrap();
+                }
+            }
+        });
+        AgentClient::new(ours.try_clone().unwrap(), ours)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn waits_for_the_answer_past_noise_and_heartbeats() {
+        let mut agent = fake_console(&[
+            ("verify", &["HB 1", "# checking", "[ 3.0] WARNING: at mm/x.c", "OK verify pages=3"]),
+            ("dataset 0", &["ERR dataset: \"0\" is not a number in 1..=1048576"]),
+        ]);
+        agent.wait_ready(T).unwrap();
+        assert_eq!(agent.command("verify", T).unwrap(), "verify pages=3");
+        let err = agent.command("dataset 0", T).unwrap_err();
+        assert!(
+            matches!(&err, AgentError::Refused { answer, .. } if answer.starts_with("ERR dataset:")),
+            "{err}"
+        );
+        assert_eq!(agent.kernel_errors(), vec!["[ 3.0] WARNING: at mm/x.c"]);
+        let transcript = agent.transcript();
+        assert_eq!(transcript[0], "[    0.5] virtio_balloon: loading", "CR stripped");
+        assert!(transcript.contains(&"HB 1".to_string()));
+    }
+
+    #[test]
+    fn times_out_with_the_console_tail() {
+        let mut agent = fake_console(&[]);
+        agent.wait_ready(T).unwrap();
+        let err = agent
+            .command("features", Duration::from_millis(100))
+            .unwrap_err();
+        match err {
+            AgentError::Timeout { tail, .. } => assert!(tail.ends_with(READY_LINE)),
+            other => panic!("expected a timeout, got {other}"),
+        }
+        assert!(matches!(
+            agent.command("a\nb", T),
+            Err(AgentError::NotOneLine(_))
+        ));
+    }
+
+    #[test]
+    fn reports_a_closed_console() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let mut agent = AgentClient::new(ours.try_clone().unwrap(), ours);
+        assert!(matches!(
+            agent.wait_ready(T),
+            Err(AgentError::Closed { .. })
+        ));
+    }
+}

@@ -1,0 +1,207 @@
+//! A guest running under a VMM process, with the agent's console connected.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::agent::AgentClient;
+use crate::vmm::{GuestConfig, Vmm};
+
+/// How long a VMM may take to create its serial socket (QEMU loads many libraries).
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Why a guest could not be started or stopped.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// Creating the run directory or the log file failed.
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The VMM binary could not be started.
+    #[error("cannot start {vmm}: {source}")]
+    Spawn {
+        /// The VMM's name.
+        vmm: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The VMM exited before the console was connected.
+    #[error("{vmm} exited ({status}) before its serial socket was ready; its output:\n{log}")]
+    EarlyExit {
+        /// The VMM's name.
+        vmm: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Its stdout and stderr.
+        log: String,
+    },
+    /// No serial socket to connect to in time.
+    #[error("cannot connect to {vmm}'s serial socket {path} within {SOCKET_TIMEOUT:?}: {source}")]
+    Connect {
+        /// The VMM's name.
+        vmm: String,
+        /// The socket.
+        path: PathBuf,
+        /// The last connection error.
+        source: io::Error,
+    },
+    /// The VMM did not exit in time.
+    #[error("{vmm} still running after {timeout:?}")]
+    ExitTimeout {
+        /// The VMM's name.
+        vmm: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// Waiting for the VMM failed.
+    #[error("cannot wait for {vmm}: {source}")]
+    Wait {
+        /// The VMM's name.
+        vmm: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A running VMM process and the agent on its serial console. The process is killed and its
+/// run directory removed when this is dropped.
+pub struct Guest {
+    vmm: String,
+    child: Child,
+    dir: PathBuf,
+    agent: AgentClient,
+}
+
+impl Guest {
+    /// Starts `vmm` with `config` and connects to the guest's serial console.
+    pub fn spawn(vmm: &dyn Vmm, config: &GuestConfig) -> Result<Self, GuestError> {
+        let dir = run_dir();
+        let prepare = |path: &Path, source| GuestError::Prepare {
+            path: path.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(|e| prepare(&dir, e))?;
+        let socket = dir.join("serial.sock");
+        let log_path = dir.join("vmm.log");
+        let log = File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
+        let log_err = log.try_clone().map_err(|e| prepare(&log_path, e))?;
+
+        let child = vmm
+            .command(config, &socket)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(source) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(GuestError::Spawn {
+                    vmm: vmm.name().to_string(),
+                    source,
+                });
+            }
+        };
+        // From here on, dropping `guest` cleans up.
+        let mut guest = Self {
+            vmm: vmm.name().to_string(),
+            child,
+            dir,
+            agent: AgentClient::new(io::empty(), io::sink()),
+        };
+        let stream = guest.connect(&socket)?;
+        let reader = stream.try_clone().map_err(|e| prepare(&socket, e))?;
+        guest.agent = AgentClient::new(reader, stream);
+        Ok(guest)
+    }
+
+    fn connect(&mut self, socket: &Path) -> Result<UnixStream, GuestError> {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|source| GuestError::Wait {
+                vmm: self.vmm.clone(),
+                source,
+            })? {
+                return Err(GuestError::EarlyExit {
+                    vmm: self.vmm.clone(),
+                    status,
+                    log: self.vmm_log(),
+                });
+            }
+            match UnixStream::connect(socket) {
+                Ok(stream) => return Ok(stream),
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(GuestError::Connect {
+                        vmm: self.vmm.clone(),
+                        path: socket.to_path_buf(),
+                        source,
+                    })
+                }
+                Err(_) => thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// The agent on the guest's console.
+    pub fn agent(&mut self) -> &mut AgentClient {
+        &mut self.agent
+    }
+
+    /// What the VMM process printed so far.
+    pub fn vmm_log(&self) -> String {
+        fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default()
+    }
+
+    /// Waits for the VMM to exit (e.g. after the agent's `shutdown`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, GuestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let exited = self.child.try_wait().map_err(|source| GuestError::Wait {
+                vmm: self.vmm.clone(),
+                source,
+            })?;
+            if let Some(status) = exited {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(GuestError::ExitTimeout {
+                    vmm: self.vmm.clone(),
+                    timeout,
+                });
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh directory for one guest's socket and log.
+fn run_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "ferry-guest-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}

@@ -1,0 +1,30 @@
+//! # ferry-lab
+//!
+//! Test support for end-to-end tests: boot the guest image (Debian's kernel, an initramfs with
+//! the virtio-mmio balloon modules and `ferry-guest-agent`) under a VMM, and talk to the agent
+//! over the guest's serial console.
+//!
+//! - [`GuestImage`] finds the image that `lab/build` made.
+//! - [`Vmm`] turns a [`GuestConfig`] into a VMM command line; [`QemuMicrovm`] is Debian's QEMU
+//!   (`-M microvm,acpi=on`), the stand-in and the baseline for ferry's own VMM.
+//! - [`Guest`] runs the VMM process and connects to the serial console through a Unix socket.
+//! - [`AgentClient`] sends agent commands and waits for their `OK`/`ERR` answer, keeping every
+//!   console line so that tests can check the guest kernel reported no error
+//!   ([`AgentClient::kernel_errors`]).
+//! - [`hw_kvm_usable`] says whether this machine can run such a guest at all (see `lab/run`).
+//!
+//! The agent's protocol is documented in the `ferry-guest-agent` crate and in docs/lab.md.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod agent;
+mod guest;
+mod image;
+mod kvm;
+mod vmm;
+
+pub use agent::{AgentClient, AgentError, KERNEL_ERROR_MARKERS, READY_LINE};
+pub use guest::{Guest, GuestError};
+pub use image::{GuestImage, ImageError};
+pub use kvm::hw_kvm_usable;
+pub use vmm::{GuestConfig, QemuMicrovm, Vmm};

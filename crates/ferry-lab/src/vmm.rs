@@ -1,0 +1,164 @@
+//! Spawning a VMM: what to boot ([`GuestConfig`]) and how a given VMM is asked to boot it
+//! ([`Vmm`]).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::image::GuestImage;
+
+/// The guest to boot, independent of the VMM.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// Kernel and initramfs.
+    pub image: GuestImage,
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Offer VIRTIO_BALLOON_F_FREE_PAGE_HINT.
+    pub free_page_hint: bool,
+    /// Offer VIRTIO_BALLOON_F_REPORTING.
+    pub free_page_reporting: bool,
+}
+
+impl GuestConfig {
+    /// Kernel command line of the test guest: serial console; `loglevel=5` keeps boot chatter
+    /// off the console but still prints warnings and errors (which the tests look for);
+    /// a panic powers the guest off at once.
+    pub const DEFAULT_CMDLINE: &'static str = "console=ttyS0 loglevel=5 panic=-1 reboot=t";
+
+    /// 512 MiB, one vCPU, both balloon hinting features offered.
+    pub fn new(image: GuestImage) -> Self {
+        Self {
+            image,
+            mem_mib: 512,
+            vcpus: 1,
+            cmdline: Self::DEFAULT_CMDLINE.to_string(),
+            free_page_hint: true,
+            free_page_reporting: true,
+        }
+    }
+}
+
+/// A VMM that can boot the guest image with its serial console on a Unix socket.
+///
+/// The VMM must listen on `serial_socket` and start the guest only once a client connected, so
+/// that no console output is lost.
+pub trait Vmm {
+    /// Short name for messages, e.g. `qemu-microvm`.
+    fn name(&self) -> &str;
+    /// The command that boots `guest`.
+    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command;
+}
+
+/// Debian's QEMU with KVM, `-M microvm,acpi=on`: the balloon is a virtio-mmio device described
+/// in ACPI, as ferry's VMM describes it.
+#[derive(Debug, Clone)]
+pub struct QemuMicrovm {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+}
+
+impl Default for QemuMicrovm {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+}
+
+impl QemuMicrovm {
+    fn args(&self, guest: &GuestConfig, serial_socket: &Path) -> Vec<OsString> {
+        let on_off = |b: bool| if b { "on" } else { "off" };
+        let mut serial = OsString::from("unix:");
+        serial.push(serial_socket);
+        serial.push(",server=on,wait=on");
+        [
+            "-enable-kvm",
+            "-M",
+            "microvm,acpi=on",
+            "-cpu",
+            "host",
+            "-m",
+            &format!("{}M", guest.mem_mib),
+            "-smp",
+            &guest.vcpus.to_string(),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-append",
+            &guest.cmdline,
+            // QEMU runs free page hinting on an I/O thread and refuses it without one.
+            "-object",
+            "iothread,id=balloon-io",
+            "-device",
+            &format!(
+                "virtio-balloon-device,iothread=balloon-io,free-page-hint={},free-page-reporting={}",
+                on_off(guest.free_page_hint),
+                on_off(guest.free_page_reporting)
+            ),
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .chain([
+            "-kernel".into(),
+            guest.image.kernel.clone().into(),
+            "-initrd".into(),
+            guest.image.initrd.clone().into(),
+            "-serial".into(),
+            serial,
+        ])
+        .collect()
+    }
+}
+
+impl Vmm for QemuMicrovm {
+    fn name(&self) -> &str {
+        "qemu-microvm"
+    }
+
+    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.args(self.args(guest, serial_socket));
+        command
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_command_line_boots_microvm_with_the_hinting_balloon() {
+        let image = GuestImage {
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+        };
+        let mut config = GuestConfig::new(image);
+        config.free_page_reporting = false;
+        let args: Vec<String> = QemuMicrovm::default()
+            .args(&config, Path::new("/run/s.sock"))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].as_str()
+        };
+        assert!(args.iter().any(|a| a == "-enable-kvm"));
+        assert_eq!(after("-M"), "microvm,acpi=on");
+        assert_eq!(after("-m"), "512M");
+        assert_eq!(after("-kernel"), "/img/vmlinuz");
+        assert_eq!(after("-initrd"), "/img/initrd");
+        assert_eq!(after("-serial"), "unix:/run/s.sock,server=on,wait=on");
+        assert_eq!(
+            after("-device"),
+            "virtio-balloon-device,iothread=balloon-io,free-page-hint=on,free-page-reporting=off"
+        );
+    }
+}
