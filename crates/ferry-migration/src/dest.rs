@@ -49,6 +49,14 @@ pub enum ReceiveError {
     /// The source reported a failure.
     #[error("the source reported: {0}")]
     Source(String),
+    /// A connection carried nothing for too long.
+    #[error("connection {connection} was idle for {timeout:?}: the source stalled or the network is down")]
+    Idle {
+        /// Connection index.
+        connection: usize,
+        /// The idle timeout.
+        timeout: Duration,
+    },
     /// Accepting connections failed or timed out.
     #[error("accepting connections: {0}")]
     Accept(String),

@@ -217,7 +217,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             closers.iter().for_each(Closer::shutdown);
             e
         };
-        let mut zeroed = true;
+        // Greet on every connection first: the destination answers only once all arrived.
         for (i, c) in conns.iter_mut().enumerate() {
             let mut enc = Encoder::new();
             enc.hello(&Hello {
@@ -226,12 +226,13 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 page_size: PAGE_SIZE as u32,
                 regions: self.layout.regions().to_vec(),
             });
-            let handshake = (|| {
-                wire::write_preamble(&mut c.writer, MAGIC_SOURCE)?;
-                c.writer.write_all(enc.bytes())?;
-                wire::read_preamble(&mut c.reader, MAGIC_DEST)
-            })();
-            handshake.map_err(|e| shut(e.into()))?;
+            wire::write_preamble(&mut c.writer, MAGIC_SOURCE)
+                .and_then(|()| c.writer.write_all(enc.bytes()))
+                .map_err(|e| shut(WireError::Io(e).into()))?;
+        }
+        let mut zeroed = true;
+        for c in conns.iter_mut() {
+            wire::read_preamble(&mut c.reader, MAGIC_DEST).map_err(|e| shut(e.into()))?;
             match Decoder::new(&mut c.reader)
                 .next_record()
                 .map_err(|e| shut(e.into()))?
@@ -357,6 +358,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         }
         run.inbox.close();
         run.known_zero.clear_all();
+        // Whatever is queued now is stale: count it and make room.
+        self.drain_hints(run);
     }
 
     /// Lets sources answer the first epoch before the scan starts, within the bound.
