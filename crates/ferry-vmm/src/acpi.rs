@@ -8,7 +8,9 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -148,7 +150,15 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
     b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
-    let port = |p: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(p));
+    let port = |p: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(p),
+        )
+    };
     b.sleep_control_reg = port(layout::ACPI_SLEEP_CONTROL_PORT);
     b.sleep_status_reg = port(layout::ACPI_SLEEP_STATUS_PORT);
     b.reset_reg = port(layout::ACPI_RESET_PORT);
@@ -270,7 +280,10 @@ mod tests {
         assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), IAPC_BOOT_ARCH);
         // Sleep control register (offset 244): I/O space, byte access, our port.
         assert_eq!(fadt[244], 1);
-        assert_eq!(u64_at(fadt, 248), u64::from(layout::ACPI_SLEEP_CONTROL_PORT));
+        assert_eq!(
+            u64_at(fadt, 248),
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT)
+        );
         assert_eq!(u64_at(fadt, 120), u64::from(layout::ACPI_RESET_PORT));
         assert_eq!(fadt[128], RESET_VALUE);
         let dsdt = by_addr(u64_at(fadt, 140));

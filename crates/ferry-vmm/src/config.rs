@@ -61,7 +61,9 @@ pub enum ConfigError {
         bytes: u64,
     },
     /// A size string that does not parse.
-    #[error("cannot parse the size {0:?}: use a number with an optional K, M or G suffix (default MiB)")]
+    #[error(
+        "cannot parse the size {0:?}: use a number with an optional K, M or G suffix (default MiB)"
+    )]
     Size(String),
     /// vCPU count out of range.
     #[error("{0} vCPUs requested: give between 1 and {VCPUS_MAX}")]
@@ -426,7 +428,10 @@ mod tests {
         img[0x202..0x206].copy_from_slice(b"HdrS");
         img[0x206..0x208].copy_from_slice(&version.to_le_bytes());
         img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
-        std::fs::File::create(path).unwrap().write_all(&img).unwrap();
+        std::fs::File::create(path)
+            .unwrap()
+            .write_all(&img)
+            .unwrap();
     }
 
     #[test]
@@ -442,7 +447,10 @@ mod tests {
 
     #[test]
     fn serial_and_balloon_parse() {
-        assert_eq!("stdio".parse::<SerialTarget>().unwrap(), SerialTarget::Stdio);
+        assert_eq!(
+            "stdio".parse::<SerialTarget>().unwrap(),
+            SerialTarget::Stdio
+        );
         assert_eq!(
             "socket:/tmp/s".parse::<SerialTarget>().unwrap(),
             SerialTarget::Socket("/tmp/s".into())
@@ -461,7 +469,10 @@ mod tests {
         let kernel = d.join("bzImage");
         let mut cfg = VmConfig::new(&kernel);
         let e = cfg.validate().unwrap_err();
-        assert!(matches!(e, ConfigError::Unreadable { what: "kernel", .. }), "{e}");
+        assert!(
+            matches!(e, ConfigError::Unreadable { what: "kernel", .. }),
+            "{e}"
+        );
 
         std::fs::write(&kernel, b"short").unwrap();
         let e = cfg.validate().unwrap_err().to_string();
@@ -471,7 +482,11 @@ mod tests {
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("older than 2.12"), "{e}");
         fake_bzimage(&kernel, 0x020f, 0);
-        assert!(cfg.validate().unwrap_err().to_string().contains("XLF_KERNEL_64"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("XLF_KERNEL_64"));
         fake_bzimage(&kernel, 0x020f, 1);
         cfg.validate().unwrap();
 

@@ -126,7 +126,12 @@ mod tests {
         // ACPI tables and nothing else of ours lives in the reserved range.
         assert!(ACPI_START >= map[1].addr && ACPI_END <= map[2].addr);
         // Boot structures live in the first RAM entry, below the EBDA.
-        for a in [GDT_START, ZERO_PAGE_START, PML4_START, PD_START + PD_COUNT * 0x1000 - 1] {
+        for a in [
+            GDT_START,
+            ZERO_PAGE_START,
+            PML4_START,
+            PD_START + PD_COUNT * 0x1000 - 1,
+        ] {
             assert!(a < EBDA_START);
         }
         assert!(CMDLINE_START + CMDLINE_MAX_BYTES <= EBDA_START);

@@ -1,17 +1,127 @@
 //! # ferry-vmm
 //!
 //! A minimal KVM micro-VMM that boots a stock Debian kernel with ACPI-described virtio-mmio
-//! devices, an 8250 console and a JSON control API. It is the VM ferry migrates.
+//! devices (the ferry balloon), an 8250 console and a JSON control API. It is the VM ferry
+//! migrates: it exposes pause/resume, state save, and a dirty log for the migration engine.
+//!
+//! Entry point: [`run`] (blocking) with a [`VmConfig`], built from [`RunArgs`] by the CLI.
+//! Layout of the crate: [`config`] (validation), [`layout`] (memory map), [`boot`] (bzImage,
+//! zero page), [`acpi`], [`memory`] (RAM, slots, dirty log), [`kvm`] (VM, vCPUs, CPUID,
+//! registers, state), [`bus`], [`serial`], [`devices`], [`vmm`] (the machine), [`api`].
+//! `unsafe` lives only in [`memory`] and [`kvm`].
 #![deny(missing_docs)]
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod devices;
 pub mod gate;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod serial;
+pub mod vmm;
 
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use api::{ApiClient, ApiError, Request};
 pub use config::{BalloonConfig, ConfigError, RunArgs, SerialTarget, VmConfig};
+pub use vmm::{MachineState, Status, Vmm, VmmError as Error};
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The API asked for a shutdown.
+    Shutdown,
+    /// The guest powered off (ACPI S5).
+    GuestPowerOff,
+    /// The guest reset the machine (i8042, ACPI reset register or triple fault).
+    GuestReset,
+    /// A vCPU failed.
+    Error(String),
+}
+
+/// Boots `config` and blocks until the VM stops; serves the control API meanwhile.
+pub fn run(config: VmConfig) -> Result<ExitReason, Error> {
+    let api_socket = config.api_socket.clone();
+    let vmm = Vmm::boot(config)?;
+    if let Some(path) = &api_socket {
+        if let Err(e) = api::serve(path, Arc::new(ApiVmm(vmm.clone()))) {
+            vmm.request_exit(ExitReason::Shutdown);
+            vmm.stop();
+            return Err(Error::Api(e));
+        }
+    }
+    let reason = vmm.wait_exit();
+    tracing::info!("VM stopped: {reason:?}");
+    vmm.stop();
+    if let Some(path) = &api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(reason)
+}
+
+/// The VMM as the API sees it.
+struct ApiVmm(Arc<Vmm>);
+
+fn json<T: Serialize>(v: T) -> Result<Value, String> {
+    serde_json::to_value(v).map_err(|e| e.to_string())
+}
+
+impl api::ApiHandler for ApiVmm {
+    fn handle(&self, request: Request) -> Result<Value, String> {
+        let vmm = &self.0;
+        let err = |e: Error| e.to_string();
+        match request {
+            Request::Status => json(vmm.status()),
+            Request::Pause => vmm.pause().map(|()| Value::Null).map_err(err),
+            Request::Resume => {
+                vmm.resume();
+                Ok(Value::Null)
+            }
+            Request::BalloonSet { target_bytes } => vmm
+                .balloon_set_target(target_bytes)
+                .map(|()| Value::Null)
+                .map_err(err),
+            Request::BalloonGet => json(vmm.balloon_info().map_err(err)?),
+            Request::BalloonStats => json(vmm.balloon_stats().map_err(err)?),
+            Request::Shutdown => {
+                vmm.request_exit(ExitReason::Shutdown);
+                Ok(Value::Null)
+            }
+            Request::Migrate { .. } => Err("migration is not implemented in this VMM yet".into()),
+        }
+    }
+}
+
+/// The VMM as the migration engine controls it.
+#[derive(Debug, Clone)]
+pub struct MigrationControl(pub Arc<Vmm>);
+
+impl ferry_migration::VmControl for MigrationControl {
+    fn pause(&mut self) -> Result<(), ferry_migration::VmControlError> {
+        self.0
+            .pause()
+            .map_err(|e| ferry_migration::VmControlError::new("pausing the VM", e))
+    }
+
+    fn resume(&mut self) -> Result<(), ferry_migration::VmControlError> {
+        self.0.resume();
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, ferry_migration::VmControlError> {
+        let state = self
+            .0
+            .save_state()
+            .map_err(|e| ferry_migration::VmControlError::new("saving the VM state", e))?;
+        serde_json::to_vec(&state)
+            .map_err(|e| ferry_migration::VmControlError::new("encoding the VM state", e))
+    }
+}

@@ -101,7 +101,8 @@ impl GuestRam {
             mapped.push(region);
             offset += size;
         }
-        let mem = GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let mem =
+            GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
         Ok(Self { mem, memfd })
     }
 
@@ -141,7 +142,11 @@ pub fn register_slots(vm: &VmFd, slots: &[Slot], log_dirty: bool) -> Result<(), 
     for s in slots {
         let region = kvm_userspace_memory_region {
             slot: s.slot,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: s.gpa,
             memory_size: s.size,
             userspace_addr: s.host_addr,
@@ -201,7 +206,9 @@ impl DirtyLog for KvmDirtyLog {
         dirty: &mut PageBitmap,
     ) -> Result<(), DirtyLogError> {
         if !self.active {
-            return Err(DirtyLogError::Layout("dirty logging was not started".into()));
+            return Err(DirtyLogError::Layout(
+                "dirty logging was not started".into(),
+            ));
         }
         for (slot, region) in self.slots.iter().zip(self.ram.memory().iter()) {
             let first = layout
@@ -247,7 +254,10 @@ mod tests {
         assert_eq!(ram.memfd().metadata().unwrap().len(), 2 << 20);
         let slots = ram.slots();
         assert_eq!(slots.len(), 2);
-        assert_eq!((slots[1].slot, slots[1].gpa, slots[1].size), (1, 2 << 20, 1 << 20));
+        assert_eq!(
+            (slots[1].slot, slots[1].gpa, slots[1].size),
+            (1, 2 << 20, 1 << 20)
+        );
         ram.memory()
             .write_obj(7u32, GuestAddress((2 << 20) + 8192))
             .unwrap();

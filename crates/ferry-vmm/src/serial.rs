@@ -192,11 +192,9 @@ impl BusDevice for SerialConsole {
     }
 }
 
-/// The console's host side, once opened.
+/// The console's input side, once opened.
 #[derive(Debug)]
-pub struct SerialBackend {
-    /// Output for the UART.
-    pub out: SerialOut,
+pub struct SerialInput {
     input: Input,
 }
 
@@ -207,43 +205,36 @@ enum Input {
     Socket(UnixListener, Arc<Mutex<SocketSlot>>),
 }
 
-impl SerialBackend {
-    /// Opens the host side of `target` (binds the socket, opens the file).
-    pub fn open(target: &SerialTarget) -> Result<Self, SerialError> {
-        Ok(match target {
-            SerialTarget::Stdio => Self {
-                out: SerialOut::Stdout,
-                input: Input::Stdin,
-            },
-            SerialTarget::None => Self {
-                out: SerialOut::Sink,
-                input: Input::None,
-            },
-            SerialTarget::File(path) => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| SerialError::File {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                Self {
-                    out: SerialOut::File(f),
-                    input: Input::None,
-                }
-            }
-            SerialTarget::Socket(path) => {
-                let listener = bind(path)?;
-                let slot = Arc::new(Mutex::new(SocketSlot::default()));
-                Self {
-                    out: SerialOut::Socket(slot.clone()),
-                    input: Input::Socket(listener, slot),
-                }
-            }
-        })
-    }
+/// Opens the host side of `target` (binds the socket, opens the file): the UART's output
+/// and the input to start once the UART exists.
+pub fn open(target: &SerialTarget) -> Result<(SerialOut, SerialInput), SerialError> {
+    let (out, input) = match target {
+        SerialTarget::Stdio => (SerialOut::Stdout, Input::Stdin),
+        SerialTarget::None => (SerialOut::Sink, Input::None),
+        SerialTarget::File(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| SerialError::File {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            (SerialOut::File(f), Input::None)
+        }
+        SerialTarget::Socket(path) => {
+            let listener = bind(path)?;
+            let slot = Arc::new(Mutex::new(SocketSlot::default()));
+            (
+                SerialOut::Socket(slot.clone()),
+                Input::Socket(listener, slot),
+            )
+        }
+    };
+    Ok((out, SerialInput { input }))
+}
 
+impl SerialInput {
     /// Starts the thread feeding host input to `console`; it parks while `gate` is closed.
     /// Returns `None` for output-only targets.
     pub fn spawn_input(
@@ -322,19 +313,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("console.sock");
-        let backend = SerialBackend::open(&SerialTarget::Socket(path.clone())).unwrap();
-        let SerialOut::Socket(slot) = &backend.out else {
-            panic!("socket target gives socket output")
-        };
-        let slot = slot.clone();
-        let (c, _irq) = console(SerialOut::Socket(slot));
+        let (out, input) = open(&SerialTarget::Socket(path.clone())).unwrap();
+        let (c, _irq) = console(out);
         let c = Arc::new(Mutex::new(c));
         // The guest prints before anyone listens.
         for b in b"hello\n" {
             lock(&c).write(0, &[*b]);
         }
         let gate = Arc::new(Gate::new());
-        backend.spawn_input(c.clone(), gate).unwrap();
+        input.spawn_input(c.clone(), gate).unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(5)))

@@ -2,3 +2,6 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;
+pub mod vcpu;
+pub mod vm;

@@ -103,15 +103,23 @@ pub fn segment(entry: u64, index: u8) -> kvm_segment {
 
 /// Writes the GDT, an empty IDT and the identity page tables (2 MiB pages over the first
 /// `PD_COUNT` GiB) into guest memory.
-pub fn write_boot_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), vm_memory::GuestMemoryError> {
+pub fn write_boot_tables<M: GuestMemoryBackend>(
+    mem: &M,
+) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::GDT_START + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(layout::IDT_START))?;
-    mem.write_obj(layout::PDPT_START | PTE_PRESENT_RW, GuestAddress(layout::PML4_START))?;
+    mem.write_obj(
+        layout::PDPT_START | PTE_PRESENT_RW,
+        GuestAddress(layout::PML4_START),
+    )?;
     for gib in 0..layout::PD_COUNT {
         let pd = layout::PD_START + gib * 0x1000;
-        mem.write_obj(pd | PTE_PRESENT_RW, GuestAddress(layout::PDPT_START + gib * 8))?;
+        mem.write_obj(
+            pd | PTE_PRESENT_RW,
+            GuestAddress(layout::PDPT_START + gib * 8),
+        )?;
         for i in 0..512u64 {
             let phys = (gib << 30) | (i << 21);
             mem.write_obj(phys | PTE_PRESENT_RW | PDE_PS, GuestAddress(pd + i * 8))?;
@@ -220,7 +228,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode_to_long_mode() {
         let cs = segment(GDT[1], 1);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.present, cs.s), (8, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.present, cs.s),
+            (8, 1, 0, 1, 1)
+        );
         assert_eq!((cs.type_, cs.g, cs.limit), (0xb, 1, 0xffff_ffff));
         let ds = segment(GDT[2], 2);
         assert_eq!((ds.selector, ds.db, ds.type_, ds.l), (16, 1, 3, 0));
@@ -255,7 +266,10 @@ mod tests {
         assert_eq!((s.cr3, s.cr4 & CR4_PAE), (layout::PML4_START, CR4_PAE));
         assert_eq!((s.cs.selector, s.ss.selector, s.gdt.limit), (8, 16, 31));
         let r = entry_regs(0x100200);
-        assert_eq!((r.rip, r.rsi, r.rflags), (0x100200, layout::ZERO_PAGE_START, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rflags),
+            (0x100200, layout::ZERO_PAGE_START, 2)
+        );
     }
 
     #[test]

@@ -1,0 +1,365 @@
+//! The control API: one JSON object per line over a Unix socket, one reply line per request.
+//! Protocol reference: `docs/vmm.md`. [`ApiClient`] is the client the `ferry` CLI uses.
+//!
+//! ```text
+//! -> {"cmd":"status"}
+//! <- {"ok":true,"result":{"state":"running","vcpus":2,...}}
+//! -> {"cmd":"balloon-set","target_bytes":268435456}
+//! <- {"ok":true,"result":null}
+//! -> {"cmd":"nonsense"}
+//! <- {"ok":false,"error":"bad request: unknown variant `nonsense`, ..."}
+//! ```
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest request line accepted; longer lines close the connection.
+pub const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// Clients served at once; further connections are refused with an error line.
+pub const CLIENTS_MAX: usize = 16;
+
+/// Errors of the API server and client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket cannot be bound.
+    #[error("cannot listen on the API socket {path}: {source}")]
+    Bind {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client cannot reach the VMM.
+    #[error("cannot talk to the VMM at {path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM's reply is not valid JSON or not a reply object.
+    #[error("malformed reply from the VMM: {0}")]
+    Reply(String),
+    /// The VMM refused or failed the request.
+    #[error("the VMM refused the request: {0}")]
+    Refused(String),
+}
+
+/// A request: `{"cmd": "<name>", ...arguments}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Run state, resources, balloon summary.
+    Status,
+    /// Stop the guest and devices.
+    Pause,
+    /// Run again.
+    Resume,
+    /// Set the balloon target in bytes.
+    BalloonSet {
+        /// Bytes the guest should give up.
+        target_bytes: u64,
+    },
+    /// Balloon target, actual size and negotiated features.
+    BalloonGet,
+    /// The guest's last memory statistics (and ask it for fresh ones).
+    BalloonStats,
+    /// Stop the VM; the VMM process exits.
+    Shutdown,
+    /// Live-migrate to a destination (reserved; issue 6).
+    Migrate {
+        /// Destination address.
+        to: String,
+        /// Extra options, passed through.
+        #[serde(default)]
+        options: Value,
+    },
+}
+
+/// A reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// A sentence on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Reply {
+    fn from_result(r: Result<Value, String>) -> Self {
+        match r {
+            Ok(v) => Self {
+                ok: true,
+                result: Some(v),
+                error: None,
+            },
+            Err(e) => Self {
+                ok: false,
+                result: None,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// What serves requests (the VMM; a fake in tests).
+pub trait ApiHandler: Send + Sync + 'static {
+    /// Handles one request; `Err` is a sentence for the client.
+    fn handle(&self, request: Request) -> Result<Value, String>;
+}
+
+/// Parses and answers one request line.
+pub fn answer(handler: &dyn ApiHandler, line: &str) -> Reply {
+    let result = match serde_json::from_str::<Request>(line) {
+        Ok(req) => handler.handle(req),
+        Err(e) => Err(format!("bad request: {e}")),
+    };
+    Reply::from_result(result)
+}
+
+/// Binds `path` and serves requests on a background thread for the life of the process.
+pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<(), ApiError> {
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ferry-api".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                use std::sync::atomic::Ordering::SeqCst;
+                if clients.fetch_add(1, SeqCst) >= CLIENTS_MAX {
+                    clients.fetch_sub(1, SeqCst);
+                    let _ = writeln!(stream, r#"{{"ok":false,"error":"too many API clients"}}"#);
+                    continue;
+                }
+                let (handler, clients) = (handler.clone(), clients.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ferry-api-client".into())
+                    .spawn(move || {
+                        serve_client(stream, handler.as_ref());
+                        clients.fetch_sub(1, SeqCst);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start an API client thread");
+                }
+            }
+        })
+        .map_err(|source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+fn serve_client(stream: UnixStream, handler: &dyn ApiHandler) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        let n = match reader.by_ref().take(REQUEST_BYTES_MAX).read_line(&mut line) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if !line.ends_with('\n') && n as u64 >= REQUEST_BYTES_MAX {
+            let _ = writeln!(out, r#"{{"ok":false,"error":"request line too long"}}"#);
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = answer(handler, line.trim());
+        let Ok(text) = serde_json::to_string(&reply) else {
+            return;
+        };
+        if writeln!(out, "{text}").is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection to a VMM's API socket.
+#[derive(Debug)]
+pub struct ApiClient {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ApiClient {
+    /// Connects to the API socket at `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, ApiError> {
+        let path = path.as_ref().to_owned();
+        let io = |source| ApiError::Io {
+            path: path.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(&path).map_err(io)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            writer,
+            path,
+        })
+    }
+
+    /// Sends `request` and returns the result, or the VMM's error as [`ApiError::Refused`].
+    pub fn request(&mut self, request: &Request) -> Result<Value, ApiError> {
+        let io = |source| ApiError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let text = serde_json::to_string(request).map_err(|e| ApiError::Reply(e.to_string()))?;
+        writeln!(self.writer, "{text}").map_err(io)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).map_err(io)?;
+        let reply: Reply =
+            serde_json::from_str(&line).map_err(|e| ApiError::Reply(format!("{e}: {line:?}")))?;
+        if reply.ok {
+            Ok(reply.result.unwrap_or(Value::Null))
+        } else {
+            Err(ApiError::Refused(reply.error.unwrap_or_default()))
+        }
+    }
+
+    /// `status`, typed.
+    pub fn status(&mut self) -> Result<crate::vmm::Status, ApiError> {
+        let v = self.request(&Request::Status)?;
+        serde_json::from_value(v).map_err(|e| ApiError::Reply(e.to_string()))
+    }
+
+    /// `pause`.
+    pub fn pause(&mut self) -> Result<(), ApiError> {
+        self.request(&Request::Pause).map(drop)
+    }
+
+    /// `resume`.
+    pub fn resume(&mut self) -> Result<(), ApiError> {
+        self.request(&Request::Resume).map(drop)
+    }
+
+    /// `balloon-set`.
+    pub fn balloon_set(&mut self, target_bytes: u64) -> Result<(), ApiError> {
+        self.request(&Request::BalloonSet { target_bytes })
+            .map(drop)
+    }
+
+    /// `balloon-get`, typed.
+    pub fn balloon_get(&mut self) -> Result<crate::vmm::BalloonInfo, ApiError> {
+        let v = self.request(&Request::BalloonGet)?;
+        serde_json::from_value(v).map_err(|e| ApiError::Reply(e.to_string()))
+    }
+
+    /// `balloon-stats` (raw JSON: the guest's statistics or null).
+    pub fn balloon_stats(&mut self) -> Result<Value, ApiError> {
+        self.request(&Request::BalloonStats)
+    }
+
+    /// `shutdown`.
+    pub fn shutdown(&mut self) -> Result<(), ApiError> {
+        self.request(&Request::Shutdown).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Fake(Mutex<Vec<Request>>);
+
+    impl ApiHandler for Fake {
+        fn handle(&self, request: Request) -> Result<Value, String> {
+            self.0.lock().unwrap().push(request.clone());
+            match request {
+                Request::Status => Ok(serde_json::json!({
+                    "state": "paused", "vcpus": 2, "memory_bytes": 1u64 << 30,
+                    "uptime_ms": 5, "balloon": null
+                })),
+                Request::Migrate { .. } => Err("migration is not implemented yet".into()),
+                _ => Ok(Value::Null),
+            }
+        }
+    }
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let j = |r: &Request| serde_json::to_string(r).unwrap();
+        assert_eq!(j(&Request::Status), r#"{"cmd":"status"}"#);
+        assert_eq!(
+            j(&Request::BalloonSet { target_bytes: 4096 }),
+            r#"{"cmd":"balloon-set","target_bytes":4096}"#
+        );
+        let fake = Fake(Mutex::new(Vec::new()));
+        let r = answer(&fake, r#"{"cmd":"bogus"}"#);
+        assert!(!r.ok && r.error.unwrap().starts_with("bad request"));
+        let r = answer(&fake, r#"{"cmd":"balloon-set","target_bytes":1,"extra":1}"#);
+        assert!(!r.ok, "unknown fields are refused");
+        let r = answer(&fake, "not json");
+        assert!(!r.ok);
+    }
+
+    #[test]
+    fn client_and_server_talk_over_a_socket() {
+        let dir = std::env::temp_dir().join(format!("ferry-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let fake = Arc::new(Fake(Mutex::new(Vec::new())));
+        serve(&path, fake.clone()).unwrap();
+        let mut c = ApiClient::connect(&path).unwrap();
+        let s = c.status().unwrap();
+        assert_eq!((s.vcpus, s.state), (2, crate::vmm::RunState::Paused));
+        c.pause().unwrap();
+        c.balloon_set(1 << 20).unwrap();
+        let e = c
+            .request(&Request::Migrate {
+                to: "x".into(),
+                options: Value::Null,
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("not implemented"), "{e}");
+        assert_eq!(
+            fake.0.lock().unwrap()[..3],
+            [
+                Request::Status,
+                Request::Pause,
+                Request::BalloonSet {
+                    target_bytes: 1 << 20
+                }
+            ]
+        );
+        // A second client is served independently.
+        ApiClient::connect(&path).unwrap().resume().unwrap();
+        // Over-long lines close the connection with an error.
+        let mut raw = UnixStream::connect(&path).unwrap();
+        raw.write_all(&vec![b' '; REQUEST_BYTES_MAX as usize + 10])
+            .unwrap();
+        let mut reply = String::new();
+        BufReader::new(raw).read_line(&mut reply).unwrap();
+        assert!(reply.contains("too long"), "{reply}");
+    }
+}

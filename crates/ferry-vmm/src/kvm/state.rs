@@ -1,0 +1,299 @@
+//! KVM vCPU and VM state for migration: plain serializable structs, saved and restored in
+//! the orders KVM requires (see `docs/vmm.md`).
+//!
+//! Save, per vCPU (while paused): mp_state first (reading it can change LAPIC state), then
+//! regs, sregs, xsave, xcrs, debugregs, lapic, MSRs, and vcpu_events last. Then the VM: PIT,
+//! clock, PIC master, PIC slave, IOAPIC.
+//! Restore: VM irqchip and PIT exist before vCPUs; per vCPU cpuid, mp_state, regs, sregs,
+//! xsave, xcrs, debugregs, lapic (before MSRs: TSC_DEADLINE needs it), MSRs, vcpu_events last;
+//! then PIT, clock, irqchips.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// Errors saving or restoring KVM state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The operation, e.g. "KVM_GET_SREGS".
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM handled fewer MSRs than given.
+    #[error("KVM {op} {done} of {total} MSRs (first missing: {missing:#x})")]
+    PartialMsrs {
+        /// "read" or "wrote".
+        op: &'static str,
+        /// How many it handled.
+        done: usize,
+        /// How many were asked for.
+        total: usize,
+        /// The first MSR not handled.
+        missing: u32,
+    },
+    /// A list too long for KVM's fixed-size arrays.
+    #[error("too many {0} entries for KVM")]
+    TooMany(&'static str),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Kvm { what, source }
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (= APIC id).
+    pub id: u8,
+    /// CPUID the vCPU was configured with.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Multiprocessing state.
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor table registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state (legacy 4 KiB KVM_GET_XSAVE area; enough without AVX-512/AMX).
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// MSRs (the saveable set, see [`saveable_msrs`]).
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts, NMIs, SMM state.
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+/// Everything KVM holds for the VM outside the vCPUs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// i8254 PIT.
+    pub pit2: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
+    /// 8259 master.
+    pub pic_master: kvm_irqchip,
+    /// 8259 slave.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(kvm("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+impl VmState {
+    /// Saves the VM's state; call with every vCPU paused.
+    pub fn save(vm: &VmFd) -> Result<Self, StateError> {
+        Ok(Self {
+            pit2: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
+            clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
+            pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Restores into a VM whose irqchip and PIT were created, after its vCPUs were restored.
+    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+        vm.set_pit2(&self.pit2).map_err(kvm("KVM_SET_PIT2"))?;
+        let mut clock = self.clock;
+        // Only the clock value is settable (KVM_CLOCK_REALTIME needs the host's realtime,
+        // which a later version will use to account for the downtime).
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        clock.flags = 0;
+        vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The MSRs worth saving: those of KVM's index list that this vCPU can read, plus
+/// MTRRdefType and the KVM paravirt range (kvmclock, async PF, steal time, PV EOI).
+pub fn saveable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut candidates: Vec<u32> = list.as_slice().to_vec();
+    candidates.push(super::regs::msr::MTRR_DEF_TYPE);
+    candidates.extend(super::regs::msr::KVM_PV_FIRST..=super::regs::msr::KVM_PV_LAST);
+    candidates.sort_unstable();
+    candidates.dedup();
+    // KVM_GET_MSRS stops at the first MSR it cannot read: probe each one.
+    Ok(candidates
+        .into_iter()
+        .filter(|&index| {
+            let Ok(mut one) = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }]) else {
+                return false;
+            };
+            matches!(vcpu.get_msrs(&mut one), Ok(1))
+        })
+        .collect())
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    kvm(what)
+}
+
+/// Writes `entries` to the vCPU, failing unless KVM took every one.
+pub fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
+    let msrs = Msrs::from_entries(entries).map_err(|_| StateError::TooMany("MSR"))?;
+    let done = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    if done != entries.len() {
+        return Err(StateError::PartialMsrs {
+            op: "wrote",
+            done,
+            total: entries.len(),
+            missing: entries[done].index,
+        });
+    }
+    Ok(())
+}
+
+fn get_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+    let mut all = Vec::with_capacity(indices.len());
+    // KVM_MAX_MSR_ENTRIES bounds one call.
+    for chunk in indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let entries: Vec<kvm_msr_entry> = chunk
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooMany("MSR"))?;
+        let done = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+        if done != chunk.len() {
+            return Err(StateError::PartialMsrs {
+                op: "read",
+                done,
+                total: chunk.len(),
+                missing: chunk[done],
+            });
+        }
+        all.extend_from_slice(msrs.as_slice());
+    }
+    Ok(all)
+}
+
+impl VcpuState {
+    /// Saves vCPU `id`'s state; call on a paused vCPU (outside KVM_RUN).
+    pub fn save(vcpu: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<Self, StateError> {
+        let mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let xsave = vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
+        let xcrs = vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+        let debugregs = vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
+        let lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        let msrs = get_msrs(vcpu, msr_indices)?;
+        let cpuid = vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let vcpu_events = vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        Ok(Self {
+            id,
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            vcpu_events,
+        })
+    }
+
+    /// Restores into a fresh vCPU of a VM whose irqchip exists.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| StateError::TooMany("CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        // SAFETY: `self.xsave` is a complete legacy `kvm_xsave` area as KVM_GET_XSAVE returned
+        // it; KVM_SET_XSAVE reads exactly `size_of::<kvm_xsave>()` bytes from it.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        set_msrs(vcpu, &self.msrs)?;
+        vcpu.set_vcpu_events(&self.vcpu_events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        // Tell the guest's kvmclock it was paused (avoids soft-lockup warnings); not fatal.
+        if let Err(e) = vcpu.kvmclock_ctrl() {
+            tracing::debug!("KVM_KVMCLOCK_CTRL: {e}");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_state_round_trips_through_json() {
+        let mut s = VcpuState {
+            id: 1,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 7,
+                ..Default::default()
+            }],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
+            vcpu_events: kvm_vcpu_events::default(),
+        };
+        s.lapic.regs[0x20] = 5;
+        let j = serde_json::to_vec(&s).unwrap();
+        let back: VcpuState = serde_json::from_slice(&j).unwrap();
+        assert_eq!(back.regs.rip, 0x1234);
+        assert_eq!(back.msrs[0].data, 99);
+        assert_eq!(back.lapic.regs[0x20], 5);
+        assert_eq!(back.cpuid[0].eax, 7);
+    }
+}

@@ -1,0 +1,403 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, and pause/resume that really
+//! stops guest execution.
+//!
+//! # Pause protocol
+//! [`VcpuControl::pause`] sets the run state to paused, then kicks every vCPU thread with
+//! [`kick_signal`] until all have acknowledged. The signal handler sets `immediate_exit` in the
+//! thread's `kvm_run`, so a kick that lands just before `KVM_RUN` still makes it return at once
+//! (EINTR); a kick during `KVM_RUN` interrupts it. A parked thread serves requests (state
+//! save) and returns to `KVM_RUN` only after [`VcpuControl::resume`].
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::state::{StateError, VcpuState};
+use crate::bus::{lock, Bus};
+use crate::ExitReason;
+
+/// How long [`VcpuControl::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Interval between kicks while waiting for vCPUs to park.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Errors from vCPU threads and their control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A thread could not be spawned.
+    #[error("cannot start a vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// vCPUs did not park in time.
+    #[error("{parked} of {total} vCPUs paused within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout {
+        /// vCPUs that parked.
+        parked: usize,
+        /// vCPUs in the VM.
+        total: usize,
+    },
+    /// The operation needs paused vCPUs.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU thread is gone.
+    #[error("vCPU {0} has exited")]
+    Gone(u8),
+    /// Saving state failed.
+    #[error("vCPU {id}: {source}")]
+    State {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        #[source]
+        source: StateError,
+    },
+}
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler; null on non-vCPU threads.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this very thread to its own vCPU's `kvm_run` mapping,
+        // which lives as long as the `VcpuFd` owned by the thread's loop; it is reset to null
+        // before the `VcpuFd` is dropped. A one-byte volatile store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler (idempotent).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    state: RunState,
+    parked: usize,
+    exit: Option<ExitReason>,
+}
+
+/// Run state shared by the VMM and every vCPU thread.
+#[derive(Debug)]
+pub struct VcpuControl {
+    ctl: Mutex<Ctl>,
+    changed: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self {
+            ctl: Mutex::new(Ctl {
+                state: RunState::Running,
+                parked: 0,
+                exit: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    /// Records why the VM should stop (the first reason wins) and wakes the waiter.
+    pub fn request_exit(&self, reason: ExitReason) {
+        let mut c = lock(&self.ctl);
+        c.exit.get_or_insert(reason);
+        self.changed.notify_all();
+    }
+
+    /// Blocks until some thread requested the VM to stop; returns why.
+    pub fn wait_exit(&self) -> ExitReason {
+        let mut c = lock(&self.ctl);
+        loop {
+            if let Some(r) = c.exit.clone() {
+                return r;
+            }
+            c = self.changed.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.ctl).state == RunState::Paused
+    }
+}
+
+/// Requests a parked vCPU serves.
+enum Request {
+    SaveState(SyncSender<Result<VcpuState, StateError>>),
+}
+
+/// One running vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    thread: Option<JoinHandle<()>>,
+    requests: Sender<Request>,
+}
+
+impl std::fmt::Debug for VcpuHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuHandle").field("id", &self.id).finish()
+    }
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub struct VcpuContext {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Shared run state.
+    pub control: Arc<VcpuControl>,
+    /// MSRs to save.
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// Starts vCPU `id`'s thread.
+pub fn spawn(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("ferry-vcpu{id}"))
+        .spawn(move || run_loop(id, fd, &ctx, &rx))
+        .map_err(VcpuError::Spawn)?;
+    Ok(VcpuHandle {
+        id,
+        thread: Some(thread),
+        requests: tx,
+    })
+}
+
+/// The vCPUs of one VM.
+#[derive(Debug)]
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+    control: Arc<VcpuControl>,
+}
+
+impl Vcpus {
+    /// Wraps running vCPU threads.
+    pub fn new(handles: Vec<VcpuHandle>, control: Arc<VcpuControl>) -> Self {
+        Self { handles, control }
+    }
+
+    fn kick_all(&self) {
+        for h in &self.handles {
+            if let Some(t) = &h.thread {
+                let _ = t.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Stops guest execution: returns once every vCPU thread is parked outside KVM_RUN.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        let total = self.handles.len();
+        lock(&self.control.ctl).state = RunState::Paused;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            self.kick_all();
+            let c = lock(&self.control.ctl);
+            let (c, _) = self
+                .control
+                .changed
+                .wait_timeout_while(c, KICK_INTERVAL, |c| c.parked < total)
+                .unwrap_or_else(|p| p.into_inner());
+            if c.parked >= total {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VcpuError::PauseTimeout {
+                    parked: c.parked,
+                    total,
+                });
+            }
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        let mut c = lock(&self.control.ctl);
+        if c.state == RunState::Paused {
+            c.state = RunState::Running;
+        }
+        self.control.changed.notify_all();
+    }
+
+    /// Saves every vCPU's state; the vCPUs must be paused.
+    pub fn save_state(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        if !self.control.is_paused() {
+            return Err(VcpuError::NotPaused);
+        }
+        let mut out = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            h.requests
+                .send(Request::SaveState(tx))
+                .map_err(|_| VcpuError::Gone(h.id))?;
+            self.control.changed.notify_all();
+            let state = rx
+                .recv()
+                .map_err(|_| VcpuError::Gone(h.id))?
+                .map_err(|source| VcpuError::State { id: h.id, source })?;
+            out.push(state);
+        }
+        Ok(out)
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        lock(&self.control.ctl).state = RunState::Stopping;
+        self.control.changed.notify_all();
+        for h in &mut self.handles {
+            if let Some(t) = h.thread.take() {
+                // Kick until the thread leaves KVM_RUN and sees Stopping.
+                while !t.is_finished() {
+                    let _ = t.kill(kick_signal());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Parks while paused, serving requests; returns `false` when the thread must exit.
+fn park(id: u8, fd: &VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool {
+    let control = &ctx.control;
+    let mut c = lock(&control.ctl);
+    if c.state == RunState::Running {
+        return true;
+    }
+    if c.state == RunState::Stopping {
+        return false;
+    }
+    c.parked += 1;
+    control.changed.notify_all();
+    while c.state == RunState::Paused {
+        drop(c);
+        while let Ok(req) = rx.try_recv() {
+            match req {
+                Request::SaveState(reply) => {
+                    let _ = reply.send(VcpuState::save(fd, id, &ctx.msr_indices));
+                }
+            }
+        }
+        c = lock(&control.ctl);
+        if c.state == RunState::Paused {
+            c = control
+                .changed
+                .wait_timeout(c, KICK_INTERVAL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+    c.parked -= 1;
+    c.state != RunState::Stopping
+}
+
+fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
+    KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+    let reason = loop {
+        if !park(id, &fd, ctx, rx) {
+            break None;
+        }
+        match fd.run() {
+            Ok(exit) => {
+                if let Some(r) = handle_exit(id, exit, ctx) {
+                    break Some(r);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => break Some(ExitReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        }
+    };
+    KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    if let Some(r) = reason {
+        ctx.control.request_exit(r);
+    }
+    // Keep serving pause accounting until told to stop, so a pause never waits for us.
+    let mut c = lock(&ctx.control.ctl);
+    c.parked += 1;
+    ctx.control.changed.notify_all();
+    while c.state != RunState::Stopping {
+        c = ctx
+            .control
+            .changed
+            .wait(c)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// Dispatches one exit; returns a reason to stop the VM.
+fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<ExitReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(addr, data) {
+                tracing::debug!("vCPU {id}: unhandled MMIO read at {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio.write(addr, data) {
+                tracing::debug!("vCPU {id}: unhandled MMIO write at {addr:#x}");
+            }
+        }
+        VcpuExit::Shutdown => return Some(ExitReason::GuestReset),
+        VcpuExit::Hlt => return Some(ExitReason::GuestPowerOff),
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::GuestPowerOff,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::GuestReset,
+                other => ExitReason::Error(format!("vCPU {id}: system event {other}")),
+            })
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(ExitReason::Error(format!(
+                "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
+            )))
+        }
+        VcpuExit::InternalError => {
+            return Some(ExitReason::Error(format!("vCPU {id}: KVM internal error")))
+        }
+        other => tracing::debug!("vCPU {id}: ignored exit {other:?}"),
+    }
+    None
+}
