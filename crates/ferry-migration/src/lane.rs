@@ -16,6 +16,8 @@ use crate::wire::{Encoder, Summary, PAGES_PER_RECORD_MAX, ZERO_RUNS_PER_RECORD_M
 pub const CHUNK_PAGES: u64 = 512;
 /// Buffered bytes that make a lane hand its buffer to the writer thread.
 const FLUSH_BYTES: usize = 1 << 20;
+/// Capacity of a fresh buffer: one full `Pages` record and some zero runs.
+const RECORD_BYTES: usize = PAGES_PER_RECORD_MAX * (crate::PAGE_SIZE as usize + 8) + (64 << 10);
 /// Buffers in flight per lane (bounds memory and keeps the writer busy).
 const BUFFERS_IN_FLIGHT: usize = 4;
 
@@ -183,7 +185,11 @@ impl Lane {
     fn flush(&mut self, limiter: Option<&mut RateLimiter>) -> Result<u64, LaneError> {
         // Close an open record so the buffer ends at a record boundary.
         self.close_pages();
-        let buf = self.enc.take();
+        let next = self
+            .pool
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(RECORD_BYTES));
+        let buf = self.enc.take_into(next);
         let n = buf.len() as u64;
         if n == 0 {
             return Ok(0);
@@ -200,9 +206,6 @@ impl Lane {
                 lane: self.index,
                 source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
             });
-        }
-        if let Ok(b) = self.pool.try_recv() {
-            self.enc.recycle(b);
         }
         Ok(n)
     }

@@ -42,6 +42,6 @@ pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
 pub use progress::{Event, NoObserver, Observer};
 pub use source::{Migration, MigrationConfig, MigrationError};
 pub use stats::{MigrationStats, RoundStats};
-pub use transport::{Connection, Endpoint, Listener};
+pub use transport::{connect, Connection, Endpoint, Listener};
 pub use unpopulated::UnpopulatedSource;
 pub use vm::{VmControl, VmControlError};

@@ -310,12 +310,11 @@ impl Encoder {
         std::mem::take(&mut self.buf)
     }
 
-    /// Gives the encoder a buffer to reuse (it is cleared).
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
-        if self.buf.is_empty() && self.buf.capacity() < buf.capacity() {
-            buf.clear();
-            self.buf = buf;
-        }
+    /// Takes the encoded bytes and continues in `next` (cleared), e.g. a buffer that was
+    /// written out and came back, so steady-state encoding does not allocate.
+    pub fn take_into(&mut self, mut next: Vec<u8>) -> Vec<u8> {
+        next.clear();
+        std::mem::replace(&mut self.buf, next)
     }
 
     fn start(&mut self, kind: Kind) -> usize {
@@ -501,10 +500,14 @@ impl<R: Read> Decoder<R> {
                 len,
             });
         }
-        self.buf.clear();
-        self.buf.resize(len + 4, 0);
-        self.r.read_exact(&mut self.buf)?;
-        let (payload, crc) = self.buf.split_at(len);
+        // The buffer only grows (up to the largest record seen, itself bounded), so steady
+        // state reads do not clear or reallocate it.
+        if self.buf.len() < len + 4 {
+            self.buf.resize(len + 4, 0);
+        }
+        let buf = &mut self.buf[..len + 4];
+        self.r.read_exact(buf)?;
+        let (payload, crc) = buf.split_at(len);
         let mut h = crc32fast::Hasher::new();
         h.update(&header);
         h.update(payload);

@@ -1,0 +1,219 @@
+//! `ferry bench`: the engine's performance numbers, printed as a markdown table.
+//!
+//! Everything runs in this process over loopback TCP, so the raw socket figure and the
+//! engine's figure come from the same machine in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use ferry_migration::hint::{HintInbox, HintTargets};
+use ferry_migration::zero::is_zero;
+use ferry_migration::{
+    BitmapDirtyLog, Connection, Destination, Epoch, GuestRange, HintKind, MemoryLayout, Migration,
+    MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig, RegionDesc, UnpopulatedSource,
+};
+use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimVm, Workload};
+
+use crate::units::{mib, parse_size};
+
+/// `ferry bench` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Bytes moved by the throughput measurements.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub throughput_bytes: u64,
+    /// Guest size of the simulated migration with and without hints.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub guest: u64,
+}
+
+fn gib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / f64::from(1u32 << 30)
+}
+
+/// A plain socket copy of `bytes` over loopback TCP, 2 MiB writes, reader discarding.
+fn raw_tcp(bytes: u64) -> Result<Duration> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let reader = thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 2 << 20];
+        while s.read(&mut buf)? > 0 {}
+        Ok(())
+    });
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let buf = vec![0x5au8; 2 << 20];
+    let t = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    drop(s);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(t.elapsed())
+}
+
+/// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP.
+fn engine_tcp(bytes: u64) -> Result<(Duration, MigrationStats)> {
+    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false)?;
+    Ok((Duration::from_secs_f64(stats.total_ms / 1000.0), stats))
+}
+
+/// An in-process migration of a simulated guest over loopback TCP.
+fn sim_migration(
+    bytes: u64,
+    workload: Workload,
+    used_percent: u8,
+    hints: bool,
+) -> Result<(MigrationStats, u64)> {
+    let src = create_memory(bytes)?;
+    let dst = create_memory(bytes)?;
+    let vm = SimVm::new(
+        Guest::new(src.clone(), 7),
+        SimConfig {
+            used_percent,
+            workload,
+            hints: hints.then_some(HintBehavior::Honest { delay_ticks: 0 }),
+        },
+    );
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let d = dst.clone();
+    let receiver = thread::spawn(move || -> Result<u64> {
+        let conn = Connection::from_tcp(l.accept()?.0)?;
+        let r = Destination::new(&d, ReceiveConfig::default())?.receive(vec![conn])?;
+        let pages = r.stats.pages;
+        r.acknowledge()?;
+        Ok(pages)
+    });
+    let conn = Connection::from_tcp(TcpStream::connect(addr)?)?;
+    let mut dirty = BitmapDirtyLog::new(src.clone());
+    let mut control = vm.clone();
+    let mut observer = ferry_sim::SimDriver(vm.clone());
+    let mut sim_hints = vm.hint_source();
+    let mut unpopulated = UnpopulatedSource::new(&src);
+    let config = MigrationConfig {
+        hints,
+        ..MigrationConfig::default()
+    };
+    let mut m = Migration::new(&src, &mut dirty, &mut control, &mut observer, config)?;
+    if let Some(h) = sim_hints.as_mut() {
+        m.add_source(h);
+    }
+    m.add_source(&mut unpopulated);
+    let stats = m.run(vec![conn])?;
+    let pages = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok((stats, pages))
+}
+
+/// Zero detection over `bytes` of zeroed memory.
+fn zero_detection(bytes: u64) -> Duration {
+    // Fill explicitly: a fresh zeroed allocation maps the shared zero page, which would make
+    // the measurement read the same cached page over and over.
+    let mut buf = vec![1u8; bytes as usize];
+    buf.fill(0);
+    let buf = std::hint::black_box(buf);
+    let t = Instant::now();
+    let zero = buf.chunks_exact(4096).filter(|p| is_zero(p)).count();
+    let d = t.elapsed();
+    assert_eq!(zero as u64, bytes / 4096, "zeroed memory is zero");
+    d
+}
+
+/// Applies hints covering all of a 4 GiB guest, as `range_pages`-page ranges.
+fn hint_application(guest: u64, range_pages: u64) -> Duration {
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        gpa: 0,
+        size: guest,
+    }])
+    .expect("layout");
+    let pages = layout.pages();
+    let (mut to_send, dest, mut kz) = (
+        PageBitmap::full(pages),
+        PageBitmap::new(pages),
+        PageBitmap::new(pages),
+    );
+    let mut inbox = HintInbox::new();
+    let sink = inbox.register("bench", HintKind::Free);
+    inbox.open(Epoch(0));
+    let ranges: Vec<GuestRange> = (0..pages / range_pages)
+        .map(|i| GuestRange::new(i * range_pages * 4096, range_pages * 4096))
+        .collect();
+    let mut elapsed = Duration::ZERO;
+    // Deliver in inbox-sized slices so nothing is dropped; time only the application.
+    for slice in ranges.chunks(ferry_migration::hint::RANGES_PER_MESSAGE_MAX * 1024) {
+        sink.hint(Epoch(0), slice);
+        let t = Instant::now();
+        let mut targets = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+        };
+        while inbox.drain(&layout, &mut targets, usize::MAX).messages > 0 {}
+        elapsed += t.elapsed();
+    }
+    assert_eq!(to_send.count(), 0, "every page was hinted away");
+    elapsed
+}
+
+/// Runs `ferry bench`.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let n = args.throughput_bytes;
+    eprintln!("measuring raw loopback TCP ({})...", mib(n));
+    let raw = raw_tcp(n).context("raw TCP")?;
+    eprintln!(
+        "measuring the engine, non-zero pages, hints off ({})...",
+        mib(n)
+    );
+    let (engine, es) = engine_tcp(n).context("engine")?;
+    let zero = zero_detection(n);
+    let hint_blocks = hint_application(4 << 30, 1024);
+    let hint_pages = hint_application(4 << 30, 1);
+    eprintln!(
+        "migrating a {} simulated guest, freed workload, hints off then on...",
+        mib(args.guest)
+    );
+    let (off, _) = sim_migration(args.guest, Workload::Freed { percent: 75 }, 10, false)?;
+    let (on, _) = sim_migration(args.guest, Workload::Freed { percent: 75 }, 10, true)?;
+
+    let raw_rate = gib_per_s(n, raw);
+    let engine_rate = gib_per_s(es.bytes, engine);
+    println!("| measurement | result |");
+    println!("|---|---:|");
+    println!("| raw loopback TCP, plain socket copy | {raw_rate:.2} GiB/s |");
+    println!(
+        "| engine, non-zero pages, 1 connection | {engine_rate:.2} GiB/s ({:.0}% of raw) |",
+        100.0 * engine_rate / raw_rate
+    );
+    println!("| zero-page detection | {:.1} GiB/s |", gib_per_s(n, zero));
+    println!(
+        "| hint application, 4 GiB as 4 MiB blocks | {:.3} ms |",
+        hint_blocks.as_secs_f64() * 1e3
+    );
+    println!(
+        "| hint application, 4 GiB as single pages | {:.1} ms |",
+        hint_pages.as_secs_f64() * 1e3
+    );
+    for (name, s) in [("off", &off), ("on", &on)] {
+        println!(
+            "| {} guest, 75% freed, hints {name} | {:.0} ms, {}, downtime {:.1} ms |",
+            mib(args.guest),
+            s.total_ms,
+            mib(s.bytes),
+            s.downtime_ms
+        );
+    }
+    Ok(())
+}

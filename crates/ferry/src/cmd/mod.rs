@@ -1,0 +1,4 @@
+//! The `ferry` subcommands.
+
+pub mod bench;
+pub mod sim;
