@@ -227,6 +227,10 @@ pub struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     pub kvm: PathBuf,
+    /// Hide XSAVE/AVX from the guest (needed in the lab, whose nested CPUID reports
+    /// inconsistent XSAVE sizes; QEMU's equivalent is `-cpu host,xsave=off`).
+    #[arg(long)]
+    pub no_xsave: bool,
 }
 
 impl RunArgs {
@@ -242,6 +246,7 @@ impl RunArgs {
             serial: self.serial,
             api_socket: self.api_socket,
             kvm_path: self.kvm,
+            xsave: !self.no_xsave,
         }
     }
 }
@@ -267,6 +272,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// KVM device node.
     pub kvm_path: PathBuf,
+    /// Offer XSAVE and AVX to the guest.
+    pub xsave: bool,
 }
 
 impl VmConfig {
@@ -286,6 +293,7 @@ impl VmConfig {
             serial: SerialTarget::Stdio,
             api_socket: None,
             kvm_path: PathBuf::from("/dev/kvm"),
+            xsave: true,
         }
     }
 

@@ -236,7 +236,10 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let mut fds = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
-            let fd = kvm.create_vcpu(id, config.vcpus)?;
+            let opts = crate::kvm::cpuid::CpuOptions {
+                xsave: config.xsave,
+            };
+            let fd = kvm.create_vcpu(id, config.vcpus, opts)?;
             configure_boot(&fd, (id == 0).then_some(kernel.entry))?;
             fds.push(fd);
         }

@@ -10,6 +10,33 @@ const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: HTT (the logical processor count in EBX is valid).
 const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX: XSAVE, OSXSAVE, AVX (AVX needs XSAVE to be usable).
+const LEAF1_ECX_XSAVE_FAMILY: u32 = (1 << 26) | (1 << 27) | (1 << 28);
+/// Leaf 7 EBX: AVX2, AVX-512 F/DQ/IFMA/PF/ER/CD/BW/VL.
+const LEAF7_EBX_XSAVE_FAMILY: u32 = (1 << 5)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 30)
+    | (1 << 31);
+
+/// Guest CPU feature choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Offer XSAVE and the AVX family. Turn off where the host's XSAVE CPUID is inconsistent
+    /// (nested KVM on QEMU TCG, i.e. the lab), as QEMU's `-cpu host,xsave=off` does.
+    pub xsave: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self { xsave: true }
+    }
+}
+
 /// x2APIC topology level types in leaf 0xB/0x1F ECX[15:8].
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
@@ -25,7 +52,7 @@ fn bits_for(n: u32) -> u32 {
 
 /// Rewrites `entries` (KVM's supported CPUID) for vCPU `id` of `count`, each vCPU a core of
 /// one socket, one thread per core. APIC id = vCPU index.
-pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
+pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, opts: CpuOptions) {
     let (id, count) = (u32::from(id), u32::from(count));
     let core_bits = bits_for(count);
     for e in entries.iter_mut() {
@@ -33,11 +60,21 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count.max(1).min(255) << 16);
                 e.ecx |= LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
+                if !opts.xsave {
+                    e.ecx &= !LEAF1_ECX_XSAVE_FAMILY;
+                }
                 if count > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
                     e.edx &= !LEAF1_EDX_HTT;
                 }
+            }
+            0x7 if e.index == 0 && !opts.xsave => e.ebx &= !LEAF7_EBX_XSAVE_FAMILY,
+            0xd if !opts.xsave => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
             }
             0x4 => {
                 // Intel deterministic cache parameters: cores per package - 1 in EAX[31:26].
@@ -81,9 +118,9 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
 }
 
 /// The CPUID for vCPU `id` of `count`, derived from KVM's supported list.
-pub fn for_vcpu(supported: &CpuId, id: u8, count: u8) -> CpuId {
+pub fn for_vcpu(supported: &CpuId, id: u8, count: u8, opts: CpuOptions) -> CpuId {
     let mut cpuid = supported.clone();
-    normalize(cpuid.as_mut_slice(), id, count);
+    normalize(cpuid.as_mut_slice(), id, count, opts);
     cpuid
 }
 
@@ -110,7 +147,7 @@ mod tests {
             entry(0x4000_0001, 0),
         ];
         let kvm_leaf = e[4];
-        normalize(&mut e, 2, 3);
+        normalize(&mut e, 2, 3, CpuOptions::default());
         assert_eq!(e[0].ebx >> 24, 2, "initial APIC id");
         assert_eq!((e[0].ebx >> 16) & 0xff, 3, "logical processors");
         assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
@@ -125,13 +162,40 @@ mod tests {
     }
 
     #[test]
+    fn xsave_can_be_hidden() {
+        let mut e = vec![
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: LEAF1_ECX_XSAVE_FAMILY | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                ebx: (1 << 5) | (1 << 3),
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xd,
+                eax: 7,
+                ebx: 0x340,
+                ..Default::default()
+            },
+        ];
+        normalize(&mut e, 0, 1, CpuOptions { xsave: false });
+        assert_eq!(e[0].ecx & LEAF1_ECX_XSAVE_FAMILY, 0);
+        assert_eq!(e[0].ecx & 1, 1, "other features kept");
+        assert_eq!(e[1].ebx, 1 << 3, "AVX2 hidden, BMI1 kept");
+        assert_eq!((e[2].eax, e[2].ebx), (0, 0));
+    }
+
+    #[test]
     fn single_vcpu_has_no_htt() {
         let mut e = vec![kvm_cpuid_entry2 {
             function: 1,
             edx: LEAF1_EDX_HTT,
             ..Default::default()
         }];
-        normalize(&mut e, 0, 1);
+        normalize(&mut e, 0, 1, CpuOptions::default());
         assert_eq!(e[0].edx & LEAF1_EDX_HTT, 0);
         assert_eq!(bits_for(1), 0);
         assert_eq!(bits_for(2), 1);

@@ -111,12 +111,17 @@ impl KvmVm {
 
     /// Creates vCPU `id` of `count` and sets its CPUID. Registers are set by
     /// [`configure_boot`] (fresh boot) or by restoring a saved state.
-    pub fn create_vcpu(&self, id: u8, count: u8) -> Result<VcpuFd, VmError> {
+    pub fn create_vcpu(
+        &self,
+        id: u8,
+        count: u8,
+        opts: cpuid::CpuOptions,
+    ) -> Result<VcpuFd, VmError> {
         let vcpu = self
             .fd
             .create_vcpu(u64::from(id))
             .map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let cpuid = cpuid::for_vcpu(&self.supported_cpuid, id, count);
+        let cpuid = cpuid::for_vcpu(&self.supported_cpuid, id, count, opts);
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         Ok(vcpu)
     }
