@@ -23,7 +23,7 @@ pub const KERNEL_ERROR_MARKERS: &[&str] = &[
     "Kernel panic",
     "list_del corruption",
     "list_add corruption",
-    "WARNING:",
+    "WARNING: CPU:",
     "general protection fault",
     "Call Trace:",
     "segfault",
@@ -234,8 +234,20 @@ mod tests {
     #[test]
     fn waits_for_the_answer_past_noise_and_heartbeats() {
         let mut agent = fake_console(&[
-            ("verify", &["HB 1", "# checking", "[ 3.0] WARNING: at mm/x.c", "OK verify pages=3"]),
-            ("dataset 0", &["ERR dataset: \"0\" is not a number in 1..=1048576"]),
+            (
+                "verify",
+                &[
+                    "HB 1",
+                    "# checking",
+                    "[ 2.2] Speculative Return Stack Overflow: WARNING: See https://...",
+                    "[ 3.0] WARNING: CPU: 0 PID: 1 at mm/x.c:1",
+                    "OK verify pages=3",
+                ],
+            ),
+            (
+                "dataset 0",
+                &["ERR dataset: \"0\" is not a number in 1..=1048576"],
+            ),
         ]);
         agent.wait_ready(T).unwrap();
         assert_eq!(agent.command("verify", T).unwrap(), "verify pages=3");
@@ -244,9 +256,15 @@ mod tests {
             matches!(&err, AgentError::Refused { answer, .. } if answer.starts_with("ERR dataset:")),
             "{err}"
         );
-        assert_eq!(agent.kernel_errors(), vec!["[ 3.0] WARNING: at mm/x.c"]);
+        assert_eq!(
+            agent.kernel_errors(),
+            vec!["[ 3.0] WARNING: CPU: 0 PID: 1 at mm/x.c:1"]
+        );
         let transcript = agent.transcript();
-        assert_eq!(transcript[0], "[    0.5] virtio_balloon: loading", "CR stripped");
+        assert_eq!(
+            transcript[0], "[    0.5] virtio_balloon: loading",
+            "CR stripped"
+        );
         assert!(transcript.contains(&"HB 1".to_string()));
     }
 

@@ -25,7 +25,9 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
     let started = Instant::now();
     let mut guest = Guest::spawn(&QemuMicrovm::default(), &config)?;
     let agent = guest.agent();
-    agent.wait_ready(BOOT_TIMEOUT).context("waiting for the agent")?;
+    agent
+        .wait_ready(BOOT_TIMEOUT)
+        .context("waiting for the agent")?;
     eprintln!(
         "timing: qemu-microvm start to agent ready {:.1}s",
         started.elapsed().as_secs_f64()
@@ -34,13 +36,19 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
     let features = agent.command("features", COMMAND_TIMEOUT)?;
     let names: Vec<&str> = features.split_whitespace().skip(2).collect();
     for wanted in ["FREE_PAGE_HINT", "PAGE_REPORTING", "VERSION_1"] {
-        ensure!(names.contains(&wanted), "{wanted} not negotiated: {features}");
+        ensure!(
+            names.contains(&wanted),
+            "{wanted} not negotiated: {features}"
+        );
     }
 
     let pages = DATASET_MIB * 256;
     let t = Instant::now();
     let dataset = agent.command(&format!("dataset {DATASET_MIB}"), COMMAND_TIMEOUT)?;
-    ensure!(dataset == format!("dataset pages={pages} generation=0"), "{dataset}");
+    ensure!(
+        dataset == format!("dataset pages={pages} generation=0"),
+        "{dataset}"
+    );
     let verify = agent.command("verify", COMMAND_TIMEOUT)?;
     ensure!(verify == format!("verify pages={pages}"), "{verify}");
     let bump = agent.command("bump", COMMAND_TIMEOUT)?;
@@ -60,7 +68,11 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
     agent.command("shutdown", COMMAND_TIMEOUT)?;
     let errors = guest.agent().kernel_errors();
     let status = guest.wait_exit(COMMAND_TIMEOUT)?;
-    ensure!(status.success(), "qemu exited with {status}:\n{}", guest.vmm_log());
+    ensure!(
+        status.success(),
+        "qemu exited with {status}:\n{}",
+        guest.vmm_log()
+    );
     ensure!(
         errors.is_empty(),
         "the guest kernel reported errors:\n{}",
