@@ -306,3 +306,117 @@ impl Balloon {
         Ok(dev)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mmio::MmioDevice;
+    use vm_memory::GuestAddress;
+
+    struct NoIrq;
+    impl IrqTrigger for NoIrq {
+        fn trigger(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// A device negotiated with every feature, rings at `0x1000 * (q + 1)`.
+    fn live() -> Balloon {
+        let mut d = Balloon::new(BalloonConfig::default(), mem(), Arc::new(NoIrq));
+        let mut w = |off: u64, v: u32| d.mmio_write(off, &v.to_le_bytes());
+        w(0x70, 3);
+        w(0x20, 0x3e);
+        w(0x24, 1);
+        w(0x20, 1);
+        w(0x70, 11);
+        for q in 0..5u32 {
+            let base = 0x1000 * (q + 1);
+            w(0x30, q);
+            w(0x38, 16);
+            w(0x80, base);
+            w(0x90, base + 0x100);
+            w(0xa0, base + 0x200);
+            w(0x44, 1);
+        }
+        w(0x70, 15);
+        d
+    }
+
+    fn restore(s: &BalloonState) -> Result<Balloon, StateError> {
+        Balloon::restore(BalloonConfig::default(), mem(), Arc::new(NoIrq), s)
+    }
+
+    #[test]
+    fn a_saved_state_restores_to_the_same_state() {
+        let d = live();
+        let s = d.save();
+        assert_eq!(s.queues.len(), 5);
+        let back = restore(&s).unwrap();
+        assert!(back.is_paused());
+        assert_eq!(back.save(), s);
+        // A freshly reset device too.
+        let fresh = Balloon::new(BalloonConfig::default(), mem(), Arc::new(NoIrq));
+        assert_eq!(restore(&fresh.save()).unwrap().save(), fresh.save());
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused() {
+        let good = live().save();
+        type Mutation = Box<dyn Fn(&mut BalloonState)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("version", Box::new(|s| s.version = 99)),
+            ("offered", Box::new(|s| s.device_features |= 1)),
+            ("negotiated", Box::new(|s| s.driver_features |= 1)),
+            ("legacy", Box::new(|s| s.driver_features &= !F_VERSION_1)),
+            ("status bits", Box::new(|s| s.status |= 0x20)),
+            (
+                "status order",
+                Box::new(|s| s.status = VIRTIO_CONFIG_S_DRIVER_OK),
+            ),
+            ("interrupt", Box::new(|s| s.interrupt_status = 4)),
+            (
+                "queue count",
+                Box::new(|s| {
+                    s.queues.pop();
+                }),
+            ),
+            ("queue max", Box::new(|s| s.queues[0].max_size = 128)),
+            ("queue size", Box::new(|s| s.queues[1].size = 17)),
+            ("desc align", Box::new(|s| s.queues[2].desc_table += 1)),
+            (
+                "ring outside RAM",
+                Box::new(|s| s.queues[3].used_ring = 0x20_0000),
+            ),
+            (
+                "event idx",
+                Box::new(|s| s.queues[4].event_idx_enabled = true),
+            ),
+            ("stats head", Box::new(|s| s.stats_head = Some(16))),
+            ("cmd id", Box::new(|s| s.hint.cmd_id = 5)),
+        ];
+        for (what, mutate) in cases {
+            let mut s = good.clone();
+            mutate(&mut s);
+            assert!(restore(&s).is_err(), "{what} accepted");
+        }
+        // Without the stats queue, no held stats buffer is possible.
+        let mut s = good.clone();
+        s.driver_features &= !crate::features::F_STATS_VQ;
+        s.queues.truncate(4);
+        s.stats_head = Some(0);
+        assert!(matches!(restore(&s), Err(StateError::StatsHead(0))));
+        // A destination that offers fewer features refuses.
+        let less = BalloonConfig {
+            page_reporting: false,
+            ..BalloonConfig::default()
+        };
+        assert!(matches!(
+            Balloon::restore(less, mem(), Arc::new(NoIrq), &good),
+            Err(StateError::Features { .. })
+        ));
+    }
+}
