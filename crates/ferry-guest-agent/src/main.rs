@@ -85,8 +85,11 @@ impl Agent {
                 self.dataset = None;
                 match Dataset::new(mib) {
                     Ok(d) => {
-                        let answer =
-                            format!("OK dataset pages={} generation={}", d.pages(), d.generation());
+                        let answer = format!(
+                            "OK dataset pages={} generation={}",
+                            d.pages(),
+                            d.generation()
+                        );
                         self.dataset = Some(d);
                         answer
                     }
@@ -99,10 +102,9 @@ impl Agent {
                     let report = d.verify();
                     match report.first_mismatch {
                         None => format!("OK verify pages={}", report.pages),
-                        Some(first) => format!(
-                            "ERR verify mismatches={} first={first}",
-                            report.mismatches
-                        ),
+                        Some(first) => {
+                            format!("ERR verify mismatches={} first={first}", report.mismatches)
+                        }
                     }
                 }
             },
@@ -172,7 +174,11 @@ fn main() {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let read = match input.by_ref().take(LINE_BYTES_MAX).read_until(b'\n', &mut line) {
+        let read = match input
+            .by_ref()
+            .take(LINE_BYTES_MAX)
+            .read_until(b'\n', &mut line)
+        {
             Ok(n) => n,
             Err(e) => {
                 emit(format_args!("ERR input: {e}"));
@@ -185,7 +191,9 @@ fn main() {
         }
         if line.last() != Some(&b'\n') && read as u64 == LINE_BYTES_MAX {
             skip_rest_of_line(&mut input);
-            emit(format_args!("ERR input: line longer than {LINE_BYTES_MAX} bytes"));
+            emit(format_args!(
+                "ERR input: line longer than {LINE_BYTES_MAX} bytes"
+            ));
             continue;
         }
         let text = String::from_utf8_lossy(&line);
@@ -211,7 +219,11 @@ fn skip_rest_of_line(input: &mut impl BufRead) {
     let mut discard = Vec::new();
     loop {
         discard.clear();
-        match input.by_ref().take(LINE_BYTES_MAX).read_until(b'\n', &mut discard) {
+        match input
+            .by_ref()
+            .take(LINE_BYTES_MAX)
+            .read_until(b'\n', &mut discard)
+        {
             Ok(0) | Err(_) => return,
             Ok(_) if discard.last() == Some(&b'\n') => return,
             Ok(_) => {}

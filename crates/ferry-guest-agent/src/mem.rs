@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+use crate::sysinfo;
+
 /// Bytes in one MiB.
 pub const MIB: u64 = 1 << 20;
 
@@ -14,6 +16,8 @@ pub enum AllocError {
     TooLarge { mib: u64 },
     #[error("cannot allocate {mib} MiB: out of memory")]
     OutOfMemory { mib: u64 },
+    #[error("{mib} MiB asked but only {available_mib} MiB available")]
+    Unavailable { mib: u64, available_mib: u64 },
 }
 
 /// Number of `T`s that make up `mib` MiB.
@@ -25,9 +29,17 @@ pub fn elements_in<T>(mib: u64) -> Result<usize, AllocError> {
 }
 
 /// An empty vector with room for `mib` MiB of `T`s, or an error if the memory is not available.
-/// The memory is not touched yet.
+/// The memory is not touched yet. Sizes above the kernel's MemAvailable are refused: the kernel
+/// overcommits, so the allocation would succeed and the OOM killer would end the agent later.
 pub fn reserve<T>(mib: u64) -> Result<Vec<T>, AllocError> {
     let len = elements_in::<T>(mib)?;
+    // Without /proc/meminfo (not Linux) the allocation itself is the only check.
+    if let Ok(info) = sysinfo::meminfo() {
+        let available_mib = info.available_kib / 1024;
+        if mib > available_mib {
+            return Err(AllocError::Unavailable { mib, available_mib });
+        }
+    }
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|_| AllocError::OutOfMemory { mib })?;
@@ -51,6 +63,11 @@ mod tests {
         assert!(matches!(
             elements_in::<u8>(u64::MAX),
             Err(AllocError::TooLarge { .. })
+        ));
+        let available_mib = sysinfo::meminfo().unwrap().available_kib / 1024;
+        assert!(matches!(
+            reserve::<u8>(available_mib + 1),
+            Err(AllocError::Unavailable { .. })
         ));
         let v = filled(1, 0x5a).unwrap();
         assert_eq!(v.len(), MIB as usize);

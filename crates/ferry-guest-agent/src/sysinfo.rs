@@ -106,9 +106,9 @@ pub fn balloon_features() -> Result<Features, SysinfoError> {
 
 /// Memory counters from /proc/meminfo, displayed as `total_kib=N free_kib=N available_kib=N`.
 pub struct Meminfo {
-    total_kib: u64,
-    free_kib: u64,
-    available_kib: u64,
+    pub total_kib: u64,
+    pub free_kib: u64,
+    pub available_kib: u64,
 }
 
 impl Meminfo {

@@ -98,7 +98,10 @@ impl Workloads {
         };
         running.stop.store(true, Ordering::Relaxed);
         let kind = running.kind;
-        let outcome = running.handle.join().map_err(|_| WorkloadError::Died(kind))?;
+        let outcome = running
+            .handle
+            .join()
+            .map_err(|_| WorkloadError::Died(kind))?;
         outcome.map_err(|source| WorkloadError::Failed { kind, source })?;
         let unit = if kind == "dirty" { "pages" } else { "cycles" };
         Ok(format!(

@@ -6,8 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use ferry_lab::{hw_kvm_usable, Guest, GuestConfig, GuestImage, QemuMicrovm};
+use anyhow::{bail, ensure, Context, Result};
+use ferry_lab::{
+    hw_kvm_usable, AgentClient, AgentError, Guest, GuestConfig, GuestImage, QemuMicrovm,
+};
 
 /// Inside the lab, QEMU start to agent ready takes ~20 s; leave room for a loaded machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -60,10 +62,7 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    let meminfo = agent.command("meminfo", COMMAND_TIMEOUT)?;
-    ensure!(meminfo.starts_with("meminfo total_kib="), "{meminfo}");
-    let freed = agent.command("workload freed 32", COMMAND_TIMEOUT)?;
-    ensure!(freed == "workload freed mib=32", "{freed}");
+    exercise_workloads(agent)?;
 
     agent.command("shutdown", COMMAND_TIMEOUT)?;
     let errors = guest.agent().kernel_errors();
@@ -79,4 +78,37 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
         errors.join("\n")
     );
     Ok(())
+}
+
+/// The workloads the migration tests drive, the heartbeat, and refusal of a bad command.
+fn exercise_workloads(agent: &mut AgentClient) -> Result<()> {
+    let meminfo = agent.command("meminfo", COMMAND_TIMEOUT)?;
+    ensure!(meminfo.starts_with("meminfo total_kib="), "{meminfo}");
+    let freed = agent.command("workload freed 32", COMMAND_TIMEOUT)?;
+    ensure!(freed == "workload freed mib=32", "{freed}");
+
+    agent.command("heartbeat 100", COMMAND_TIMEOUT)?;
+    agent.wait_for("a heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
+    agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
+
+    agent.command("workload dirty 16 8", COMMAND_TIMEOUT)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let dirty = agent.command("workload stop", COMMAND_TIMEOUT)?;
+    let pages: u64 = dirty
+        .strip_prefix("workload stop kind=dirty pages=")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("unexpected answer {dirty:?}"))?;
+    ensure!(pages > 0, "the dirty workload wrote nothing");
+
+    agent.command("workload churn 8", COMMAND_TIMEOUT)?;
+    let churn = agent.command("workload stop", COMMAND_TIMEOUT)?;
+    ensure!(
+        churn.starts_with("workload stop kind=churn cycles="),
+        "{churn}"
+    );
+
+    match agent.command("dataset lots", COMMAND_TIMEOUT) {
+        Err(AgentError::Refused { answer, .. }) if answer.starts_with("ERR dataset: ") => Ok(()),
+        other => bail!("a bad command must be refused, got {other:?}"),
+    }
 }
