@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
 use virtio_queue::{Queue, QueueT};
 
 use crate::features::{queue_layout, BalloonConfig, QueueKind, QUEUES_MAX};
@@ -235,14 +235,19 @@ impl Balloon {
             return;
         }
         self.paused = false;
+        self.process_pending();
+        if std::mem::take(&mut self.pending_stats_request) {
+            self.return_stats_buffer();
+        }
+    }
+
+    /// Processes the queues notified while the device could not process them.
+    pub(crate) fn process_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending_notify);
         for index in 0..QUEUES_MAX as u16 {
             if pending & (1 << index) != 0 {
                 self.process_queue(index);
             }
-        }
-        if std::mem::take(&mut self.pending_stats_request) {
-            self.return_stats_buffer();
         }
     }
 
@@ -261,6 +266,14 @@ impl Balloon {
             return;
         }
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return;
+        }
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+            // §3.1.2: no buffer is consumed before DRIVER_OK. Linux kicks the stats queue
+            // during probe, before DRIVER_OK; that buffer is taken when DRIVER_OK is set.
+            if usize::from(index) < self.layout.len() {
+                self.pending_notify |= 1 << index;
+            }
             return;
         }
         let Some(&kind) = self.layout.get(usize::from(index)) else {

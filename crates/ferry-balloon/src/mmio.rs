@@ -274,6 +274,9 @@ impl Balloon {
             }
         }
         self.status = new | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+        if new & added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.process_pending();
+        }
     }
 
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {

@@ -420,3 +420,24 @@ fn a_second_stats_buffer_returns_the_first() {
     assert!(d.dev.request_stats());
     assert_eq!(d.used(q).len(), 1);
 }
+
+#[test]
+fn no_buffer_is_consumed_before_driver_ok() {
+    let mut d = Driver::new(BalloonConfig::default());
+    d.write(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    d.write(REG_DRIVER_FEATURES_SEL, 1);
+    d.write(REG_DRIVER_FEATURES, 1);
+    d.write(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    d.features = F_VERSION_1;
+    d.setup_queue(0, 256);
+    d.setup_queue(1, 256);
+    d.send_pfns(0, &[5]);
+    assert_eq!(d.used_idx(0), 0, "not before DRIVER_OK");
+    assert_eq!(d.dev.counters().inflated_pages, 0);
+    d.write(
+        REG_STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
+    assert_eq!(d.used(0).len(), 1, "taken once the driver is ready");
+    assert_eq!(d.dev.counters().inflated_pages, 1);
+}

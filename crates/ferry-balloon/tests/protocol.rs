@@ -438,3 +438,13 @@ fn device_state_round_trips_and_the_driver_carries_on() {
     assert_eq!(d2.used(0), vec![(head, 0)]);
     assert!(d2.dev.request_stats(), "the held stats buffer came along");
 }
+
+#[test]
+fn the_device_and_its_sources_can_move_between_threads() {
+    fn send<T: Send>() {}
+    fn shared<T: Send + Sync>() {}
+    send::<ferry_balloon::Balloon>();
+    send::<ferry_balloon::BalloonHintSource>();
+    send::<ferry_balloon::ReportedRangesSource>();
+    shared::<ferry_balloon::BalloonState>();
+}

@@ -209,6 +209,12 @@ impl Driver {
         for i in 0..queues {
             self.setup_queue(i, 256);
         }
+        // init_vqs: the stats queue gets its first (initialised) buffer and a kick, before
+        // DRIVER_OK.
+        if features & F_STATS_VQ != 0 {
+            let q = self.queue_index(F_STATS_VQ);
+            self.send_stats(q, &[(4, 123 << 20), (5, 512 << 20)]);
+        }
         if let Some(p) = poison_val.filter(|_| features & F_PAGE_POISON != 0) {
             self.write(REG_CONFIG + 12, p);
         }
@@ -216,11 +222,6 @@ impl Driver {
             REG_STATUS,
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
         );
-        // virtballoon_probe: the stats queue gets its first (initialised) buffer.
-        if features & F_STATS_VQ != 0 {
-            let q = self.queue_index(F_STATS_VQ);
-            self.send_stats(q, &[(4, 123 << 20), (5, 512 << 20)]);
-        }
         features
     }
 
