@@ -12,8 +12,6 @@ use crate::layout::{self, E820Entry};
 
 /// The boot protocol's "undefined boot loader" id.
 const TYPE_OF_LOADER_UNDEFINED: u8 = 0xff;
-/// loadflags bit: the loader set heap_end_ptr (ignored) / we keep CAN_USE_HEAP clear.
-const KEEP_SEGMENTS: u8 = 1 << 6;
 /// The 64-bit entry is this far past the load address.
 pub const ENTRY_64_OFFSET: u64 = 0x200;
 /// Magic in `boot_flag`.
@@ -189,11 +187,12 @@ pub struct ZeroPage<'a> {
 impl ZeroPage<'_> {
     /// Builds `boot_params` from the kernel's own setup header, as the boot protocol asks.
     pub fn build(&self) -> boot_params {
-        let mut p = boot_params::default();
-        p.hdr = self.header;
+        let mut p = boot_params {
+            hdr: self.header,
+            ..Default::default()
+        };
         p.hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED;
         p.hdr.boot_flag = BOOT_FLAG_MAGIC;
-        p.hdr.loadflags |= KEEP_SEGMENTS;
         p.hdr.cmd_line_ptr = self.cmdline_addr as u32;
         p.ext_cmd_line_ptr = (self.cmdline_addr >> 32) as u32;
         p.hdr.cmdline_size = self.cmdline_len;

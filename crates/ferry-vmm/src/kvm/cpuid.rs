@@ -58,7 +58,7 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, opts: CpuO
     for e in entries.iter_mut() {
         match e.function {
             0x1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count.max(1).min(255) << 16);
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count.clamp(1, 255) << 16);
                 e.ecx |= LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
                 if !opts.xsave {
                     e.ecx &= !LEAF1_ECX_XSAVE_FAMILY;

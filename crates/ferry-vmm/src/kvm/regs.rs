@@ -253,7 +253,7 @@ mod tests {
         let pde: u64 = mem
             .read_obj(GuestAddress(layout::PD_START + 0x3000 + 511 * 8))
             .unwrap();
-        assert_eq!(pde, (4u64 << 30) - (2 << 20) | 0x83);
+        assert_eq!(pde, ((4u64 << 30) - (2 << 20)) | 0x83);
         let gdt1: u64 = mem.read_obj(GuestAddress(layout::GDT_START + 8)).unwrap();
         assert_eq!(gdt1, GDT[1]);
     }

@@ -301,6 +301,9 @@ fn park(id: u8, fd: &VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool 
     }
     c.parked += 1;
     control.changed.notify_all();
+    // Tell the guest's kvmclock it is being stopped, so its soft-lockup watchdog does not
+    // fire after a long pause. Fails harmlessly before the guest enabled kvmclock.
+    let _ = fd.kvmclock_ctrl();
     while c.state == RunState::Paused {
         drop(c);
         while let Ok(req) = rx.try_recv() {
