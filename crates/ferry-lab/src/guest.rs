@@ -98,13 +98,13 @@ impl Guest {
         let log = File::create(&log_path).map_err(|e| prepare(&log_path, e))?;
         let log_err = log.try_clone().map_err(|e| prepare(&log_path, e))?;
 
-        let child = vmm
+        let spawned = vmm
             .command(config, &socket)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .spawn();
-        let child = match child {
+        let mut child = match spawned {
             Ok(child) => child,
             Err(source) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -114,42 +114,22 @@ impl Guest {
                 });
             }
         };
-        // From here on, dropping `guest` cleans up.
-        let mut guest = Self {
-            vmm: vmm.name().to_string(),
-            child,
-            dir,
-            agent: AgentClient::new(io::empty(), io::sink()),
-        };
-        let stream = guest.connect(&socket)?;
-        let reader = stream.try_clone().map_err(|e| prepare(&socket, e))?;
-        guest.agent = AgentClient::new(reader, stream);
-        Ok(guest)
-    }
-
-    fn connect(&mut self, socket: &Path) -> Result<UnixStream, GuestError> {
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().map_err(|source| GuestError::Wait {
-                vmm: self.vmm.clone(),
-                source,
-            })? {
-                return Err(GuestError::EarlyExit {
-                    vmm: self.vmm.clone(),
-                    status,
-                    log: self.vmm_log(),
-                });
-            }
-            match UnixStream::connect(socket) {
-                Ok(stream) => return Ok(stream),
-                Err(source) if Instant::now() >= deadline => {
-                    return Err(GuestError::Connect {
-                        vmm: self.vmm.clone(),
-                        path: socket.to_path_buf(),
-                        source,
-                    })
-                }
-                Err(_) => thread::sleep(POLL),
+        let connected = connect(vmm.name(), &mut child, &socket, &log_path).and_then(|stream| {
+            let reader = stream.try_clone().map_err(|e| prepare(&socket, e))?;
+            Ok(AgentClient::new(reader, stream))
+        });
+        match connected {
+            Ok(agent) => Ok(Self {
+                vmm: vmm.name().to_string(),
+                child,
+                dir,
+                agent,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
             }
         }
     }
@@ -196,6 +176,40 @@ impl Drop for Guest {
     }
 }
 
+/// Connects to the VMM's serial socket once it exists, failing early if the VMM exits.
+fn connect(
+    vmm: &str,
+    child: &mut Child,
+    socket: &Path,
+    log_path: &Path,
+) -> Result<UnixStream, GuestError> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    loop {
+        let exited = child.try_wait().map_err(|source| GuestError::Wait {
+            vmm: vmm.to_string(),
+            source,
+        })?;
+        if let Some(status) = exited {
+            return Err(GuestError::EarlyExit {
+                vmm: vmm.to_string(),
+                status,
+                log: fs::read_to_string(log_path).unwrap_or_default(),
+            });
+        }
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(stream),
+            Err(source) if Instant::now() >= deadline => {
+                return Err(GuestError::Connect {
+                    vmm: vmm.to_string(),
+                    path: socket.to_path_buf(),
+                    source,
+                })
+            }
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
 /// A fresh directory for one guest's socket and log.
 fn run_dir() -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -204,4 +218,57 @@ fn run_dir() -> PathBuf {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::GuestImage;
+    use std::process::Command;
+
+    /// A "VMM" that is any shell command.
+    struct Shell(&'static str);
+
+    impl Vmm for Shell {
+        fn name(&self) -> &str {
+            "shell"
+        }
+        fn command(&self, _: &GuestConfig, _: &Path) -> Command {
+            let mut command = Command::new("sh");
+            command.args(["-c", self.0]);
+            command
+        }
+    }
+
+    fn config() -> GuestConfig {
+        GuestConfig::new(GuestImage {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initrd: "/nonexistent/initrd".into(),
+        })
+    }
+
+    #[test]
+    fn a_vmm_that_exits_early_is_reported_with_its_output() {
+        let err = Guest::spawn(&Shell("echo cannot open /dev/kvm >&2; exit 3"), &config())
+            .err()
+            .expect("the VMM exited");
+        match err {
+            GuestError::EarlyExit { status, log, .. } => {
+                assert_eq!(status.code(), Some(3));
+                assert_eq!(log, "cannot open /dev/kvm\n");
+            }
+            other => panic!("expected EarlyExit, got {other}"),
+        }
+    }
+
+    #[test]
+    fn a_missing_vmm_binary_is_a_spawn_error() {
+        let vmm = crate::QemuMicrovm {
+            binary: "/nonexistent/qemu".into(),
+        };
+        assert!(matches!(
+            Guest::spawn(&vmm, &config()),
+            Err(GuestError::Spawn { .. })
+        ));
+    }
 }
