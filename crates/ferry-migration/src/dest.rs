@@ -200,6 +200,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             Record::Hello(h) => h,
             r => return Err(protocol(i, format!("expected hello, got {r:?}"))),
         };
+        // Our preamble only says who we are: acceptance (HelloReply) or refusal (Error)
+        // follows once every connection has arrived.
+        wire::write_preamble(&mut conn.writer, MAGIC_DEST).map_err(|e| wire_err(e.into()))?;
         Ok(Greeted { conn, hello })
     }
 
@@ -215,8 +218,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     zeroed: self.config.zeroed,
                 });
                 let i = usize::from(g.hello.connection);
-                wire::write_preamble(&mut g.conn.writer, MAGIC_DEST)
-                    .and_then(|()| g.conn.writer.write_all(enc.bytes()))
+                g.conn
+                    .writer
+                    .write_all(enc.bytes())
                     .map_err(|e| ReceiveError::Wire {
                         connection: i,
                         source: e.into(),
@@ -311,7 +315,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     s.spawn(move || {
                         let r = self.apply(i, n, &mut g.conn, device_state);
                         if r.is_err() {
-                            closers.iter().for_each(Closer::shutdown);
+                            closers.iter().for_each(Closer::shutdown_read);
                         }
                         r
                     })

@@ -224,13 +224,23 @@ impl Lane {
         }
     }
 
-    /// Queues an `Error` record without blocking (failure path; best effort).
-    pub fn send_error(&mut self, msg: &str) {
+    /// Failure path, best effort: queues an `Error` record without blocking, lets the writer
+    /// drain for at most `wait`, and reports whether it finished (otherwise the caller must
+    /// shut the connection down to unblock it).
+    pub fn send_error(&mut self, msg: &str, wait: std::time::Duration) -> bool {
         let mut enc = Encoder::new();
         enc.error(msg);
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = self.tx.take() {
             let _ = tx.try_send(enc.take());
         }
+        let deadline = std::time::Instant::now() + wait;
+        while self.writer.as_ref().is_some_and(|w| !w.is_finished()) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
     }
 
     /// Stops the writer without sending anything more (failure path).

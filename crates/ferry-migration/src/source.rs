@@ -38,6 +38,8 @@ use crate::zero::is_zero;
 const CHECKPOINT_PAGES: u64 = 256;
 /// Hint messages applied per checkpoint at most.
 const DRAIN_BUDGET: usize = 1024;
+/// How long a failing source lets connection 0 drain so its error record reaches the peer.
+const ERROR_DRAIN: Duration = Duration::from_secs(1);
 /// How long to wait for the destination's acknowledgement after the last byte.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -576,7 +578,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         // Tell the destination why, best effort, then cut the connections so that no
         // writer stays blocked on a peer that stopped reading.
         if let Some(lane) = run.lanes.first_mut() {
-            lane.send_error(&e.to_string());
+            lane.send_error(&e.to_string(), ERROR_DRAIN);
         }
         run.closers.iter().for_each(Closer::shutdown);
         run.lanes.iter_mut().for_each(Lane::abort);

@@ -65,12 +65,18 @@ pub struct Connection {
 
 /// Shuts a connection down from any thread, unblocking its reader and writer.
 #[derive(Clone)]
-pub struct Closer(std::sync::Arc<dyn Fn() + Send + Sync>);
+pub struct Closer(std::sync::Arc<dyn Fn(Shutdown) + Send + Sync>);
 
 impl Closer {
     /// Shuts the connection down in both directions.
     pub fn shutdown(&self) {
-        (self.0)()
+        (self.0)(Shutdown::Both)
+    }
+
+    /// Shuts down the receiving direction only: a blocked reader returns, and the
+    /// connection can still carry a final error record to the peer.
+    pub fn shutdown_read(&self) {
+        (self.0)(Shutdown::Read)
     }
 }
 
@@ -95,8 +101,8 @@ impl Connection {
             read_timeout: Box::new(move |d| t.set_read_timeout(d)),
             reader: Box::new(r),
             writer: Box::new(s),
-            closer: Closer(std::sync::Arc::new(move || {
-                let _ = c.shutdown(Shutdown::Both);
+            closer: Closer(std::sync::Arc::new(move |how| {
+                let _ = c.shutdown(how);
             })),
         })
     }
@@ -108,8 +114,8 @@ impl Connection {
             read_timeout: Box::new(move |d| t.set_read_timeout(d)),
             reader: Box::new(r),
             writer: Box::new(s),
-            closer: Closer(std::sync::Arc::new(move || {
-                let _ = c.shutdown(Shutdown::Both);
+            closer: Closer(std::sync::Arc::new(move |how| {
+                let _ = c.shutdown(how);
             })),
         })
     }

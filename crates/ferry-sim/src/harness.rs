@@ -1,5 +1,8 @@
 //! Runs one simulated migration end to end, in process, and checks the result.
 
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::thread;
 
 use ferry_migration::{
@@ -40,13 +43,97 @@ pub struct Outcome {
     pub vm: SimVm,
 }
 
+/// Something that goes wrong on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing.
+    None,
+    /// Connection 0 is cut after this many bytes from the source.
+    CutAfter(u64),
+    /// One byte of connection 0 is flipped at this offset of the source's stream.
+    FlipAt(u64),
+    /// The destination drops the received VM instead of acknowledging it.
+    NoAck,
+    /// The destination has a different memory size.
+    OtherLayout,
+}
+
+/// Copies `from` to `to`, applying `fault` to the bytes, until either side closes.
+fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut offset = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        match fault {
+            Fault::CutAfter(at) if offset + n as u64 > at => {
+                let keep = (at - offset.min(at)) as usize;
+                let _ = to.write_all(&chunk[..keep]);
+                break;
+            }
+            Fault::FlipAt(at) if (offset..offset + n as u64).contains(&at) => {
+                chunk[(at - offset) as usize] ^= 0x40;
+            }
+            _ => {}
+        }
+        offset += n as u64;
+        if to.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// A connection pair with a tampering proxy in the source-to-destination direction.
+fn proxied_pair(fault: Fault) -> (Connection, Connection) {
+    let (src, src_proxy) = UnixStream::pair().expect("socket pair");
+    let (dst_proxy, dst) = UnixStream::pair().expect("socket pair");
+    let (a, b) = (
+        src_proxy.try_clone().expect("clone"),
+        dst_proxy.try_clone().expect("clone"),
+    );
+    thread::spawn(move || pump(src_proxy, dst_proxy, fault));
+    thread::spawn(move || pump(b, a, Fault::None));
+    (
+        Connection::from_unix(src).expect("connection"),
+        Connection::from_unix(dst).expect("connection"),
+    )
+}
+
 /// Runs `s` and returns the result, or the source's and destination's errors.
 pub fn run(s: &Scenario) -> Result<Outcome, (MigrationError, Option<ReceiveError>)> {
     let src_mem = create_memory(s.memory).expect("source memory");
-    let dst_mem = create_memory(s.memory).expect("destination memory");
     let vm = SimVm::new(Guest::new(src_mem.clone(), s.seed), s.sim);
+    run_faulty(s, &vm, &src_mem, Fault::None)
+}
+
+/// Migrates `vm` (whose memory is `src_mem`) as `s` describes, with `fault` injected.
+pub fn run_faulty(
+    s: &Scenario,
+    vm: &SimVm,
+    src_mem: &crate::SimMemory,
+    fault: Fault,
+) -> Result<Outcome, (MigrationError, Option<ReceiveError>)> {
+    let vm = vm.clone();
+    let src_mem = src_mem.clone();
+    let dst_size = if fault == Fault::OtherLayout {
+        s.memory * 2
+    } else {
+        s.memory
+    };
+    let dst_mem = create_memory(dst_size).expect("destination memory");
     let (src_conns, dst_conns): (Vec<_>, Vec<_>) = (0..s.connections)
-        .map(|_| Connection::pair().expect("socket pair"))
+        .map(|i| {
+            if i == 0 {
+                proxied_pair(fault)
+            } else {
+                Connection::pair().expect("pair")
+            }
+        })
         .unzip();
 
     let dst = dst_mem.clone();
@@ -57,6 +144,12 @@ pub fn run(s: &Scenario) -> Result<Outcome, (MigrationError, Option<ReceiveError
         let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).expect("layout");
         let mismatches = states.map(|st| verify(&st, &dst, &layout));
         match mismatches {
+            Some(_) if fault == Fault::NoAck => {
+                drop(received);
+                Err(ReceiveError::Source(
+                    "dropped without acknowledging, on purpose".into(),
+                ))
+            }
             Some(m) => {
                 received
                     .acknowledge()
