@@ -25,7 +25,7 @@ pub struct BalloonCounters {
     pub inflated_pages: u64,
     /// 4 KiB pages received on the deflate queue.
     pub deflated_pages: u64,
-    /// Hinted ranges delivered to the engine.
+    /// Hinted ranges handed to the engine's sink (which may still drop late ones).
     pub hinted_ranges: u64,
     /// Hinted ranges ignored (stale or no current command id).
     pub hints_ignored: u64,

@@ -73,7 +73,7 @@ impl Default for HintRound {
     }
 }
 
-/// The serialisable part of [`HintRound`].
+/// The saved form of the hinting round (the epoch is per migration and not saved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HintRoundState {
     /// `free_page_hint_cmd_id` as the guest sees it.
