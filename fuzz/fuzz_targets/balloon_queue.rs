@@ -108,10 +108,17 @@ fuzz_target!(|data: &[u8]| {
         let arg = u16::from_le_bytes([op[2], op[3]]);
         match op[0] % 10 {
             0..=2 => dev.process_queue(u16::from(op[1] % 6)),
-            3 => write(&mut dev, u64::from(op[1]) * 4 % 0x120, u32::from(arg) << (op[1] & 16)),
+            3 => write(
+                &mut dev,
+                u64::from(op[1]) * 4 % 0x120,
+                u32::from(arg) << (op[1] & 16),
+            ),
             4 => {
                 let mut b = [0u8; 4];
-                dev.mmio_read(u64::from(op[1]) % 0x120, &mut b[..usize::from(op[2] % 4) + 1]);
+                dev.mmio_read(
+                    u64::from(op[1]) % 0x120,
+                    &mut b[..usize::from(op[2] % 4) + 1],
+                );
             }
             5 => match epoch.take() {
                 Some(e) => {
