@@ -14,6 +14,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod devices;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use api::{ApiClient, ApiError, Request};
+pub use builder::IncomingVm;
 pub use config::{BalloonConfig, ConfigError, RunArgs, SerialTarget, VmConfig};
 pub use vmm::{MachineState, Status, Vmm, VmmError as Error};
 

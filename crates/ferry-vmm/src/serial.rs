@@ -49,6 +49,9 @@ pub enum SerialError {
     /// The interrupt eventfd cannot be created.
     #[error("cannot create the serial interrupt eventfd: {0}")]
     EventFd(#[source] io::Error),
+    /// A saved UART state that cannot be restored.
+    #[error("cannot restore the serial port: {0}")]
+    State(String),
     /// The input thread cannot be started.
     #[error("cannot start the serial input thread: {0}")]
     Thread(#[source] io::Error),
@@ -146,6 +149,24 @@ impl From<&SerialState> for SerialSnapshot {
     }
 }
 
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        let r = s.registers;
+        Self {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// COM1 as a port I/O bus device.
 pub struct SerialConsole {
     uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
@@ -163,6 +184,17 @@ impl SerialConsole {
         Self {
             uart: Serial::new(EventFdTrigger(irq), out),
         }
+    }
+
+    /// A UART continuing from `snapshot` (re-raising its pending interrupt).
+    pub fn restore(
+        irq: EventFd,
+        out: SerialOut,
+        snapshot: &SerialSnapshot,
+    ) -> Result<Self, SerialError> {
+        let uart = Serial::from_state(&snapshot.into(), EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| SerialError::State(format!("{e:?}")))?;
+        Ok(Self { uart })
     }
 
     /// Queues input bytes for the guest; returns how many fit in the FIFO.
@@ -349,6 +381,16 @@ mod tests {
         c.write(1, &[0x02]);
         c.write(0, b"a");
         assert!(irq.read().unwrap() >= 1);
-        assert_eq!(c.snapshot().registers[2], 0x02);
+        let snap = c.snapshot();
+        assert_eq!(snap.registers[2], 0x02);
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let back = SerialConsole::restore(irq2, SerialOut::Sink, &snap).unwrap();
+        assert_eq!(back.snapshot(), snap);
+        let overfull = SerialSnapshot {
+            in_buffer: vec![0; 65],
+            ..snap
+        };
+        let irq3 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialConsole::restore(irq3, SerialOut::Sink, &overfull).is_err());
     }
 }

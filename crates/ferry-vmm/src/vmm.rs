@@ -9,16 +9,15 @@ use ferry_balloon::{Balloon, BalloonState, BalloonStats};
 use ferry_migration::RegionDesc;
 use serde::{Deserialize, Serialize};
 
-use crate::bus::{lock, Bus, BusError, SharedDevice};
-use crate::config::{check_kvm, ConfigError, VmConfig};
-use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
+use crate::bus::{lock, BusError};
+use crate::config::{ConfigError, VmConfig};
 use crate::gate::Gate;
-use crate::kvm::state::{saveable_msrs, StateError, VcpuState, VmState};
-use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, VcpuError, Vcpus};
-use crate::kvm::vm::{configure_boot, KvmVm, VmError};
-use crate::memory::{register_slots, GuestMemory, GuestRam, KvmDirtyLog, MemoryError};
-use crate::serial::{self, SerialConsole, SerialError, SerialSnapshot};
-use crate::{acpi, boot, layout, ExitReason};
+use crate::kvm::state::{StateError, VcpuState, VmState};
+use crate::kvm::vcpu::{VcpuControl, VcpuError, Vcpus};
+use crate::kvm::vm::{KvmVm, VmError};
+use crate::memory::{GuestMemory, GuestRam, KvmDirtyLog, MemoryError};
+use crate::serial::{SerialConsole, SerialError, SerialSnapshot};
+use crate::{acpi, boot, ExitReason};
 
 /// Version of [`MachineState`]'s layout.
 pub const MACHINE_STATE_VERSION: u32 = 1;
@@ -61,6 +60,12 @@ pub enum VmmError {
     /// The control API failed.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// A saved state that does not fit this VM.
+    #[error("the saved VM state does not fit this VM: {0}")]
+    Incompatible(String),
+    /// A device state that cannot be restored.
+    #[error("cannot restore the balloon: {0}")]
+    BalloonState(#[from] ferry_balloon::StateError),
     /// A balloon target larger than guest RAM.
     #[error("balloon target of {0} bytes exceeds guest RAM")]
     BalloonTarget(u64),
@@ -123,17 +128,17 @@ pub struct MachineState {
     pub balloon: Option<BalloonState>,
 }
 
-/// A booted VM.
+/// A running (or paused) VM. Built by [`Vmm::boot`] or [`crate::IncomingVm::restore`].
 pub struct Vmm {
-    config: VmConfig,
-    kvm: KvmVm,
-    ram: GuestRam,
-    control: Arc<VcpuControl>,
-    vcpus: Mutex<Vcpus>,
-    gate: Arc<Gate>,
-    serial: Arc<Mutex<SerialConsole>>,
-    balloon: Option<Arc<Mutex<Balloon>>>,
-    started: Instant,
+    pub(crate) config: VmConfig,
+    pub(crate) kvm: KvmVm,
+    pub(crate) ram: GuestRam,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) vcpus: Mutex<Vcpus>,
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    pub(crate) balloon: Option<Arc<Mutex<Balloon>>>,
+    pub(crate) started: Instant,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -142,139 +147,7 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
-fn balloon_config(c: &crate::config::BalloonConfig) -> ferry_balloon::BalloonConfig {
-    ferry_balloon::BalloonConfig {
-        stats_vq: c.stats,
-        deflate_on_oom: c.deflate_on_oom,
-        free_page_hint: c.free_page_hint,
-        page_reporting: c.page_reporting,
-        ..Default::default()
-    }
-}
-
 impl Vmm {
-    /// Validates `config`, builds the VM and starts its vCPUs.
-    pub fn boot(config: VmConfig) -> Result<Arc<Self>, VmmError> {
-        config.validate()?;
-        let allow_pvm = std::env::var_os("FERRY_ALLOW_PVM").is_some_and(|v| v == "1");
-        check_kvm(
-            &config.kvm_path,
-            std::path::Path::new("/sys/module"),
-            allow_pvm,
-        )?;
-        let kvm = KvmVm::new(&config.kvm_path)?;
-        let ram = GuestRam::new(&layout::ram_regions(config.memory_bytes))?;
-        register_slots(kvm.fd(), &ram.slots(), false)?;
-        let mem = ram.memory();
-
-        let kernel = boot::load_kernel(mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(p) => Some(boot::load_initrd(mem, p, config.memory_bytes, &kernel)?),
-            None => None,
-        };
-        let cmdline_len = boot::write_cmdline(mem, &config.cmdline, &kernel.header)?;
-        crate::kvm::regs::write_boot_tables(mem).map_err(VmError::GuestWrite)?;
-
-        let control = Arc::new(VcpuControl::default());
-        let gate = Arc::new(Gate::new());
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
-        let serial_irq = kvm.irqfd(layout::SERIAL_GSI)?;
-        let (serial_out, serial_in) = serial::open(&config.serial)?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, serial_out)));
-        pio.insert(
-            u64::from(layout::COM1_PORT),
-            8,
-            serial.clone() as SharedDevice,
-        )?;
-        pio.insert(
-            u64::from(I8042::BASE),
-            I8042::LEN,
-            Arc::new(Mutex::new(I8042::new(control.clone()))),
-        )?;
-        pio.insert(
-            u64::from(AcpiPm::BASE),
-            AcpiPm::LEN,
-            Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
-        )?;
-
-        let mut acpi_devices = Vec::new();
-        let balloon = if config.balloon.enabled {
-            let gsi = layout::VIRTIO_GSI_START;
-            let irq = Arc::new(IrqfdTrigger(kvm.irqfd(gsi)?));
-            let dev = Balloon::new(balloon_config(&config.balloon), mem.clone(), irq);
-            let dev = Arc::new(Mutex::new(dev));
-            let base = layout::VIRTIO_MMIO_START;
-            mmio.insert(
-                base,
-                ferry_balloon::MMIO_WINDOW_LEN,
-                dev.clone() as SharedDevice,
-            )?;
-            acpi_devices.push(acpi::MmioDeviceInfo {
-                base,
-                size: ferry_balloon::MMIO_WINDOW_LEN,
-                gsi,
-            });
-            Some(dev)
-        } else {
-            None
-        };
-
-        let tables = acpi::build(config.vcpus, &acpi_devices)?;
-        tables.write(mem)?;
-        let e820 = layout::e820_map(config.memory_bytes);
-        boot::ZeroPage {
-            header: kernel.header,
-            cmdline_addr: layout::CMDLINE_START,
-            cmdline_len,
-            initrd,
-            rsdp_addr: tables.rsdp_addr,
-            e820: &e820,
-        }
-        .write(mem)?;
-
-        vcpu::install_kick_handler()?;
-        let mut fds = Vec::with_capacity(usize::from(config.vcpus));
-        for id in 0..config.vcpus {
-            let opts = crate::kvm::cpuid::CpuOptions {
-                xsave: config.xsave,
-            };
-            let fd = kvm.create_vcpu(id, config.vcpus, opts)?;
-            configure_boot(&fd, (id == 0).then_some(kernel.entry))?;
-            fds.push(fd);
-        }
-        let msr_indices = Arc::new(saveable_msrs(kvm.kvm(), &fds[0])?);
-        let ctx = VcpuContext {
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            control: control.clone(),
-            msr_indices,
-        };
-        let handles = fds
-            .into_iter()
-            .enumerate()
-            .map(|(id, fd)| vcpu::spawn(id as u8, fd, ctx.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
-        serial_in.spawn_input(serial.clone(), gate.clone())?;
-        tracing::info!(
-            "booting {} with {} MiB and {} vCPUs",
-            config.kernel.display(),
-            config.memory_bytes >> 20,
-            config.vcpus
-        );
-        Ok(Arc::new(Self {
-            vcpus: Mutex::new(Vcpus::new(handles, control.clone())),
-            config,
-            kvm,
-            ram,
-            control,
-            gate,
-            serial,
-            balloon,
-            started: Instant::now(),
-        }))
-    }
-
     /// Stops the guest and every device thread; idempotent.
     pub fn pause(&self) -> Result<(), VmmError> {
         self.gate.close();

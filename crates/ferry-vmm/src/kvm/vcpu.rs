@@ -139,6 +139,14 @@ impl VcpuControl {
         }
     }
 
+    /// Marks the vCPUs paused before their threads start (a restored VM starts paused).
+    pub fn set_paused(&self) {
+        let mut c = lock(&self.ctl);
+        if c.state == RunState::Running {
+            c.state = RunState::Paused;
+        }
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         lock(&self.ctl).state == RunState::Paused

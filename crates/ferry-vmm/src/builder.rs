@@ -1,0 +1,320 @@
+//! Building a [`Vmm`]: a fresh boot from a kernel ([`Vmm::boot`]), or a VM continuing from a
+//! saved [`MachineState`] whose RAM arrived separately ([`IncomingVm`], the migration
+//! destination).
+//!
+//! Both paths create the KVM VM with its irqchip and PIT first, then RAM and its memory
+//! slots, then the devices (fresh, or from their saved state), then the vCPUs.
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_balloon::Balloon;
+use kvm_ioctls::VcpuFd;
+
+use crate::bus::{Bus, SharedDevice};
+use crate::config::{check_kvm, VmConfig};
+use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
+use crate::gate::Gate;
+use crate::kvm::cpuid::CpuOptions;
+use crate::kvm::state::saveable_msrs;
+use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, Vcpus};
+use crate::kvm::vm::{configure_boot, KvmVm, VmError};
+use crate::memory::{register_slots, GuestMemory, GuestRam};
+use crate::serial::{self, SerialConsole, SerialInput};
+use crate::vmm::{MachineState, Vmm, VmmError, MACHINE_STATE_VERSION};
+use crate::{acpi, boot, layout};
+
+/// The KVM VM and its RAM, before any device or vCPU.
+struct Base {
+    config: VmConfig,
+    kvm: KvmVm,
+    ram: GuestRam,
+}
+
+impl Base {
+    fn new(config: VmConfig) -> Result<Self, VmmError> {
+        let allow_pvm = std::env::var_os("FERRY_ALLOW_PVM").is_some_and(|v| v == "1");
+        check_kvm(
+            &config.kvm_path,
+            std::path::Path::new("/sys/module"),
+            allow_pvm,
+        )?;
+        let kvm = KvmVm::new(&config.kvm_path)?;
+        let ram = GuestRam::new(&layout::ram_regions(config.memory_bytes))?;
+        register_slots(kvm.fd(), &ram.slots(), false)?;
+        Ok(Self { config, kvm, ram })
+    }
+
+    fn cpu_options(&self) -> CpuOptions {
+        CpuOptions {
+            xsave: self.config.xsave,
+        }
+    }
+}
+
+/// Devices on their buses.
+struct Devices {
+    control: Arc<VcpuControl>,
+    gate: Arc<Gate>,
+    serial: Arc<Mutex<SerialConsole>>,
+    serial_in: SerialInput,
+    balloon: Option<Arc<Mutex<Balloon>>>,
+    pio: Bus,
+    mmio: Bus,
+    acpi: Vec<acpi::MmioDeviceInfo>,
+}
+
+fn balloon_config(c: &crate::config::BalloonConfig) -> ferry_balloon::BalloonConfig {
+    ferry_balloon::BalloonConfig {
+        stats_vq: c.stats,
+        deflate_on_oom: c.deflate_on_oom,
+        free_page_hint: c.free_page_hint,
+        page_reporting: c.page_reporting,
+        ..Default::default()
+    }
+}
+
+/// Creates the devices, fresh or (with `state`) continuing from their saved state.
+fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmError> {
+    let (config, kvm, mem) = (&base.config, &base.kvm, base.ram.memory());
+    let control = Arc::new(VcpuControl::default());
+    let gate = Arc::new(Gate::new());
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+
+    let serial_irq = kvm.irqfd(layout::SERIAL_GSI)?;
+    let (out, serial_in) = serial::open(&config.serial)?;
+    let console = match state {
+        Some(s) => SerialConsole::restore(serial_irq, out, &s.serial)?,
+        None => SerialConsole::new(serial_irq, out),
+    };
+    let serial = Arc::new(Mutex::new(console));
+    pio.insert(
+        u64::from(layout::COM1_PORT),
+        8,
+        serial.clone() as SharedDevice,
+    )?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(control.clone())));
+    pio.insert(u64::from(I8042::BASE), I8042::LEN, i8042)?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(control.clone())));
+    pio.insert(u64::from(AcpiPm::BASE), AcpiPm::LEN, pm)?;
+
+    let mut acpi = Vec::new();
+    let balloon = if config.balloon.enabled {
+        let gsi = layout::VIRTIO_GSI_START;
+        let irq = Arc::new(IrqfdTrigger(kvm.irqfd(gsi)?));
+        let cfg = balloon_config(&config.balloon);
+        let dev = match state.and_then(|s| s.balloon.as_ref()) {
+            Some(saved) => Balloon::restore(cfg, mem.clone(), irq, saved)?,
+            None => Balloon::new(cfg, mem.clone(), irq),
+        };
+        let dev = Arc::new(Mutex::new(dev));
+        let base = layout::VIRTIO_MMIO_START;
+        let len = ferry_balloon::MMIO_WINDOW_LEN;
+        mmio.insert(base, len, dev.clone() as SharedDevice)?;
+        acpi.push(acpi::MmioDeviceInfo {
+            base,
+            size: len,
+            gsi,
+        });
+        Some(dev)
+    } else {
+        None
+    };
+    Ok(Devices {
+        control,
+        gate,
+        serial,
+        serial_in,
+        balloon,
+        pio,
+        mmio,
+        acpi,
+    })
+}
+
+/// Starts the vCPU threads (paused if `paused`) and assembles the [`Vmm`].
+fn start(
+    base: Base,
+    devices: Devices,
+    fds: Vec<VcpuFd>,
+    paused: bool,
+) -> Result<Arc<Vmm>, VmmError> {
+    vcpu::install_kick_handler()?;
+    let first = fds
+        .first()
+        .ok_or(VmmError::Incompatible("no vCPU".into()))?;
+    let msr_indices = Arc::new(saveable_msrs(base.kvm.kvm(), first)?);
+    let ctx = VcpuContext {
+        pio: Arc::new(devices.pio),
+        mmio: Arc::new(devices.mmio),
+        control: devices.control.clone(),
+        msr_indices,
+    };
+    if paused {
+        devices.control.set_paused();
+        devices.gate.close();
+    }
+    let handles = fds
+        .into_iter()
+        .enumerate()
+        .map(|(id, fd)| vcpu::spawn(id as u8, fd, ctx.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    devices
+        .serial_in
+        .spawn_input(devices.serial.clone(), devices.gate.clone())?;
+    Ok(Arc::new(Vmm {
+        vcpus: Mutex::new(Vcpus::new(handles, devices.control.clone())),
+        config: base.config,
+        kvm: base.kvm,
+        ram: base.ram,
+        control: devices.control,
+        gate: devices.gate,
+        serial: devices.serial,
+        balloon: devices.balloon,
+        started: Instant::now(),
+    }))
+}
+
+impl Vmm {
+    /// Validates `config`, loads the kernel, builds the VM and starts its vCPUs.
+    pub fn boot(config: VmConfig) -> Result<Arc<Self>, VmmError> {
+        config.validate()?;
+        let base = Base::new(config)?;
+        let (config, mem) = (&base.config, base.ram.memory());
+        let kernel = boot::load_kernel(mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(mem, p, config.memory_bytes, &kernel)?),
+            None => None,
+        };
+        let cmdline_len = boot::write_cmdline(mem, &config.cmdline, &kernel.header)?;
+        crate::kvm::regs::write_boot_tables(mem).map_err(VmError::GuestWrite)?;
+
+        let devices = devices(&base, None)?;
+        let tables = acpi::build(config.vcpus, &devices.acpi)?;
+        tables.write(mem)?;
+        let e820 = layout::e820_map(config.memory_bytes);
+        boot::ZeroPage {
+            header: kernel.header,
+            cmdline_addr: layout::CMDLINE_START,
+            cmdline_len,
+            initrd,
+            rsdp_addr: tables.rsdp_addr,
+            e820: &e820,
+        }
+        .write(mem)?;
+
+        let mut fds = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            let fd = base.kvm.create_vcpu(id, config.vcpus, base.cpu_options())?;
+            configure_boot(&fd, (id == 0).then_some(kernel.entry))?;
+            fds.push(fd);
+        }
+        tracing::info!(
+            "booting {} with {} MiB and {} vCPUs",
+            config.kernel.display(),
+            config.memory_bytes >> 20,
+            config.vcpus
+        );
+        start(base, devices, fds, false)
+    }
+}
+
+/// A VM waiting for its RAM and then its state: the migration destination. Its RAM is the
+/// same size and layout as the source's (same `memory_bytes`); write it through
+/// [`IncomingVm::memory`], then call [`IncomingVm::restore`].
+pub struct IncomingVm {
+    base: Base,
+}
+
+impl std::fmt::Debug for IncomingVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncomingVm")
+            .field("config", &self.base.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IncomingVm {
+    /// Creates the KVM VM (irqchip, PIT) and zeroed RAM for `config`. The kernel and initrd
+    /// in `config` are not loaded (RAM comes from the source), so they need not exist.
+    pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        Ok(Self {
+            base: Base::new(config)?,
+        })
+    }
+
+    /// Guest RAM to receive into.
+    pub fn memory(&self) -> &GuestMemory {
+        self.base.ram.memory()
+    }
+
+    /// The engine's view of this RAM (must equal the source's).
+    pub fn layout(&self) -> ferry_migration::MemoryLayout {
+        self.base.ram.layout()
+    }
+
+    /// Restores devices, vCPUs and VM state from `state` (in KVM's required order) and
+    /// returns the VM paused; [`Vmm::resume`] lets it run.
+    pub fn restore(self, state: &MachineState) -> Result<Arc<Vmm>, VmmError> {
+        let base = self.base;
+        check_compatible(&base, state)?;
+        let devices = devices(&base, Some(state))?;
+        let mut fds = Vec::with_capacity(state.vcpus.len());
+        for (id, saved) in state.vcpus.iter().enumerate() {
+            let fd = base
+                .kvm
+                .create_vcpu(id as u8, base.config.vcpus, base.cpu_options())?;
+            saved
+                .restore(&fd)
+                .map_err(|source| crate::kvm::vcpu::VcpuError::State {
+                    id: id as u8,
+                    source,
+                })?;
+            fds.push(fd);
+        }
+        state.vm.restore(base.kvm.fd())?;
+        if let Some(b) = &devices.balloon {
+            // Restored devices come back paused; keep them so until the VM resumes.
+            crate::bus::lock(b).pause();
+        }
+        start(base, devices, fds, true)
+    }
+}
+
+fn check_compatible(base: &Base, state: &MachineState) -> Result<(), VmmError> {
+    let bad = |what: String| Err(VmmError::Incompatible(what));
+    if state.version != MACHINE_STATE_VERSION {
+        return bad(format!(
+            "state format version {} (this VMM reads {MACHINE_STATE_VERSION})",
+            state.version
+        ));
+    }
+    if state.memory != base.ram.layout().regions() {
+        return bad(format!(
+            "memory regions {:?} differ from this VM's {:?}",
+            state.memory,
+            base.ram.layout().regions()
+        ));
+    }
+    if state.vcpus.len() != usize::from(base.config.vcpus) {
+        return bad(format!(
+            "{} vCPUs saved, {} configured",
+            state.vcpus.len(),
+            base.config.vcpus
+        ));
+    }
+    if state
+        .vcpus
+        .iter()
+        .enumerate()
+        .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return bad("vCPU ids out of order".into());
+    }
+    if state.balloon.is_some() != base.config.balloon.enabled {
+        return bad("balloon present on one side only".into());
+    }
+    Ok(())
+}
