@@ -69,25 +69,22 @@ pub enum PageState {
 }
 
 /// Bytes of the self-describing header at the start of each used page.
-const HEADER: usize = 24;
-const MAGIC: u64 = 0x6665_7272_795f_7067; // "ferry_pg"
+const HEADER: usize = 16;
+const MAGIC: u32 = 0x6665_7272; // "ferr"
 
-/// The content a used page with `index` and `generation` holds.
+/// The content a used page with `index` and `generation` holds: a header naming the page,
+/// then a pseudo-random fill derived from both, so any stale or misplaced copy differs.
 pub fn page_content(index: u64, generation: u32, out: &mut [u8]) {
-    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(generation);
+    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(generation) | 1;
     for chunk in out[HEADER..].chunks_exact_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes());
     }
-    out[..8].copy_from_slice(&MAGIC.to_le_bytes());
+    out[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&generation.to_le_bytes());
     out[8..16].copy_from_slice(&index.to_le_bytes());
-    out[16..20].copy_from_slice(&generation.to_le_bytes());
-    let sum = out[HEADER..]
-        .iter()
-        .fold(0u32, |a, &b| a.rotate_left(5) ^ u32::from(b));
-    out[20..24].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// The guest: memory plus its own view of which pages are in use.

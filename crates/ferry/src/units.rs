@@ -3,10 +3,15 @@
 /// Parses `4G`, `512M`, `64K`, `4096` (bytes; binary multiples, optional `iB`/`B`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 512M or 4G"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 512M or 4G"))?;
     let shift = match unit.to_ascii_uppercase().as_str() {
         "" => 0,
         "K" => 10,
@@ -15,7 +20,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" => 40,
         _ => return Err(format!("`{s}`: unknown unit `{unit}` (use K, M, G or T)")),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// Formats bytes as MiB with one decimal.

@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn ferry(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).output().expect("run ferry");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("run ferry");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -13,12 +16,27 @@ fn ferry(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn sim_migrates_between_two_processes_and_the_destination_verifies() {
-    let (ok, out, err) = ferry(&["sim", "--memory", "64M", "--workload", "freed", "--hints", "both"]);
+    let (ok, out, err) = ferry(&[
+        "sim",
+        "--memory",
+        "64M",
+        "--workload",
+        "freed",
+        "--hints",
+        "both",
+    ]);
     assert!(ok, "ferry sim failed: {err}");
-    assert_eq!(out.matches("- PASS").count(), 2, "both runs verified: {out}");
+    assert_eq!(
+        out.matches("- PASS").count(),
+        2,
+        "both runs verified: {out}"
+    );
     assert!(out.contains("hints off vs on"), "{out}");
     // With 75% of RAM freed, hints must cut the bytes sent well below half.
-    let ratio_line = out.lines().find(|l| l.starts_with("| bytes sent")).expect("bytes row");
+    let ratio_line = out
+        .lines()
+        .find(|l| l.starts_with("| bytes sent"))
+        .expect("bytes row");
     let ratio: f64 = ratio_line
         .rsplit('|')
         .nth(1)
@@ -29,12 +47,22 @@ fn sim_migrates_between_two_processes_and_the_destination_verifies() {
 
 #[test]
 fn sim_json_output_is_machine_readable() {
-    let (ok, out, err) =
-        ferry(&["sim", "--memory", "32M", "--workload", "dirty", "--connections", "2", "--json"]);
+    let (ok, out, err) = ferry(&[
+        "sim",
+        "--memory",
+        "32M",
+        "--workload",
+        "dirty",
+        "--connections",
+        "2",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(v["verdict"]["mismatches"], 0);
-    assert!(v["stats"]["rounds"].as_array().is_some_and(|r| !r.is_empty()));
+    assert!(v["stats"]["rounds"]
+        .as_array()
+        .is_some_and(|r| !r.is_empty()));
     assert_eq!(v["stats"]["connections"], 2);
 }
 

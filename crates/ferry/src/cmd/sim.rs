@@ -254,14 +254,16 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
         received.reject("the simulated guest's state does not decode");
         bail!("the simulated guest's state does not decode");
     };
+    // Acknowledge first, as a VMM does once the state is restored, so the source's downtime
+    // does not include this check, which only a test needs.
+    let stats = received.stats.clone();
+    received.acknowledge()?;
     let layout = MemoryLayout::from_guest_memory(&mem)?;
     let pages_checked = states
         .iter()
         .filter(|s| matches!(s, ferry_sim::PageState::Used(_)))
         .count() as u64;
     let mismatches = verify(&states, &mem, &layout).len() as u64;
-    let stats = received.stats.clone();
-    received.acknowledge()?;
     println!(
         "{}",
         serde_json::to_string(&Verdict {
