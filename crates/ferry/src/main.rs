@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a Linux guest under KVM (ferry's VMM) and serve its control API.
+    Run(ferry_vmm::RunArgs),
     /// Migrate a simulated guest between two processes over loopback TCP.
     Sim(cmd::sim::SimArgs),
     /// The demo: a simulated guest with freed memory migrated with hints off, then on.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Run(a) => cmd::run::run(a.clone()),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Demo => {
             let args = cmd::sim::SimArgs::demo();
@@ -52,8 +55,23 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, leaving out a cause whose text its parent already includes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
 }

@@ -1,4 +1,5 @@
 //! The `ferry` subcommands.
 
 pub mod bench;
+pub mod run;
 pub mod sim;
