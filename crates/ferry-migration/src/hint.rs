@@ -95,8 +95,9 @@ pub trait HintSource: Send {
     fn kind(&self) -> HintKind;
     /// Called once before dirty logging starts, with the sink to deliver hints through.
     fn start(&mut self, sink: HintSink);
-    /// Epoch `epoch` has begun: the dirty log was just synced. Hints about the guest's state
-    /// from now on may be delivered tagged `epoch`.
+    /// Epoch `epoch` has begun: the dirty log was just synced and the epoch is already open,
+    /// so hints tagged `epoch` are accepted from this call on (even from within it, or from a
+    /// guest that answers at once).
     fn epoch_begin(&mut self, epoch: Epoch);
     /// Epoch `epoch` is ending: stop producing hints for it. The engine drops any hint tagged
     /// `epoch` that it has not applied yet, so this needs no synchronisation with the sink.
