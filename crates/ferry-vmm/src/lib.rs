@@ -22,7 +22,9 @@ pub mod gate;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod serial;
+pub mod state_format;
 pub mod vmm;
 
 use std::sync::Arc;
@@ -54,7 +56,10 @@ pub fn run(config: VmConfig) -> Result<ExitReason, Error> {
     let api_socket = config.api_socket.clone();
     let vmm = Vmm::boot(config)?;
     if let Some(path) = &api_socket {
-        if let Err(e) = api::serve(path, Arc::new(ApiVmm(vmm.clone()))) {
+        if let Err(e) = api::serve(
+            path,
+            Arc::new(ApiVmm(vmm.clone(), migration::Supervisor::default())),
+        ) {
             vmm.request_exit(ExitReason::Shutdown);
             vmm.stop();
             return Err(Error::Api(e));
@@ -69,8 +74,8 @@ pub fn run(config: VmConfig) -> Result<ExitReason, Error> {
     Ok(reason)
 }
 
-/// The VMM as the API sees it.
-struct ApiVmm(Arc<Vmm>);
+/// The VMM as the API sees it, with its migration (if any).
+struct ApiVmm(Arc<Vmm>, migration::Supervisor);
 
 fn json<T: Serialize>(v: T) -> Result<Value, String> {
     serde_json::to_value(v).map_err(|e| e.to_string())
@@ -81,7 +86,7 @@ impl api::ApiHandler for ApiVmm {
         let vmm = &self.0;
         let err = |e: Error| e.to_string();
         match request {
-            Request::Status => json(vmm.status()),
+            Request::Status => Ok(self.1.annotate(json(vmm.status())?)),
             Request::Pause => vmm.pause().map(|()| Value::Null).map_err(err),
             Request::Resume => {
                 vmm.resume();
@@ -97,7 +102,7 @@ impl api::ApiHandler for ApiVmm {
                 vmm.request_exit(ExitReason::Shutdown);
                 Ok(Value::Null)
             }
-            Request::Migrate { .. } => Err("migration is not implemented in this VMM yet".into()),
+            Request::Migrate { to, options } => self.1.handle(vmm, &to, options),
         }
     }
 }
