@@ -1,0 +1,513 @@
+//! End-to-end live migration between ferry VMM processes over loopback TCP, with the real
+//! guest (Debian's kernel, its virtio_balloon driver, ferry's guest agent).
+//!
+//! The source is the `ferry-vmm` binary, asked to migrate through its control API. Each
+//! destination is a separate process running `ferry_vmm::migration::receive` (this test
+//! binary, re-executed as `destination_process`). The guest hops from VMM to VMM: after every
+//! migration the agent's data set must verify on the destination, heartbeats must continue,
+//! the source process must exit, and no console may show a kernel error.
+//!
+//! Needs hardware KVM; on PVM machines run it in the lab:
+//! ```text
+//! lab/test -p ferry-vmm -- migrat
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use ferry_lab::{AgentClient, GuestConfig, GuestImage};
+use ferry_migration::{Endpoint, MigrationStats, ReceiveStats};
+use ferry_vmm::migration::{
+    query_progress, request_migration, MigrateOptions, MigrationPhase, ReceiveObserver,
+};
+use ferry_vmm::{ApiClient, SerialTarget, VmConfig};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+const MEMORY_MIB: u64 = 512;
+const DATASET_MIB: u64 = 32;
+/// Set in a destination process: the JSON of [`DestinationSpec`].
+const DEST_ENV: &str = "FERRY_TEST_MIGRATION_DESTINATION";
+
+fn image_config(dir: &Path, name: &str) -> Result<VmConfig> {
+    let image = GuestImage::locate().context("the guest image (run lab/build)")?;
+    let mut config = VmConfig::new(&image.kernel);
+    config.initrd = Some(image.initrd);
+    config.cmdline = GuestConfig::DEFAULT_CMDLINE.to_owned();
+    config.memory_bytes = MEMORY_MIB << 20;
+    config.vcpus = 2;
+    config.balloon = "hint,report,stats".parse()?;
+    config.serial = SerialTarget::Socket(dir.join(format!("{name}.serial")));
+    config.api_socket = Some(dir.join(format!("{name}.api")));
+    // The lab's nested CPUID has inconsistent XSAVE sizes.
+    config.xsave = false;
+    Ok(config)
+}
+
+/// One VMM process with the guest's console attached.
+struct Node {
+    name: String,
+    child: Child,
+    api: PathBuf,
+    agent: AgentClient,
+    log: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect_serial(path: &Path, child: &mut Child, log: &Path) -> Result<AgentClient> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(AgentClient::new(s.try_clone()?, s)),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => {}
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "VMM exited ({status}) before its console was up:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Node {
+    /// Boots the guest under the `ferry-vmm` binary.
+    fn boot(dir: &Path, name: &str) -> Result<Self> {
+        let c = image_config(dir, name)?;
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let (SerialTarget::Socket(serial), Some(api)) = (&c.serial, &c.api_socket) else {
+            unreachable!()
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-vmm"))
+            .arg("--kernel")
+            .arg(&c.kernel)
+            .arg("--initrd")
+            .arg(c.initrd.as_ref().unwrap())
+            .args([
+                "--cmdline",
+                &c.cmdline,
+                "--memory",
+                &format!("{MEMORY_MIB}M"),
+            ])
+            .args([
+                "--vcpus",
+                "2",
+                "--balloon",
+                "hint,report,stats",
+                "--no-xsave",
+            ])
+            .arg("--serial")
+            .arg(format!("socket:{}", serial.display()))
+            .arg("--api-socket")
+            .arg(api)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        let agent = connect_serial(serial, &mut child, &log)?;
+        Ok(Self {
+            name: name.into(),
+            child,
+            api: api.clone(),
+            agent,
+            log,
+        })
+    }
+
+    fn command(&mut self, command: &str) -> Result<String> {
+        self.agent
+            .command(command, COMMAND_TIMEOUT)
+            .with_context(|| format!("`{command}` on {}", self.name))
+    }
+
+    fn kernel_errors(&self) -> Vec<String> {
+        self.agent.kernel_errors()
+    }
+
+    fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still running {EXIT_TIMEOUT:?} after the migration",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// What a destination process is told.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DestinationSpec {
+    listen: String,
+    config: VmConfig,
+}
+
+/// A destination process, before the migration arrived.
+struct Pending {
+    node: Option<Node>,
+    endpoint: String,
+    lines: Receiver<String>,
+    serial: PathBuf,
+}
+
+fn spawn_destination(dir: &Path, name: &str) -> Result<Pending> {
+    let config = image_config(dir, name)?;
+    let serial = match &config.serial {
+        SerialTarget::Socket(p) => p.clone(),
+        _ => unreachable!(),
+    };
+    let api = config.api_socket.clone().unwrap();
+    let spec = serde_json::to_string(&DestinationSpec {
+        listen: "127.0.0.1:0".into(),
+        config,
+    })?;
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--exact", "destination_process", "--nocapture"])
+        .env(DEST_ENV, spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let endpoint = loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => {
+                if let Some(e) = l.strip_prefix("LISTENING ") {
+                    break e.to_owned();
+                }
+            }
+            Err(_) => bail!(
+                "destination {name} did not start listening:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    };
+    // The node exists from here on so that dropping it kills the process.
+    let node = Node {
+        name: name.into(),
+        child,
+        api,
+        // Replaced by the console once the guest runs there.
+        agent: AgentClient::new(std::io::empty(), std::io::sink()),
+        log,
+    };
+    Ok(Pending {
+        node: Some(node),
+        endpoint,
+        lines,
+        serial,
+    })
+}
+
+impl Pending {
+    /// Waits for the destination to report that the guest runs there, then attaches.
+    fn attach(mut self) -> Result<Node> {
+        let mut node = self.node.take().unwrap();
+        loop {
+            match self.lines.recv_timeout(COMMAND_TIMEOUT) {
+                Ok(l) if l.starts_with("RUNNING ") => break,
+                Ok(_) => {}
+                Err(_) => bail!("destination {} did not resume:\n{}", node.name, node.log()),
+            }
+        }
+        node.agent = connect_serial(&self.serial, &mut node.child, &node.log)?;
+        Ok(node)
+    }
+}
+
+/// The body of a destination process (runs only when spawned by this test).
+#[test]
+fn destination_process() -> Result<()> {
+    let Some(spec) = std::env::var_os(DEST_ENV) else {
+        return Ok(());
+    };
+    struct Print;
+    impl ReceiveObserver for Print {
+        fn listening(&mut self, endpoint: &Endpoint) {
+            let addr = endpoint.to_string();
+            println!("LISTENING {}", addr.strip_prefix("tcp:").unwrap_or(&addr));
+        }
+        fn running(&mut self, stats: &ReceiveStats, state_bytes: usize) {
+            println!(
+                "RUNNING {} state_bytes={state_bytes}",
+                serde_json::to_string(stats).unwrap_or_default()
+            );
+        }
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::stderr)
+        .try_init();
+    let spec: DestinationSpec = serde_json::from_str(spec.to_str().context("spec")?)?;
+    let listen: Endpoint = spec.listen.parse().map_err(anyhow::Error::msg)?;
+    let reason = ferry_vmm::migration::receive(spec.config, &listen, &mut Print)?;
+    eprintln!("destination: the VM stopped: {reason:?}");
+    Ok(())
+}
+
+fn is_heartbeat(line: &str) -> bool {
+    line.starts_with("HB ")
+}
+
+fn skipped(s: &MigrationStats, source: &str) -> u64 {
+    s.pages_skipped
+        .iter()
+        .filter(|(n, _)| n == source)
+        .map(|(_, p)| p)
+        .sum()
+}
+
+fn summary(label: &str, s: &MigrationStats) -> String {
+    format!(
+        "| {label} | {:.1} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} |",
+        s.bytes as f64 / (1 << 20) as f64,
+        s.total_ms,
+        s.downtime_ms,
+        s.pages_sent,
+        s.pages_zero,
+        skipped(s, "balloon-hint"),
+        skipped(s, "balloon-report"),
+        skipped(s, "unpopulated"),
+        s.rounds.len()
+    )
+}
+
+/// Migrates the guest from `source` to a new destination and checks it carries on there.
+fn hop(
+    dir: &Path,
+    source: &mut Node,
+    name: &str,
+    options: &MigrateOptions,
+) -> Result<(Node, MigrationStats)> {
+    let pending = spawn_destination(dir, name)?;
+    let stats = request_migration(&source.api, &pending.endpoint, options)
+        .with_context(|| format!("{} -> {name}", source.name))?;
+    let mut dest = pending.attach()?;
+    let status = source.wait_exit()?;
+    ensure!(
+        status.success(),
+        "{} exited with {status} after migrating:\n{}",
+        source.name,
+        source.log()
+    );
+    dest.agent
+        .wait_for(
+            "heartbeat on the destination",
+            COMMAND_TIMEOUT,
+            is_heartbeat,
+        )
+        .context("heartbeats after the migration")?;
+    let verify = dest.command("verify")?;
+    ensure!(
+        verify == format!("verify pages={}", DATASET_MIB * 256),
+        "{verify}"
+    );
+    // Real traffic: at least the data set went over, and the last round was the final one.
+    ensure!(stats.pages_sent >= DATASET_MIB * 256, "{stats:?}");
+    ensure!(stats.rounds.last().is_some_and(|r| r.is_final), "{stats:?}");
+    ensure!(stats.downtime_ms > 0.0 && stats.downtime_ms <= stats.total_ms);
+    if !options.hints {
+        ensure!(
+            stats.pages_skipped_total() == 0,
+            "hints off skipped pages: {stats:?}"
+        );
+    }
+    let errors = source.kernel_errors();
+    ensure!(
+        errors.is_empty(),
+        "kernel errors on {}: {errors:#?}",
+        source.name
+    );
+    Ok((dest, stats))
+}
+
+fn boot_source(dir: &Path) -> Result<Node> {
+    let mut node = Node::boot(dir, "vm0")?;
+    node.agent
+        .wait_ready(BOOT_TIMEOUT)
+        .with_context(|| format!("guest boot under ferry-vmm:\n{}", node.log()))?;
+    let features = node.command("features")?;
+    eprintln!("balloon features negotiated by Linux: {features}");
+    ensure!(features.contains("FREE_PAGE_HINT"), "{features}");
+    node.command(&format!("dataset {DATASET_MIB}"))?;
+    node.command("verify")?;
+    node.command("heartbeat 500")?;
+    node.agent
+        .wait_for("heartbeat", COMMAND_TIMEOUT, is_heartbeat)?;
+    Ok(node)
+}
+
+fn test_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("fm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[test]
+#[ignore = "needs hardware KVM: run through lab/run"]
+fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let dir = test_dir("matrix")?;
+    let mut node = boot_source(&dir)?;
+    let mut table = vec![
+        "| workload, hints | MiB sent | total ms | downtime ms | pages sent | zero | skipped hint | skipped report | skipped unpopulated | rounds |".to_owned(),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|".to_owned(),
+    ];
+    let mut freed = Vec::new();
+    let cases = [
+        ("idle", false),
+        ("idle", true),
+        ("freed", false),
+        ("freed", true),
+        ("dirty", false),
+        ("dirty", true),
+    ];
+    for (i, (workload, hints)) in cases.into_iter().enumerate() {
+        match workload {
+            "idle" => drop(node.command("workload idle")?),
+            "freed" => drop(node.command("workload freed 256")?),
+            _ => drop(node.command("workload dirty 64 16")?),
+        }
+        let options = MigrateOptions {
+            hints,
+            ..MigrateOptions::default()
+        };
+        let label = format!("{workload}, {}", if hints { "on" } else { "off" });
+        let (mut dest, stats) =
+            hop(&dir, &mut node, &format!("vm{}", i + 1), &options).context(label.clone())?;
+        eprintln!("{label}: {}", serde_json::to_string(&stats)?);
+        table.push(summary(&label, &stats));
+        if workload == "dirty" {
+            let stop = dest.command("workload stop")?;
+            ensure!(
+                stop.contains("kind=dirty"),
+                "the dirty workload did not survive: {stop}"
+            );
+        }
+        if workload == "freed" {
+            freed.push(stats);
+        }
+        node = dest;
+    }
+    eprintln!("\n{}\n", table.join("\n"));
+    // The guest freed 256 MiB it had filled with data: with hints those pages are skipped.
+    let (off, on) = (&freed[0], &freed[1]);
+    ensure!(
+        skipped(on, "balloon-hint") + skipped(on, "balloon-report") > 0,
+        "no balloon hint was used for the freed workload: {on:?}"
+    );
+    ensure!(
+        on.bytes < off.bytes,
+        "hints on sent {} bytes, off {}",
+        on.bytes,
+        off.bytes
+    );
+    let mut api = ApiClient::connect(&node.api)?;
+    ensure!(api.balloon_get()?.free_page_hint);
+    node.command("shutdown")?;
+    ensure!(node.wait_exit()?.success(), "{}", node.log());
+    ensure!(
+        node.kernel_errors().is_empty(),
+        "{:#?}",
+        node.kernel_errors()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs hardware KVM: run through lab/run"]
+fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -> Result<()> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let dir = test_dir("cut")?;
+    let mut node = boot_source(&dir)?;
+    node.command("workload dirty 32 8")?;
+    // Slow enough that the bulk round is still running when the destination dies.
+    let slow = MigrateOptions {
+        hints: false,
+        bandwidth: Some(8 << 20),
+        ..MigrateOptions::default()
+    };
+    let mut pending = spawn_destination(&dir, "cut")?;
+    let (api, to) = (node.api.clone(), pending.endpoint.clone());
+    let migration = std::thread::spawn(move || request_migration(&api, &to, &slow));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        ensure!(Instant::now() < deadline, "the migration made no progress");
+        match query_progress(&node.api)? {
+            Some(p) if p.phase == MigrationPhase::Precopy && p.pages_done > p.pages_queued / 5 => {
+                eprintln!("cutting the connection at {p:?}");
+                break;
+            }
+            Some(p) => ensure!(p.phase != MigrationPhase::Failed, "{p:?}"),
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut dead = pending.node.take().unwrap();
+    dead.child.kill()?;
+    dead.child.wait()?;
+    let err = migration.join().unwrap().unwrap_err();
+    eprintln!("source after the cut: {err}");
+    ensure!(err.to_string().contains("VM keeps running"), "{err}");
+    let progress = query_progress(&node.api)?.context("no progress after the cut")?;
+    ensure!(progress.phase == MigrationPhase::Failed, "{progress:?}");
+    // The source guest carries on: running, heartbeats, data intact, workload alive.
+    let mut api = ApiClient::connect(&node.api)?;
+    ensure!(api.status()?.state == ferry_vmm::vmm::RunState::Running);
+    node.agent
+        .wait_for("heartbeat after the cut", COMMAND_TIMEOUT, is_heartbeat)?;
+    let verify = node.command("verify")?;
+    ensure!(
+        verify == format!("verify pages={}", DATASET_MIB * 256),
+        "{verify}"
+    );
+    ensure!(node.command("workload stop")?.contains("kind=dirty"));
+    ensure!(node.child.try_wait()?.is_none(), "the source exited");
+    // A retry, with hints, succeeds.
+    let (mut dest, stats) = hop(&dir, &mut node, "retry", &MigrateOptions::default())?;
+    eprintln!("retry: {}", summary("retry", &stats));
+    dest.command("shutdown")?;
+    ensure!(dest.wait_exit()?.success(), "{}", dest.log());
+    ensure!(
+        dest.kernel_errors().is_empty(),
+        "{:#?}",
+        dest.kernel_errors()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
