@@ -103,6 +103,18 @@ impl GuestRam {
         }
         let mem =
             GuestMemory::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        for region in mem.iter() {
+            advise_huge_pages(region.as_ptr(), region.len());
+        }
+        if let Ok(mode) = std::fs::read_to_string(SHMEM_THP_SYSFS) {
+            if !shmem_thp_usable(&mode) {
+                tracing::warn!(
+                    "{SHMEM_THP_SYSFS} is {:?}: guest RAM gets 4 KiB pages, which makes every \
+                     first touch of guest memory slow (write `advise` there to fix)",
+                    mode.trim()
+                );
+            }
+        }
         Ok(Self { mem, memfd })
     }
 
@@ -134,6 +146,33 @@ impl GuestRam {
     pub fn layout(&self) -> MemoryLayout {
         // Regions come from `ram_regions`, which are page aligned and sorted.
         MemoryLayout::from_guest_memory(&self.mem).expect("guest RAM regions form a valid layout")
+    }
+}
+
+/// Where Linux says whether shmem (and so memfd) mappings may use transparent huge pages.
+const SHMEM_THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// Whether the selected mode (in brackets) lets an MADV_HUGEPAGE memfd get huge pages.
+fn shmem_thp_usable(mode: &str) -> bool {
+    ["[always]", "[within_size]", "[advise]", "[force]"]
+        .iter()
+        .any(|m| mode.contains(m))
+}
+
+/// Asks for transparent huge pages on a RAM mapping. With 4 KiB pages every first touch of
+/// guest memory is a separate nested page fault, which dominates boot time under nested
+/// virtualization (measured in the lab: ~29,000 faults vs ~400 with huge pages). For a memfd
+/// this takes effect when `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise` (or
+/// `within_size`/`always`); the kernel then also aligns the mapping to 2 MiB. Best effort.
+fn advise_huge_pages(addr: *mut u8, len: u64) {
+    // SAFETY: `addr..addr + len` is a mapping owned by a live `MmapRegion`; MADV_HUGEPAGE only
+    // changes how the kernel backs it, never its contents or validity.
+    let ret = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_HUGEPAGE) };
+    if ret != 0 {
+        tracing::debug!(
+            "MADV_HUGEPAGE on guest RAM failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -265,5 +304,18 @@ mod tests {
         assert!(MmapRegion::bitmap(region).is_bit_set(2));
         let layout = ram.layout();
         assert_eq!(layout.pages(), 512);
+    }
+
+    #[test]
+    fn reads_the_shmem_thp_mode() {
+        assert!(shmem_thp_usable(
+            "always within_size [advise] never deny force\n"
+        ));
+        assert!(!shmem_thp_usable(
+            "always within_size advise [never] deny force\n"
+        ));
+        assert!(!shmem_thp_usable(
+            "always within_size advise never [deny] force"
+        ));
     }
 }
