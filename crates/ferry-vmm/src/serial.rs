@@ -22,6 +22,9 @@ use crate::gate::Gate;
 
 /// Console output kept while no socket client is connected; older bytes are dropped.
 pub const BACKLOG_BYTES_MAX: usize = 1 << 20;
+/// How long console output may wait for a socket client that does not read; after that the
+/// client is disconnected and output is kept in the backlog again.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the input thread waits for FIFO space before retrying.
 const FIFO_RETRY: Duration = Duration::from_millis(2);
 
@@ -101,7 +104,9 @@ impl Write for SerialOut {
                     None => false,
                 };
                 if !sent {
-                    s.client = None;
+                    if s.client.take().is_some() {
+                        tracing::warn!("serial socket client not reading: disconnected");
+                    }
                     s.backlog.extend(buf);
                     let excess = s.backlog.len().saturating_sub(BACKLOG_BYTES_MAX);
                     s.backlog.drain(..excess);
@@ -289,6 +294,8 @@ impl SerialInput {
                     {
                         let mut s = lock(&slot);
                         let mut stream = stream;
+                        // A client that stops reading must not stall the vCPU printing.
+                        let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
                         let backlog: Vec<u8> = s.backlog.drain(..).collect();
                         if stream.write_all(&backlog).is_ok() {
                             s.client = Some(stream);

@@ -197,10 +197,9 @@ fn spawn_destination(dir: &Path, name: &str) -> Result<Pending> {
     let (tx, lines) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
+        // Keep draining after nobody listens: the process must never see a broken pipe.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
+            let _ = tx.send(line);
         }
     });
     let endpoint = loop {
