@@ -30,6 +30,7 @@ use ferry_vmm::{ApiClient, SerialTarget, VmConfig};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 const MEMORY_MIB: u64 = 512;
 const DATASET_MIB: u64 = 32;
 /// Set in a destination process: the JSON of [`DestinationSpec`].
@@ -323,13 +324,16 @@ fn hop(
         source.name,
         source.log()
     );
-    dest.agent
-        .wait_for(
-            "heartbeat on the destination",
-            COMMAND_TIMEOUT,
-            is_heartbeat,
-        )
-        .context("heartbeats after the migration")?;
+    if let Err(e) = dest.agent.wait_for(
+        "heartbeat on the destination",
+        COMMAND_TIMEOUT,
+        is_heartbeat,
+    ) {
+        bail!(
+            "no heartbeat after the migration: {e}\n{}",
+            diagnose(&mut dest)
+        );
+    }
     let verify = dest.command("verify")?;
     ensure!(
         verify == format!("verify pages={}", DATASET_MIB * 256),
@@ -354,6 +358,22 @@ fn hop(
     Ok((dest, stats))
 }
 
+/// What a silent destination is doing: whether the guest kernel still answers the balloon's
+/// statistics requests, and whether console input (an interrupt) wakes its output up.
+fn diagnose(node: &mut Node) -> String {
+    let mut out = String::new();
+    if let Ok(mut api) = ApiClient::connect(&node.api) {
+        out += &format!("status: {:?}\n", api.status());
+        out += &format!("balloon stats: {:?}\n", api.balloon_stats());
+        std::thread::sleep(Duration::from_secs(3));
+        out += &format!("balloon stats 3 s later: {:?}\n", api.balloon_stats());
+    }
+    let woke = node.command("features");
+    out += &format!("after console input: {woke:?}\n");
+    out += &format!("VMM log:\n{}", node.log());
+    out
+}
+
 fn boot_source(dir: &Path) -> Result<Node> {
     let mut node = Node::boot(dir, "vm0")?;
     node.agent
@@ -371,7 +391,9 @@ fn boot_source(dir: &Path) -> Result<Node> {
 }
 
 fn test_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("fm-{name}-{}", std::process::id()));
+    // Under the work tree, so that the VMM logs outlive a lab run.
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../build/mig-test"))
+        .join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
