@@ -1,9 +1,11 @@
 //! Boot time of the guest image to the agent's ready line, ferry-vmm next to Debian's QEMU
-//! (`-M microvm,acpi=on`) on the same image and command line. A measurement, not an assertion:
-//! it prints a table. Run in the lab, preferably from a release build:
+//! (`-M microvm,acpi=on`) on the same image and command line, interleaved. A measurement that
+//! prints a markdown table. Needs hardware KVM; in the lab (where shmem THP must be enabled
+//! for ferry's memfd RAM to get huge pages, see docs/vmm.md):
 //! ```text
-//! cargo test --release -p ferry-vmm --test boot_time --no-run
-//! lab/run -- target/release/deps/boot_time-<hash> --ignored --nocapture
+//! cargo bench -p ferry-vmm --bench boot_time --no-run     # prints target/release/deps/boot_time-<hash>
+//! lab/run -- sh -c 'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled &&
+//!     target/release/deps/boot_time-<hash> [RUNS]'
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -14,8 +16,8 @@ use anyhow::{ensure, Context, Result};
 use ferry_lab::{Guest, GuestConfig, GuestImage, QemuMicrovm, Vmm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
-/// Boots per VMM.
-const RUNS: usize = 2;
+/// Boots per VMM unless given on the command line.
+const RUNS_DEFAULT: usize = 3;
 
 struct FerryVmm(PathBuf);
 
@@ -55,19 +57,25 @@ fn boot_once(vmm: &dyn Vmm, config: &GuestConfig) -> Result<Duration> {
     Ok(took)
 }
 
-#[test]
-#[ignore = "needs hardware KVM: run through lab/run"]
-fn boot_time_ferry_vs_qemu() -> Result<()> {
-    ensure!(ferry_lab::hw_kvm_usable(), "run this through lab/run");
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; a number is the run count.
+    let runs = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(RUNS_DEFAULT);
+    if !ferry_lab::hw_kvm_usable() {
+        println!("boot_time: no hardware KVM here, nothing measured (run it through lab/run)");
+        return Ok(());
+    }
     let config = GuestConfig::new(GuestImage::locate()?);
     let ferry = FerryVmm(PathBuf::from(env!("CARGO_BIN_EXE_ferry-vmm")));
     let qemu = QemuMicrovm::default();
-    println!("| VMM | run | boot to FERRY-AGENT READY |");
+    println!("| run | VMM | boot to FERRY-AGENT READY |");
     println!("|---|---|---|");
-    for vmm in [&ferry as &dyn Vmm, &qemu] {
-        for run in 1..=RUNS {
+    for run in 1..=runs {
+        for vmm in [&ferry as &dyn Vmm, &qemu] {
             let took = boot_once(vmm, &config)?;
-            println!("| {} | {run} | {:.2} s |", vmm.name(), took.as_secs_f64());
+            println!("| {run} | {} | {:.2} s |", vmm.name(), took.as_secs_f64());
         }
     }
     Ok(())
