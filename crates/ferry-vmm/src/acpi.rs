@@ -4,6 +4,7 @@
 //! RSDP -> XSDT -> {FADT -> DSDT, MADT}, all placed in the e820-reserved range starting at
 //! [`layout::ACPI_START`]. The FADT declares a hardware-reduced platform (no PM timer, SCI or
 //! GPE blocks), without VGA or CMOS RTC.
+#![forbid(unsafe_code)]
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};

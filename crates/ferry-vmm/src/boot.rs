@@ -1,5 +1,6 @@
 //! Loading Linux: the bzImage, the initrd, the command line and the zero page (boot_params)
 //! with its e820 map, per the x86 boot protocol (Documentation/arch/x86/boot.rst).
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::path::Path;

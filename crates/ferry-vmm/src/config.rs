@@ -3,6 +3,7 @@
 //!
 //! [`RunArgs`] is the `clap` face of the configuration (flatten it into a subcommand);
 //! [`VmConfig`] is the validated, typed form [`crate::run`] consumes.
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};

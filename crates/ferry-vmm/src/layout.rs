@@ -9,6 +9,7 @@
 //! 0xfec0_0000  IOAPIC         0xfee0_0000  LAPIC
 //! ```
 //! RAM is one region `[0, memory)` below [`MMIO_32_START`].
+#![forbid(unsafe_code)]
 
 /// GDT location.
 pub const GDT_START: u64 = 0x500;

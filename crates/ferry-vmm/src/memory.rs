@@ -190,9 +190,10 @@ pub fn register_slots(vm: &VmFd, slots: &[Slot], log_dirty: bool) -> Result<(), 
             memory_size: s.size,
             userspace_addr: s.host_addr,
         };
-        // SAFETY: `userspace_addr..+memory_size` is a live mapping owned by `GuestRam`, which
-        // the VM keeps alive (an `Arc` in `Vm`) for as long as the VM fd exists; the slot
-        // numbers and ranges come from that same mapping and do not overlap.
+        // SAFETY: `userspace_addr..+memory_size` is a live mapping of a `GuestRam` region.
+        // Every owner of the VM fd keeps that `GuestRam` too (`Vmm` and `IncomingVm` drop the
+        // VM fd before the RAM; `KvmDirtyLog` holds both), so KVM never sees the mapping
+        // unmapped while the slot exists. Slots come from distinct, non-overlapping regions.
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot {
             slot: s.slot,
             gpa: s.gpa,

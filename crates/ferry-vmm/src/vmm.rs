@@ -130,11 +130,13 @@ pub struct MachineState {
 
 /// A running (or paused) VM. Built by [`Vmm::boot`] or [`crate::IncomingVm::restore`].
 pub struct Vmm {
+    /// First, so that dropping a `Vmm` stops the vCPU threads before the VM fd and RAM go.
+    pub(crate) vcpus: Mutex<Vcpus>,
     pub(crate) config: VmConfig,
+    /// Before `ram`: the VM fd closes before its memory is unmapped.
     pub(crate) kvm: KvmVm,
     pub(crate) ram: GuestRam,
     pub(crate) control: Arc<VcpuControl>,
-    pub(crate) vcpus: Mutex<Vcpus>,
     pub(crate) gate: Arc<Gate>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) balloon: Option<Arc<Mutex<Balloon>>>,

@@ -1,6 +1,7 @@
 //! CPUID for each vCPU: KVM's supported list, normalised so the guest sees a consistent
 //! topology (APIC ids matching the MADT), that it runs on a hypervisor, a TSC-deadline LAPIC
 //! timer (no calibration needed), and KVM's paravirt leaves (kvmclock) untouched.
+#![forbid(unsafe_code)]
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 

@@ -1,5 +1,6 @@
 //! The CPU state a 64-bit Linux entry needs: GDT, identity-mapped page tables, segment and
 //! control registers, boot MSRs, FPU defaults and the LAPIC's LINT0/LINT1 modes.
+#![forbid(unsafe_code)]
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};

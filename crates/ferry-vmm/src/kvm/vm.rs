@@ -1,5 +1,6 @@
 //! The KVM VM: creation with the in-kernel irqchip and PIT (before any vCPU), vCPU creation
 //! and boot configuration, interrupt eventfds.
+#![forbid(unsafe_code)]
 
 use std::ffi::CString;
 use std::path::Path;
