@@ -89,7 +89,7 @@ impl Node {
     /// Boots the guest under the `ferry-vmm` binary.
     fn boot(dir: &Path, name: &str) -> Result<Self> {
         let c = image_config(dir, name)?;
-        let log = dir.join(format!("{name}.log"));
+        let log = log_dir()?.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         let (SerialTarget::Socket(serial), Some(api)) = (&c.serial, &c.api_socket) else {
             unreachable!()
@@ -187,7 +187,7 @@ fn spawn_destination(dir: &Path, name: &str) -> Result<Pending> {
         listen: "127.0.0.1:0".into(),
         config,
     })?;
-    let log = dir.join(format!("{name}.log"));
+    let log = log_dir()?.join(format!("{name}.log"));
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--exact", "destination_process", "--nocapture"])
         .env(DEST_ENV, spec)
@@ -391,9 +391,16 @@ fn boot_source(dir: &Path) -> Result<Node> {
 }
 
 fn test_dir(name: &str) -> Result<PathBuf> {
-    // Under the work tree, so that the VMM logs outlive a lab run.
+    // Sockets cannot live on the lab's 9p share: keep them in /tmp.
+    let dir = std::env::temp_dir().join(format!("fm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// VMM logs, under the work tree so that they outlive a lab run.
+fn log_dir() -> Result<PathBuf> {
     let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../build/mig-test"))
-        .join(format!("{name}-{}", std::process::id()));
+        .join(std::process::id().to_string());
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -445,14 +452,23 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
         node = dest;
     }
     eprintln!("\n{}\n", table.join("\n"));
-    // The guest freed 256 MiB it had filled with data: with hints those pages are skipped.
+    // The guest freed 256 MiB it had filled with data. Linux reports freed memory to the
+    // balloon within seconds and the device discards it, so even without hints those pages
+    // read as zero and cost no bytes; what hints save is reading them at all (and time).
     let (off, on) = (&freed[0], &freed[1]);
     ensure!(
         skipped(on, "balloon-hint") + skipped(on, "balloon-report") > 0,
         "no balloon hint was used for the freed workload: {on:?}"
     );
+    let read = |s: &MigrationStats| s.pages_sent + s.pages_zero;
     ensure!(
-        on.bytes < off.bytes,
+        read(on) < read(off) / 2,
+        "hints on read {} pages, off {}",
+        read(on),
+        read(off)
+    );
+    ensure!(
+        on.bytes <= off.bytes + off.bytes / 10,
         "hints on sent {} bytes, off {}",
         on.bytes,
         off.bytes
