@@ -326,7 +326,7 @@ fn hop(
     );
     if let Err(e) = dest.agent.wait_for(
         "heartbeat on the destination",
-        COMMAND_TIMEOUT,
+        HEARTBEAT_TIMEOUT,
         is_heartbeat,
     ) {
         bail!(
