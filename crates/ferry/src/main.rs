@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Boot a Linux guest under KVM (ferry's VMM) and serve its control API.
     Run(ferry_vmm::RunArgs),
+    /// Start an empty VM that waits for a live migration, then runs the migrated guest.
+    Receive(cmd::receive::ReceiveArgs),
+    /// Live-migrate a running VM (ask its VMM through --api) to a `ferry receive`.
+    Migrate(cmd::migrate::MigrateArgs),
     /// Migrate a simulated guest between two processes over loopback TCP.
     Sim(cmd::sim::SimArgs),
     /// The demo: a simulated guest with freed memory migrated with hints off, then on.
@@ -44,6 +48,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(a) => cmd::run::run(a.clone()),
+        Command::Receive(a) => cmd::receive::run(a.clone()),
+        Command::Migrate(a) => cmd::migrate::run(a),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Demo => {
             let args = cmd::sim::SimArgs::demo();

@@ -1,5 +1,7 @@
 //! The `ferry` subcommands.
 
 pub mod bench;
+pub mod migrate;
+pub mod receive;
 pub mod run;
 pub mod sim;

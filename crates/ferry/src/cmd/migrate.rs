@@ -1,0 +1,120 @@
+//! `ferry migrate`: ask a running ferry VMM (through its control API) to live-migrate its VM
+//! to a destination started with `ferry receive`, with a progress bar, then print the
+//! statistics as a table (or JSON).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+
+use ferry_migration::{Endpoint, Event, MigrationStats, Observer};
+use ferry_vmm::migration::{query_progress, request_migration, MigrateOptions, MigrationProgress};
+use ferry_vmm::ApiClient;
+
+use crate::progress::Bar;
+use crate::report;
+use crate::units::{mib, parse_size};
+
+/// How often the progress bar asks the VMM where the migration is.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Free page hints on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Hints {
+    /// Skip what the guest does not use: balloon hints, reported ranges, unpopulated memory.
+    On,
+    /// Send every page.
+    Off,
+}
+
+/// `ferry migrate` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The source VMM's control socket (its --api-socket).
+    #[arg(long)]
+    pub api: PathBuf,
+    /// The destination (`ferry receive --listen`): HOST:PORT, tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    pub to: Endpoint,
+    /// Free page hints.
+    #[arg(long, value_enum, default_value_t = Hints::On)]
+    pub hints: Hints,
+    /// Longest acceptable pause of the guest, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Bandwidth limit per second (e.g. 100M); none by default.
+    #[arg(long, value_parser = parse_size)]
+    pub bandwidth: Option<u64>,
+    /// Parallel connections.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub connections: u16,
+    /// Print the statistics as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl MigrateArgs {
+    fn options(&self) -> MigrateOptions {
+        MigrateOptions {
+            hints: self.hints == Hints::On,
+            downtime_ms: self.downtime_ms,
+            bandwidth: self.bandwidth,
+            connections: self.connections,
+            ..MigrateOptions::default()
+        }
+    }
+}
+
+/// Feeds polled progress into the bar as the engine's own events would.
+fn show(bar: &mut Bar, last: &mut Option<(u32, bool)>, p: &MigrationProgress) {
+    if *last != Some((p.round, p.is_final)) && p.pages_queued > 0 {
+        *last = Some((p.round, p.is_final));
+        bar.event(&Event::RoundStarted {
+            round: p.round,
+            pages_queued: p.pages_queued,
+            is_final: p.is_final,
+        });
+    }
+    bar.event(&Event::Progress {
+        round: p.round,
+        pages_done: p.pages_done,
+        pages_left: p.pages_queued.saturating_sub(p.pages_done),
+        bytes: p.bytes,
+    });
+}
+
+/// Runs `ferry migrate`.
+pub fn run(args: &MigrateArgs) -> Result<()> {
+    // Fail early, with the VMM's own words, if it cannot be reached.
+    ApiClient::connect(&args.api)
+        .and_then(|mut c| c.status())
+        .with_context(|| format!("the source VMM at {}", args.api.display()))?;
+    let (api, to, options) = (args.api.clone(), args.to.to_string(), args.options());
+    let migration = std::thread::spawn(move || request_migration(&api, &to, &options));
+    let mut bar = Bar::new("migrate");
+    let mut last = None;
+    while !migration.is_finished() {
+        if let Ok(Some(p)) = query_progress(&args.api) {
+            show(&mut bar, &mut last, &p);
+        }
+        std::thread::sleep(POLL);
+    }
+    bar.finish();
+    let stats: MigrationStats = migration
+        .join()
+        .map_err(|_| anyhow::anyhow!("the migration request thread panicked"))?
+        .with_context(|| format!("migrating to {}", args.to))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&stats)?);
+    } else {
+        println!(
+            "migrated {} of guest RAM to {} (hints {}); the source VMM exits\n",
+            mib(stats.guest_bytes),
+            args.to,
+            if args.hints == Hints::On { "on" } else { "off" }
+        );
+        print!("{}", report::rounds_table(&stats));
+    }
+    Ok(())
+}
