@@ -20,6 +20,8 @@ const FLUSH_BYTES: usize = 1 << 20;
 const RECORD_BYTES: usize = PAGES_PER_RECORD_MAX * (crate::PAGE_SIZE as usize + 8) + (64 << 10);
 /// Buffers in flight per lane (bounds memory and keeps the writer busy).
 const BUFFERS_IN_FLIGHT: usize = 4;
+/// Buffers a lane owns in all: those in flight, the one being filled and a spare.
+const BUFFERS: usize = BUFFERS_IN_FLIGHT + 2;
 
 /// A lane's writer failed; the connection is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub struct Lane {
     pub summary: Summary,
     tx: Option<SyncSender<Vec<u8>>>,
     pool: Receiver<Vec<u8>>,
+    /// Buffers created so far (at most [`BUFFERS`]).
+    buffers: usize,
     writer: Option<JoinHandle<Result<(), std::io::Error>>>,
 }
 
@@ -58,7 +62,7 @@ impl Lane {
     /// Starts the writer thread for connection `index`.
     pub fn spawn(index: usize, mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT);
-        let (pool_tx, pool) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT + 1);
+        let (pool_tx, pool) = sync_channel::<Vec<u8>>(BUFFERS);
         let writer = thread::Builder::new()
             .name(format!("ferry-tx-{index}"))
             .spawn(move || {
@@ -76,6 +80,7 @@ impl Lane {
             summary: Summary::default(),
             tx: Some(tx),
             pool,
+            buffers: 1,
             writer: Some(writer),
         })
     }
@@ -181,19 +186,31 @@ impl Lane {
         Ok(n)
     }
 
+    /// A buffer to encode into: one the writer returned, a new one while fewer than
+    /// [`BUFFERS`] exist, else the next one the writer returns. Reusing a small fixed set keeps
+    /// the send path free of allocation and of page faults on fresh memory.
+    fn next_buffer(&mut self) -> Vec<u8> {
+        if let Ok(b) = self.pool.try_recv() {
+            return b;
+        }
+        if self.buffers < BUFFERS {
+            self.buffers += 1;
+            return Vec::with_capacity(RECORD_BYTES);
+        }
+        // The writer is gone if this fails; the send that follows reports its error.
+        self.pool.recv().unwrap_or_default()
+    }
+
     /// Hands the encoded bytes to the writer thread; returns how many.
     fn flush(&mut self, limiter: Option<&mut RateLimiter>) -> Result<u64, LaneError> {
         // Close an open record so the buffer ends at a record boundary.
         self.close_pages();
-        let next = self
-            .pool
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(RECORD_BYTES));
-        let buf = self.enc.take_into(next);
-        let n = buf.len() as u64;
-        if n == 0 {
+        if self.enc.bytes().is_empty() {
             return Ok(0);
         }
+        let next = self.next_buffer();
+        let buf = self.enc.take_into(next);
+        let n = buf.len() as u64;
         if let Some(l) = limiter {
             l.consume(n);
         }

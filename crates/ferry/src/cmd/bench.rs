@@ -18,6 +18,7 @@ use ferry_migration::{
     MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig, RegionDesc, UnpopulatedSource,
 };
 use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimVm, Workload};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::units::{mib, parse_size};
 
@@ -64,8 +65,8 @@ fn raw_tcp(bytes: u64) -> Result<Duration> {
 }
 
 /// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP.
-fn engine_tcp(bytes: u64) -> Result<(Duration, MigrationStats)> {
-    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false)?;
+fn engine_tcp(bytes: u64, populated_dest: bool) -> Result<(Duration, MigrationStats)> {
+    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, populated_dest)?;
     Ok((Duration::from_secs_f64(stats.total_ms / 1000.0), stats))
 }
 
@@ -75,9 +76,21 @@ fn sim_migration(
     workload: Workload,
     used_percent: u8,
     hints: bool,
+    populated_dest: bool,
 ) -> Result<(MigrationStats, u64)> {
     let src = create_memory(bytes)?;
     let dst = create_memory(bytes)?;
+    if populated_dest {
+        // Fault the destination's memory in beforehand, to separate the engine's cost from
+        // the kernel's cost of allocating and clearing fresh pages.
+        let page = [0u8; 4096];
+        for region in dst.iter() {
+            let start = region.start_addr().0;
+            for off in (0..region.len()).step_by(4096) {
+                dst.write_slice(&page, GuestAddress(start + off))?;
+            }
+        }
+    }
     let vm = SimVm::new(
         Guest::new(src.clone(), 7),
         SimConfig {
@@ -177,7 +190,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the engine, non-zero pages, hints off ({})...",
         mib(n)
     );
-    let (engine, es) = engine_tcp(n).context("engine")?;
+    let (engine, es) = engine_tcp(n, false).context("engine")?;
+    let (engine_pop, es_pop) = engine_tcp(n, true).context("engine")?;
     let zero = zero_detection(n);
     let hint_blocks = hint_application(4 << 30, 1024);
     let hint_pages = hint_application(4 << 30, 1);
@@ -185,8 +199,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "migrating a {} simulated guest, freed workload, hints off then on...",
         mib(args.guest)
     );
-    let (off, _) = sim_migration(args.guest, Workload::Freed { percent: 75 }, 10, false)?;
-    let (on, _) = sim_migration(args.guest, Workload::Freed { percent: 75 }, 10, true)?;
+    let freed = Workload::Freed { percent: 75 };
+    let (off, _) = sim_migration(args.guest, freed, 10, false, false)?;
+    let (on, _) = sim_migration(args.guest, freed, 10, true, false)?;
 
     let raw_rate = gib_per_s(n, raw);
     let engine_rate = gib_per_s(es.bytes, engine);
@@ -196,6 +211,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!(
         "| engine, non-zero pages, 1 connection | {engine_rate:.2} GiB/s ({:.0}% of raw) |",
         100.0 * engine_rate / raw_rate
+    );
+    let pop_rate = gib_per_s(es_pop.bytes, engine_pop);
+    println!(
+        "| engine, same, destination memory already populated | {pop_rate:.2} GiB/s ({:.0}% of raw) |",
+        100.0 * pop_rate / raw_rate
     );
     println!("| zero-page detection | {:.1} GiB/s |", gib_per_s(n, zero));
     println!(
