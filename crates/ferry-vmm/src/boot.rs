@@ -94,16 +94,17 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<BootIn
     })
 }
 
-/// Where the initrd goes: page aligned, as high as allowed, above the kernel.
+/// Where the initrd goes: page aligned, as high as allowed below `ram_end` (the end of RAM
+/// below 4 GiB), above the kernel.
 pub fn initrd_address(
     size: u64,
-    memory_bytes: u64,
+    ram_end: u64,
     initrd_addr_max: u32,
     kernel_end: u64,
 ) -> Result<u64, BootError> {
     let too_big = BootError::InitrdTooBig { size };
     // initrd_addr_max is the highest address the initrd may *occupy*.
-    let limit = memory_bytes.min(u64::from(initrd_addr_max) + 1);
+    let limit = ram_end.min(u64::from(initrd_addr_max) + 1);
     let addr = limit.checked_sub(size).ok_or(too_big)? & !0xfff;
     if addr < kernel_end {
         return Err(BootError::InitrdTooBig { size });
@@ -111,11 +112,11 @@ pub fn initrd_address(
     Ok(addr)
 }
 
-/// Loads the initrd below the top of RAM; returns `(address, size)`.
+/// Loads the initrd below `ram_end` (the end of low RAM); returns `(address, size)`.
 pub fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
     path: &Path,
-    memory_bytes: u64,
+    ram_end: u64,
     boot: &BootInfo,
 ) -> Result<(u64, u64), BootError> {
     let read_err = |source| BootError::ReadInitrd {
@@ -124,12 +125,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     };
     let data = std::fs::read(path).map_err(read_err)?;
     let size = data.len() as u64;
-    let addr = initrd_address(
-        size,
-        memory_bytes,
-        boot.header.initrd_addr_max,
-        boot.kernel_end,
-    )?;
+    let addr = initrd_address(size, ram_end, boot.header.initrd_addr_max, boot.kernel_end)?;
     mem.write_slice(&data, GuestAddress(addr))
         .map_err(|source| BootError::GuestWrite {
             what: "initrd",

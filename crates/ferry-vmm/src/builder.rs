@@ -185,7 +185,10 @@ impl Vmm {
         let (config, mem) = (&base.config, base.ram.memory());
         let kernel = boot::load_kernel(mem, &config.kernel)?;
         let initrd = match &config.initrd {
-            Some(p) => Some(boot::load_initrd(mem, p, config.memory_bytes, &kernel)?),
+            Some(p) => {
+                let low_end = layout::low_ram_end(config.memory_bytes);
+                Some(boot::load_initrd(mem, p, low_end, &kernel)?)
+            }
             None => None,
         };
         let cmdline_len = boot::write_cmdline(mem, &config.cmdline, &kernel.header)?;

@@ -14,12 +14,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout;
-
 /// Smallest guest RAM accepted: Debian's kernel needs ~52 MiB to decompress, plus the initrd.
 pub const MEMORY_BYTES_MIN: u64 = 128 << 20;
-/// Largest guest RAM accepted for now: RAM must end below the 32-bit MMIO window.
-pub const MEMORY_BYTES_MAX: u64 = layout::MMIO_32_START;
+/// Largest guest RAM accepted (RAM above 3 GiB continues at 4 GiB, see [`crate::layout`]).
+pub const MEMORY_BYTES_MAX: u64 = 64 << 30;
 /// Most vCPUs accepted (APIC ids fit in a byte in the MADT entries ferry writes).
 pub const VCPUS_MAX: u8 = 32;
 /// Longest kernel command line accepted (x86 `COMMAND_LINE_SIZE` is 2048 including the NUL).
@@ -501,7 +499,7 @@ mod tests {
 
         cfg.memory_bytes = 64 << 20;
         assert!(matches!(cfg.validate(), Err(ConfigError::Memory { .. })));
-        cfg.memory_bytes = 4 << 30;
+        cfg.memory_bytes = 65 << 30;
         assert!(matches!(cfg.validate(), Err(ConfigError::Memory { .. })));
         cfg.memory_bytes = (256 << 20) + 4096;
         assert!(matches!(cfg.validate(), Err(ConfigError::Memory { .. })));

@@ -7,8 +7,9 @@
 //! 0x0010_0000  kernel (bzImage payload), then RAM; initrd at the top of RAM
 //! 0xc000_0000  32-bit MMIO window: virtio-mmio devices from 0xd000_0000, 4 KiB each
 //! 0xfec0_0000  IOAPIC         0xfee0_0000  LAPIC
+//! 0x1_0000_0000  the rest of RAM, if more than 3 GiB
 //! ```
-//! RAM is one region `[0, memory)` below [`MMIO_32_START`].
+//! RAM is `[0, min(memory, 3 GiB))` plus `[4 GiB, 4 GiB + memory - 3 GiB)`, one KVM slot each.
 #![forbid(unsafe_code)]
 
 /// GDT location.
@@ -85,9 +86,19 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
-/// The e820 map for `memory_bytes` of RAM starting at guest-physical 0.
+/// Where RAM continues above the 32-bit MMIO window.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// End of RAM below the 32-bit MMIO window for `memory_bytes` of RAM.
+pub fn low_ram_end(memory_bytes: u64) -> u64 {
+    memory_bytes.min(MMIO_32_START)
+}
+
+/// The e820 map for `memory_bytes` of RAM: low RAM below the MMIO window, the rest from
+/// [`HIGH_RAM_START`].
 pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
-    vec![
+    let low_end = low_ram_end(memory_bytes);
+    let mut map = vec![
         E820Entry {
             addr: 0,
             size: EBDA_START,
@@ -100,10 +111,18 @@ pub fn e820_map(memory_bytes: u64) -> Vec<E820Entry> {
         },
         E820Entry {
             addr: HIMEM_START,
-            size: memory_bytes.saturating_sub(HIMEM_START),
+            size: low_end.saturating_sub(HIMEM_START),
             kind: E820_RAM,
         },
-    ]
+    ];
+    if memory_bytes > low_end {
+        map.push(E820Entry {
+            addr: HIGH_RAM_START,
+            size: memory_bytes - low_end,
+            kind: E820_RAM,
+        });
+    }
+    map
 }
 
 // The memory map's invariants, checked at compile time.
@@ -113,19 +132,50 @@ const _: () = {
     assert!(ZERO_PAGE_START + 0x1000 <= (BOOT_STACK_POINTER & !0xfff));
     assert!(BOOT_STACK_POINTER < PML4_START);
     assert!(VIRTIO_MMIO_START >= MMIO_32_START);
+    assert!(HIGH_RAM_START > LAPIC_START && HIGH_RAM_START > KVM_TSS_ADDRESS as u64);
     assert!(VIRTIO_MMIO_START + 16 * VIRTIO_MMIO_SIZE < IOAPIC_START);
     assert!(KVM_TSS_ADDRESS as u64 > LAPIC_START);
 };
 
-/// Guest RAM regions `(gpa, size)` for `memory_bytes` of RAM.
+/// Guest RAM regions `(gpa, size)` for `memory_bytes` of RAM: one KVM slot below the 32-bit
+/// MMIO window and, for more than [`MMIO_32_START`] bytes, one from [`HIGH_RAM_START`].
 pub fn ram_regions(memory_bytes: u64) -> Vec<(u64, u64)> {
-    debug_assert!(memory_bytes <= MMIO_32_START);
-    vec![(0, memory_bytes)]
+    let low_end = low_ram_end(memory_bytes);
+    let mut regions = vec![(0, low_end)];
+    if memory_bytes > low_end {
+        regions.push((HIGH_RAM_START, memory_bytes - low_end));
+    }
+    regions
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_above_the_mmio_window_continues_at_4g() {
+        assert_eq!(ram_regions(1 << 30), vec![(0, 1 << 30)]);
+        assert_eq!(ram_regions(MMIO_32_START), vec![(0, MMIO_32_START)]);
+        let big = 6u64 << 30;
+        assert_eq!(
+            ram_regions(big),
+            vec![(0, MMIO_32_START), (HIGH_RAM_START, big - MMIO_32_START)]
+        );
+        let map = e820_map(big);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[2].addr + map[2].size, MMIO_32_START);
+        assert_eq!(
+            (map[3].addr, map[3].size),
+            (HIGH_RAM_START, big - MMIO_32_START)
+        );
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, big - (HIMEM_START - EBDA_START));
+        assert_eq!(low_ram_end(big), MMIO_32_START);
+    }
 
     #[test]
     fn e820_covers_ram_and_reserves_the_bios_area() {
