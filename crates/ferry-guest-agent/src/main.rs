@@ -186,7 +186,8 @@ fn main() {
             }
         };
         if read == 0 {
-            // End of input: nobody can talk to us any more.
+            // End of input (a hung-up serial line): nobody can talk to us any more.
+            emit(format_args!("# end of input: the agent exits"));
             break;
         }
         if line.last() != Some(&b'\n') && read as u64 == LINE_BYTES_MAX {

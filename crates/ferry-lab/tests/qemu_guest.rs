@@ -26,6 +26,18 @@ fn debian_guest_boots_under_qemu_microvm_and_keeps_its_data() -> Result<()> {
     let config = GuestConfig::new(GuestImage::locate()?);
     let started = Instant::now();
     let mut guest = Guest::spawn(&QemuMicrovm::default(), &config)?;
+    let result = boot_check_and_shut_down(&mut guest, started);
+    if result.is_err() {
+        eprintln!(
+            "guest console:\n{}\nqemu output:\n{}",
+            guest.agent().transcript().join("\n"),
+            guest.vmm_log()
+        );
+    }
+    result
+}
+
+fn boot_check_and_shut_down(guest: &mut Guest, started: Instant) -> Result<()> {
     let agent = guest.agent();
     agent
         .wait_ready(BOOT_TIMEOUT)
@@ -87,12 +99,14 @@ fn exercise_workloads(agent: &mut AgentClient) -> Result<()> {
     let freed = agent.command("workload freed 32", COMMAND_TIMEOUT)?;
     ensure!(freed == "workload freed mib=32", "{freed}");
 
-    agent.command("heartbeat 100", COMMAND_TIMEOUT)?;
-    agent.wait_for("a heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
-    agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
-
+    // The dirty workload runs while five heartbeats pass: half a second of guest time, however
+    // slowly the (emulated) machine runs.
     agent.command("workload dirty 16 8", COMMAND_TIMEOUT)?;
-    std::thread::sleep(Duration::from_secs(1));
+    agent.command("heartbeat 100", COMMAND_TIMEOUT)?;
+    for _ in 0..5 {
+        agent.wait_for("a heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
+    }
+    agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
     let dirty = agent.command("workload stop", COMMAND_TIMEOUT)?;
     let pages: u64 = dirty
         .strip_prefix("workload stop kind=dirty pages=")
