@@ -2,11 +2,11 @@
 //! stops guest execution.
 //!
 //! # Pause protocol
-//! [`VcpuControl::pause`] sets the run state to paused, then kicks every vCPU thread with
+//! [`Vcpus::pause`] sets the run state to paused, then kicks every vCPU thread with
 //! [`kick_signal`] until all have acknowledged. The signal handler sets `immediate_exit` in the
 //! thread's `kvm_run`, so a kick that lands just before `KVM_RUN` still makes it return at once
 //! (EINTR); a kick during `KVM_RUN` interrupts it. A parked thread serves requests (state
-//! save) and returns to `KVM_RUN` only after [`VcpuControl::resume`].
+//! save) and returns to `KVM_RUN` only after [`Vcpus::resume`].
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
@@ -22,7 +22,7 @@ use super::state::{StateError, VcpuState};
 use crate::bus::{lock, Bus};
 use crate::ExitReason;
 
-/// How long [`VcpuControl::pause`] waits for every vCPU to park.
+/// How long [`Vcpus::pause`] waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval between kicks while waiting for vCPUs to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
