@@ -66,6 +66,9 @@ pub enum VmmError {
     /// A device state that cannot be restored.
     #[error("cannot restore the balloon: {0}")]
     BalloonState(#[from] ferry_balloon::StateError),
+    /// The operation needs a running VM.
+    #[error("the VM is paused: resume it first")]
+    Paused,
     /// A balloon target larger than guest RAM.
     #[error("balloon target of {0} bytes exceeds guest RAM")]
     BalloonTarget(u64),
@@ -206,13 +209,19 @@ impl Vmm {
         })
     }
 
-    /// Asks the guest to give up `bytes` of RAM (rounded down to pages).
+    /// Asks the guest to give up `bytes` of RAM (rounded down to pages). Refused while the VM
+    /// is paused.
     pub fn balloon_set_target(&self, bytes: u64) -> Result<(), VmmError> {
         if bytes > self.config.memory_bytes {
             return Err(VmmError::BalloonTarget(bytes));
         }
         let pages = u32::try_from(bytes / BALLOON_PAGE_BYTES)
             .map_err(|_| VmmError::BalloonTarget(bytes))?;
+        // A paused VM's device state may be being saved: changing it now (and raising an
+        // interrupt into the paused guest) could be lost or half-captured.
+        if self.control.is_paused() {
+            return Err(VmmError::Paused);
+        }
         lock(self.balloon()?).set_target(pages);
         Ok(())
     }
