@@ -265,6 +265,7 @@ mod tests {
     fn a_missing_vmm_binary_is_a_spawn_error() {
         let vmm = crate::QemuMicrovm {
             binary: "/nonexistent/qemu".into(),
+            ..crate::QemuMicrovm::default()
         };
         assert!(matches!(
             Guest::spawn(&vmm, &config()),

@@ -64,12 +64,16 @@ pub trait Vmm {
 pub struct QemuMicrovm {
     /// The QEMU binary.
     pub binary: PathBuf,
+    /// Appended to the command line, e.g. `-qmp unix:PATH,server=on,wait=off` or
+    /// `-incoming tcp:127.0.0.1:PORT` when QEMU is the migration baseline.
+    pub extra_args: Vec<OsString>,
 }
 
 impl Default for QemuMicrovm {
     fn default() -> Self {
         Self {
             binary: PathBuf::from("qemu-system-x86_64"),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -122,6 +126,7 @@ impl QemuMicrovm {
             "-serial".into(),
             serial,
         ])
+        .chain(self.extra_args.iter().cloned())
         .collect()
     }
 }
@@ -150,7 +155,11 @@ mod tests {
         };
         let mut config = GuestConfig::new(image);
         config.free_page_reporting = false;
-        let args: Vec<String> = QemuMicrovm::default()
+        let qemu = QemuMicrovm {
+            extra_args: vec!["-incoming".into(), "defer".into()],
+            ..QemuMicrovm::default()
+        };
+        let args: Vec<String> = qemu
             .args(&config, Path::new("/run/s.sock"))
             .into_iter()
             .map(|a| a.into_string().unwrap())
@@ -165,6 +174,7 @@ mod tests {
         assert_eq!(after("-kernel"), "/img/vmlinuz");
         assert_eq!(after("-initrd"), "/img/initrd");
         assert_eq!(after("-serial"), "unix:/run/s.sock,server=on,wait=on");
+        assert_eq!(args[args.len() - 2..], ["-incoming", "defer"]);
         assert_eq!(
             after("-device"),
             "virtio-balloon-device,iothread=balloon-io,free-page-hint=on,free-page-reporting=off"
