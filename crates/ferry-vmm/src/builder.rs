@@ -134,18 +134,26 @@ fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmErro
     })
 }
 
-/// Starts the vCPU threads (paused if `paused`) and assembles the [`Vmm`].
+/// Starts the vCPU threads (paused if `paused`) and assembles the [`Vmm`]. The MSRs to save
+/// later are probed on the first vCPU unless given (a restored VM saves what it was given).
 fn start(
     base: Base,
     devices: Devices,
     fds: Vec<VcpuFd>,
     paused: bool,
+    msr_indices: Option<Vec<u32>>,
 ) -> Result<Arc<Vmm>, VmmError> {
     vcpu::install_kick_handler()?;
-    let first = fds
-        .first()
-        .ok_or(VmmError::Incompatible("no vCPU".into()))?;
-    let msr_indices = Arc::new(saveable_msrs(base.kvm.kvm(), first)?);
+    let msr_indices = match msr_indices {
+        Some(list) => list,
+        None => {
+            let first = fds
+                .first()
+                .ok_or(VmmError::Incompatible("no vCPU".into()))?;
+            saveable_msrs(base.kvm.kvm(), first)?
+        }
+    };
+    let msr_indices = Arc::new(msr_indices);
     let ctx = VcpuContext {
         pio: Arc::new(devices.pio),
         mmio: Arc::new(devices.mmio),
@@ -220,7 +228,7 @@ impl Vmm {
             config.memory_bytes >> 20,
             config.vcpus
         );
-        start(base, devices, fds, false)
+        start(base, devices, fds, false, None)
     }
 }
 
@@ -243,6 +251,7 @@ impl IncomingVm {
     /// Creates the KVM VM (irqchip, PIT) and zeroed RAM for `config`. The kernel and initrd
     /// in `config` are not loaded (RAM comes from the source), so they need not exist.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        config.validate_resources()?;
         Ok(Self {
             base: Base::new(config)?,
         })
@@ -282,7 +291,11 @@ impl IncomingVm {
             // Restored devices come back paused; keep them so until the VM resumes.
             crate::bus::lock(b).pause();
         }
-        start(base, devices, fds, true)
+        // Probing every MSR again would add to the migration's downtime; the source already
+        // told us which ones this guest has.
+        let first = state.vcpus.first();
+        let msrs = first.map(|v| v.msrs.iter().map(|e| e.index).collect());
+        start(base, devices, fds, true, msrs)
     }
 }
 

@@ -299,17 +299,7 @@ impl VmConfig {
     /// Checks everything that can be checked without creating the VM: files, sizes, sockets.
     /// KVM itself is checked by [`check_kvm`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.memory_bytes < MEMORY_BYTES_MIN
-            || self.memory_bytes > MEMORY_BYTES_MAX
-            || self.memory_bytes % (1 << 20) != 0
-        {
-            return Err(ConfigError::Memory {
-                bytes: self.memory_bytes,
-            });
-        }
-        if self.vcpus == 0 || self.vcpus > VCPUS_MAX {
-            return Err(ConfigError::Vcpus(self.vcpus));
-        }
+        self.validate_resources()?;
         if self.cmdline.len() > CMDLINE_BYTES_MAX || self.cmdline.contains('\0') {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
@@ -326,6 +316,24 @@ impl VmConfig {
             if len == 0 {
                 return Err(ConfigError::EmptyInitrd(initrd.clone()));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks what a VM needs whether it boots or is restored: memory size, vCPU count and
+    /// that the API and serial sockets are free (the kernel and initrd are not needed to
+    /// restore a VM).
+    pub fn validate_resources(&self) -> Result<(), ConfigError> {
+        if self.memory_bytes < MEMORY_BYTES_MIN
+            || self.memory_bytes > MEMORY_BYTES_MAX
+            || self.memory_bytes % (1 << 20) != 0
+        {
+            return Err(ConfigError::Memory {
+                bytes: self.memory_bytes,
+            });
+        }
+        if self.vcpus == 0 || self.vcpus > VCPUS_MAX {
+            return Err(ConfigError::Vcpus(self.vcpus));
         }
         if let Some(path) = &self.api_socket {
             check_socket_free(path)?;
