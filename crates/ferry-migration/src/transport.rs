@@ -96,19 +96,15 @@ impl Connection {
     /// Wraps a TCP stream (with Nagle off: records are written whole).
     pub fn from_tcp(s: TcpStream) -> io::Result<Self> {
         s.set_nodelay(true)?;
-        let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
-        Ok(Self {
-            read_timeout: Box::new(move |d| t.set_read_timeout(d)),
-            reader: Box::new(r),
-            writer: Box::new(s),
-            closer: Closer(std::sync::Arc::new(move |how| {
-                let _ = c.shutdown(how);
-            })),
-        })
+        Self::wrap(s)
     }
 
     /// Wraps a Unix stream.
     pub fn from_unix(s: UnixStream) -> io::Result<Self> {
+        Self::wrap(s)
+    }
+
+    fn wrap<S: Socket>(s: S) -> io::Result<Self> {
         let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
         Ok(Self {
             read_timeout: Box::new(move |d| t.set_read_timeout(d)),
@@ -141,6 +137,31 @@ impl Connection {
         self.closer.clone()
     }
 }
+
+/// What [`Connection`] needs of a stream socket.
+trait Socket: Read + Write + Send + Sync + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+}
+
+macro_rules! impl_socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn try_clone(&self) -> io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+            fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+            fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, d)
+            }
+        }
+    };
+}
+impl_socket!(TcpStream);
+impl_socket!(UnixStream);
 
 /// Opens `count` connections to `endpoint`.
 pub fn connect(endpoint: &Endpoint, count: u16) -> io::Result<Vec<Connection>> {
