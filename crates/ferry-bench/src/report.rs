@@ -1,0 +1,358 @@
+//! The markdown table of a run, the goals of issue 6 as ratios, and their verdicts.
+
+use std::fmt::Write as _;
+
+use crate::results::{Medians, Results, Variant, Workload};
+
+/// How a goal came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Met.
+    Pass,
+    /// Not met.
+    Miss,
+    /// Not measured (a case is missing).
+    NotMeasured,
+}
+
+impl Verdict {
+    /// `PASS`, `MISS` or `n/a`.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Miss => "MISS",
+            Self::NotMeasured => "n/a",
+        }
+    }
+}
+
+/// One goal: a ratio of medians and its limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Goal {
+    /// What is compared.
+    pub name: &'static str,
+    /// The measured ratio (`None` when a case is missing).
+    pub ratio: Option<f64>,
+    /// The largest ratio that meets the goal.
+    pub limit: f64,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+impl Goal {
+    fn new(name: &'static str, ratio: Option<f64>, limit: f64) -> Self {
+        let verdict = match ratio {
+            None => Verdict::NotMeasured,
+            Some(r) if r <= limit => Verdict::Pass,
+            Some(_) => Verdict::Miss,
+        };
+        Self {
+            name,
+            ratio,
+            limit,
+            verdict,
+        }
+    }
+}
+
+/// `a / b` when both exist and `b` is positive.
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => Some(a / b),
+        _ => None,
+    }
+}
+
+/// The goals of issue 6, from the medians of one run:
+/// - freed workload: ferry (hints on) sends at most 0.25x the bytes of QEMU with
+///   free-page-hint, in at most 0.5x its total time;
+/// - idle: ferry (hints on) is no slower than QEMU, hints on or off (the faster of the two);
+/// - dirty: ferry with hints on is no slower than with hints off;
+/// - every migration of both VMMs passed the guest's integrity check.
+pub fn goals(results: &Results) -> Vec<Goal> {
+    let m = |w, v| results.medians(w, v);
+    let time = |w, v| m(w, v).map(|x: Medians| x.total_ms);
+    let bytes = |w, v| m(w, v).map(|x: Medians| x.bytes);
+    let fastest_qemu = match (
+        time(Workload::Idle, Variant::QemuOff),
+        time(Workload::Idle, Variant::QemuHint),
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let samples: Vec<_> = results.cases.iter().flat_map(|c| &c.samples).collect();
+    let integrity = if samples.is_empty() {
+        None
+    } else {
+        let bad = samples
+            .iter()
+            .filter(|s| !s.verified || !s.kernel_errors.is_empty())
+            .count();
+        Some(bad as f64)
+    };
+    vec![
+        Goal::new(
+            "freed bytes, ferry on / QEMU hint",
+            ratio(
+                bytes(Workload::Freed, Variant::FerryOn),
+                bytes(Workload::Freed, Variant::QemuHint),
+            ),
+            0.25,
+        ),
+        Goal::new(
+            "freed total time, ferry on / QEMU hint",
+            ratio(
+                time(Workload::Freed, Variant::FerryOn),
+                time(Workload::Freed, Variant::QemuHint),
+            ),
+            0.5,
+        ),
+        Goal::new(
+            "idle total time, ferry on / fastest QEMU",
+            ratio(time(Workload::Idle, Variant::FerryOn), fastest_qemu),
+            1.0,
+        ),
+        Goal::new(
+            "dirty total time, ferry on / ferry off",
+            ratio(
+                time(Workload::Dirty, Variant::FerryOn),
+                time(Workload::Dirty, Variant::FerryOff),
+            ),
+            1.0,
+        ),
+        Goal::new(
+            "migrations failing verify or with kernel errors",
+            integrity,
+            0.0,
+        ),
+    ]
+}
+
+fn cell(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+fn times(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.2}x"))
+}
+
+/// The markdown report: settings, one row per workload and metric with the four variants and
+/// the goals' ratio columns, then the goals with PASS/MISS, then failures.
+pub fn markdown(results: &Results) -> String {
+    let s = &results.setup;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Migration benchmark, {} UTC, {}: guest {} MiB, {} vCPU, data set {} MiB; freed {} MiB; \
+         dirty {} MiB at {} MiB/s; downtime limit {} ms; medians of {} run(s); {}; QEMU balloon \
+         free-page-reporting {}.\n",
+        results.date,
+        s.host,
+        s.memory_mib,
+        s.vcpus,
+        s.dataset_mib,
+        s.freed_mib,
+        s.dirty_mib,
+        s.dirty_rate_mib_s,
+        s.downtime_limit_ms,
+        s.repeat,
+        s.qemu_version,
+        if s.qemu_reporting { "on" } else { "off" },
+    );
+    out.push_str("| workload | metric |");
+    for v in Variant::ALL {
+        let _ = write!(out, " {} |", v.label());
+    }
+    out.push_str(" ferry on / QEMU hint | ferry on / ferry off |\n|---|---|");
+    out.push_str(&"---:|".repeat(Variant::ALL.len() + 2));
+    out.push('\n');
+    type Metric = (&'static str, fn(&Medians) -> f64, usize);
+    let metrics: [Metric; 3] = [
+        ("MiB sent", |m| m.bytes / f64::from(1 << 20), 1),
+        ("total ms", |m| m.total_ms, 0),
+        ("downtime ms", |m| m.downtime_ms, 1),
+    ];
+    for w in Workload::ALL {
+        if Variant::ALL
+            .iter()
+            .all(|&v| results.medians(w, v).is_none())
+        {
+            continue;
+        }
+        for (name, get, digits) in metrics {
+            let value = |v| results.medians(w, v).map(|m| get(&m));
+            let _ = write!(out, "| {w} | {name} |");
+            for v in Variant::ALL {
+                let _ = write!(out, " {} |", cell(value(v), digits));
+            }
+            let _ = writeln!(
+                out,
+                " {} | {} |",
+                times(ratio(value(Variant::FerryOn), value(Variant::QemuHint))),
+                times(ratio(value(Variant::FerryOn), value(Variant::FerryOff)))
+            );
+        }
+        let _ = write!(out, "| {w} | verified |");
+        for v in Variant::ALL {
+            let text = match results.case(w, v) {
+                None => "-".to_string(),
+                Some(c) => {
+                    let ok = c.samples.iter().filter(|s| s.verified).count();
+                    format!("{ok}/{}", c.samples.len())
+                }
+            };
+            let _ = write!(out, " {text} |");
+        }
+        out.push_str(" | |\n");
+    }
+    out.push_str("\n| goal | measured | target | result |\n|---|---:|---:|---|\n");
+    for g in goals(results) {
+        let integrity = g.limit == 0.0;
+        let (measured, target) = if integrity {
+            (cell(g.ratio, 0), "0".to_string())
+        } else {
+            (times(g.ratio), format!("<= {:.2}x", g.limit))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {measured} | {target} | {} |",
+            g.name,
+            g.verdict.word()
+        );
+    }
+    if !results.failures.is_empty() {
+        out.push_str("\nFailures:\n");
+        for f in &results.failures {
+            let _ = writeln!(out, "- {}", f.replace('\n', "\n  "));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::results::{Sample, Setup};
+
+    fn sample(total_ms: f64, mib: u64, verified: bool) -> Sample {
+        Sample {
+            total_ms,
+            downtime_ms: total_ms / 20.0,
+            bytes: mib << 20,
+            pages_sent: mib * 256,
+            pages_zero: 0,
+            pages_skipped: 0,
+            rounds: 2,
+            wall_ms: total_ms + 5.0,
+            verified,
+            verify_answer: "verify pages=8192".into(),
+            kernel_errors: Vec::new(),
+        }
+    }
+
+    /// A run shaped like a lab run: ferry beats QEMU on freed and idle, and hints help on
+    /// dirty; two repetitions per case.
+    pub(crate) fn canned() -> Results {
+        let mut r = Results {
+            date: "2026-11-27 00:40".into(),
+            command: "ferry bench-vm".into(),
+            setup: Setup {
+                memory_mib: 1024,
+                vcpus: 1,
+                dataset_mib: 32,
+                freed_mib: 768,
+                dirty_mib: 64,
+                dirty_rate_mib_s: 16,
+                repeat: 2,
+                downtime_limit_ms: 300,
+                qemu_reporting: true,
+                qemu_version: "QEMU emulator version 7.2.19".into(),
+                host: "lab".into(),
+            },
+            cases: Vec::new(),
+            failures: Vec::new(),
+        };
+        let table = [
+            (Workload::Idle, Variant::FerryOff, 9000.0, 105),
+            (Workload::Idle, Variant::FerryOn, 5000.0, 100),
+            (Workload::Idle, Variant::QemuOff, 12000.0, 125),
+            (Workload::Idle, Variant::QemuHint, 40000.0, 126),
+            (Workload::Freed, Variant::FerryOff, 20000.0, 120),
+            (Workload::Freed, Variant::FerryOn, 6000.0, 110),
+            (Workload::Freed, Variant::QemuOff, 38000.0, 900),
+            (Workload::Freed, Variant::QemuHint, 50000.0, 800),
+            (Workload::Dirty, Variant::FerryOff, 30000.0, 350),
+            (Workload::Dirty, Variant::FerryOn, 15000.0, 110),
+            (Workload::Dirty, Variant::QemuOff, 20000.0, 500),
+            (Workload::Dirty, Variant::QemuHint, 25000.0, 520),
+        ];
+        for (w, v, ms, mib) in table {
+            r.push(w, v, sample(ms, mib, true));
+            r.push(w, v, sample(ms * 1.5, mib + 2, true));
+        }
+        r
+    }
+
+    #[test]
+    fn goals_are_ratios_of_medians() {
+        let mut r = canned();
+        let g = goals(&r);
+        assert_eq!(g.len(), 5);
+        // Medians: freed ferry on 7500 ms, 111 MiB; QEMU hint 62500 ms, 801 MiB.
+        assert!((g[0].ratio.unwrap() - 111.0 / 801.0).abs() < 1e-9);
+        assert!((g[1].ratio.unwrap() - 7500.0 / 62500.0).abs() < 1e-9);
+        // Idle compares against the faster QEMU (off: 15000 ms median).
+        assert!((g[2].ratio.unwrap() - 6250.0 / 15000.0).abs() < 1e-9);
+        assert!((g[3].ratio.unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(g[4].ratio, Some(0.0));
+        assert!(g.iter().all(|g| g.verdict == Verdict::Pass), "{g:#?}");
+
+        // A failed verify and slower hints under dirty are misses; a missing case is n/a.
+        r.push(
+            Workload::Dirty,
+            Variant::FerryOn,
+            sample(90000.0, 100, false),
+        );
+        r.push(
+            Workload::Dirty,
+            Variant::FerryOn,
+            sample(90000.0, 100, true),
+        );
+        r.cases
+            .retain(|c| !(c.workload == Workload::Freed && c.variant == Variant::QemuHint));
+        let g = goals(&r);
+        assert_eq!(g[0].verdict, Verdict::NotMeasured);
+        assert_eq!(g[1].verdict, Verdict::NotMeasured);
+        assert_eq!(g[3].verdict, Verdict::Miss, "{:?}", g[3]);
+        assert_eq!((g[4].ratio, g[4].verdict), (Some(1.0), Verdict::Miss));
+    }
+
+    #[test]
+    fn the_table_has_every_case_and_the_verdicts() {
+        let text = markdown(&canned());
+        assert!(text.contains(
+            "| workload | metric | ferry off | ferry on | QEMU off | QEMU hint | ferry on / QEMU hint | ferry on / ferry off |"
+        ));
+        // Freed bytes: medians 121 / 111 / 901 / 801 MiB.
+        assert!(
+            text.contains("| freed | MiB sent | 121.0 | 111.0 | 901.0 | 801.0 | 0.14x | 0.92x |"),
+            "{text}"
+        );
+        assert!(text.contains("| idle | verified | 2/2 | 2/2 | 2/2 | 2/2 | | |"));
+        assert!(text.contains("| freed bytes, ferry on / QEMU hint | 0.14x | <= 0.25x | PASS |"));
+        assert!(text.contains("| migrations failing verify or with kernel errors | 0 | 0 | PASS |"));
+        assert!(!text.contains("Failures"));
+        let mut r = canned();
+        r.failures.push("qemu-hint: boot\nline 2".into());
+        assert!(markdown(&r).contains("- qemu-hint: boot\n  line 2\n"));
+    }
+
+    #[test]
+    fn results_round_trip_through_json() {
+        let r = canned();
+        let path = std::env::temp_dir().join(format!("ferry-bench-{}.json", std::process::id()));
+        r.save(&path).unwrap();
+        assert_eq!(Results::load(&path).unwrap(), r);
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,331 @@
+//! What a benchmark run measured: one [`Sample`] per migration, grouped into [`Case`]s of the
+//! matrix (workload x [`Variant`]), saved as JSON (`build/bench/results.json`).
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why results could not be saved or loaded.
+#[derive(Debug, Error)]
+pub enum ResultsError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The file is not valid results JSON.
+    #[error("{path} is not a results file: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: serde_json::Error,
+    },
+}
+
+/// What the guest does while it is migrated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Nothing: the guest idles after boot (and after the data set was written).
+    Idle,
+    /// Most of the guest's RAM touched with data, then freed, just before the migration.
+    Freed,
+    /// A background writer dirtying a working set at a fixed rate during the migration.
+    Dirty,
+}
+
+impl Workload {
+    /// Every workload, in table order.
+    pub const ALL: [Self; 3] = [Self::Idle, Self::Freed, Self::Dirty];
+
+    /// Lower-case name, as in the tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Freed => "freed",
+            Self::Dirty => "dirty",
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which VMM migrates, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// ferry's VMM, hint sources off: every page is read and sent.
+    FerryOff,
+    /// ferry's VMM, hint sources on (balloon hints, reported ranges, unpopulated memory).
+    FerryOn,
+    /// Debian's QEMU, balloon without `free-page-hint`.
+    QemuOff,
+    /// Debian's QEMU, balloon with `free-page-hint=on` (on an iothread).
+    QemuHint,
+}
+
+impl Variant {
+    /// Every variant, in table and chart order.
+    pub const ALL: [Self; 4] = [Self::FerryOff, Self::FerryOn, Self::QemuOff, Self::QemuHint];
+
+    /// Column heading.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FerryOff => "ferry off",
+            Self::FerryOn => "ferry on",
+            Self::QemuOff => "QEMU off",
+            Self::QemuHint => "QEMU hint",
+        }
+    }
+
+    /// True for ferry's VMM.
+    pub fn is_ferry(self) -> bool {
+        matches!(self, Self::FerryOff | Self::FerryOn)
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// One migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Start of the migration to completion, as the VMM reports it, milliseconds.
+    pub total_ms: f64,
+    /// Guest paused, as the VMM reports it, milliseconds.
+    pub downtime_ms: f64,
+    /// Bytes the source sent (ferry: all stream bytes; QEMU: `ram.transferred`).
+    pub bytes: u64,
+    /// Pages sent with their data.
+    pub pages_sent: u64,
+    /// Zero pages (sent as a marker, or not at all).
+    pub pages_zero: u64,
+    /// Pages skipped by hints (ferry only; QEMU does not count them).
+    pub pages_skipped: u64,
+    /// Dirty-log syncs (QEMU) or rounds (ferry).
+    pub rounds: u64,
+    /// Request to completion as seen by the benchmark, milliseconds.
+    pub wall_ms: f64,
+    /// The agent's `verify` on the destination passed.
+    pub verified: bool,
+    /// The agent's `verify` answer (or the error).
+    pub verify_answer: String,
+    /// Kernel error lines on the source's console (the guest as migrated away).
+    pub kernel_errors: Vec<String>,
+}
+
+/// The samples of one cell of the matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Case {
+    /// The workload.
+    pub workload: Workload,
+    /// The VMM and its hint setting.
+    pub variant: Variant,
+    /// One per repetition.
+    pub samples: Vec<Sample>,
+}
+
+/// Medians over a case's samples.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Medians {
+    /// Total time, ms.
+    pub total_ms: f64,
+    /// Downtime, ms.
+    pub downtime_ms: f64,
+    /// Bytes sent.
+    pub bytes: f64,
+    /// Number of samples.
+    pub runs: usize,
+    /// Every sample verified.
+    pub all_verified: bool,
+}
+
+impl Case {
+    /// Medians of the samples; `None` without any.
+    pub fn medians(&self) -> Option<Medians> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let of = |f: fn(&Sample) -> f64| median(self.samples.iter().map(f).collect());
+        Some(Medians {
+            total_ms: of(|s| s.total_ms),
+            downtime_ms: of(|s| s.downtime_ms),
+            bytes: of(|s| s.bytes as f64),
+            runs: self.samples.len(),
+            all_verified: self.samples.iter().all(|s| s.verified),
+        })
+    }
+}
+
+/// The median (mean of the middle two for an even count); NaN for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// The guest and workload settings of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
+    /// Guest vCPUs.
+    pub vcpus: u32,
+    /// The agent's integrity data set, MiB.
+    pub dataset_mib: u64,
+    /// What the freed workload touches and frees, MiB.
+    pub freed_mib: u64,
+    /// The dirty workload's working set, MiB.
+    pub dirty_mib: u64,
+    /// The dirty workload's rate, MiB/s.
+    pub dirty_rate_mib_s: u64,
+    /// Migrations per case.
+    pub repeat: u32,
+    /// ferry's and QEMU's downtime limit, ms.
+    pub downtime_limit_ms: u64,
+    /// QEMU's balloon also offers free page reporting (ferry's always does).
+    pub qemu_reporting: bool,
+    /// `qemu-system-x86_64 --version`, first line.
+    pub qemu_version: String,
+    /// Where it ran: `lab` (nested KVM under TCG) or `hardware KVM`.
+    pub host: String,
+}
+
+/// A whole benchmark run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    /// UTC time the run started, `YYYY-MM-DD HH:MM`.
+    pub date: String,
+    /// The command line that produced it.
+    pub command: String,
+    /// Settings.
+    pub setup: Setup,
+    /// The matrix, in the order measured.
+    pub cases: Vec<Case>,
+    /// What failed (a VMM's session ends at its first failure; the others still run).
+    pub failures: Vec<String>,
+}
+
+impl Results {
+    /// The case for `workload` and `variant`, if measured.
+    pub fn case(&self, workload: Workload, variant: Variant) -> Option<&Case> {
+        self.cases
+            .iter()
+            .find(|c| c.workload == workload && c.variant == variant)
+    }
+
+    /// Medians of a case with at least one sample.
+    pub fn medians(&self, workload: Workload, variant: Variant) -> Option<Medians> {
+        self.case(workload, variant).and_then(Case::medians)
+    }
+
+    /// Adds a sample to its case (creating the case).
+    pub fn push(&mut self, workload: Workload, variant: Variant, sample: Sample) {
+        match self
+            .cases
+            .iter_mut()
+            .find(|c| c.workload == workload && c.variant == variant)
+        {
+            Some(case) => case.samples.push(sample),
+            None => self.cases.push(Case {
+                workload,
+                variant,
+                samples: vec![sample],
+            }),
+        }
+    }
+
+    /// Writes the results as pretty JSON, creating the directory.
+    pub fn save(&self, path: &Path) -> Result<(), ResultsError> {
+        let io = |source| ResultsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io)?;
+        }
+        let text = serde_json::to_string_pretty(self).map_err(|source| ResultsError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        fs::write(path, text + "\n").map_err(io)
+    }
+
+    /// Reads results saved by [`Results::save`].
+    pub fn load(path: &Path) -> Result<Self, ResultsError> {
+        let text = fs::read_to_string(path).map_err(|source| ResultsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ResultsError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// `YYYY-MM-DD HH:MM` (UTC) for seconds since the Unix epoch.
+pub fn utc_date(unix_secs: u64) -> String {
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60
+    )
+}
+
+/// The current UTC time as [`utc_date`] formats it.
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_date(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_dates() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+        assert_eq!(utc_date(0), "1970-01-01 00:00");
+        assert_eq!(utc_date(1_795_740_000), "2026-11-27 00:40");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00");
+    }
+}

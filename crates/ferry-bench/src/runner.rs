@@ -1,0 +1,397 @@
+//! The matrix runner: for each VMM setting, boot one guest, write the agent's integrity data
+//! set, then for every repetition and workload migrate it to a fresh destination process over
+//! loopback TCP and check the data set there. ferry's guest hops with hints off, then on, per
+//! workload; QEMU's balloon decides hinting when it boots, so QEMU gets one guest without and
+//! one with `free-page-hint`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestError, GuestImage, ImageError};
+use thiserror::Error;
+
+use crate::qmp::QmpError;
+use crate::results::{now_utc, Results, Sample, Setup, Variant, Workload};
+use crate::sessions::{FerrySession, QemuSession, Session};
+
+/// Boot under nested KVM in a loaded lab: up to minutes.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
+/// Agent commands (`verify` of the data set, the freed workload) in the lab.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Room the freed workload leaves below the guest's MemAvailable, MiB.
+const FREED_HEADROOM_MIB: u64 = 64;
+
+/// Why the benchmark (or one VMM's part of it) failed.
+#[derive(Debug, Error)]
+pub enum BenchError {
+    /// No hardware KVM here.
+    #[error("no hardware KVM here (PVM or none): run the benchmark through lab/run")]
+    NoKvm,
+    /// The guest image is missing.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A VMM process could not be started or stopped.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// The guest agent did not answer as expected.
+    #[error("{what}: {source}")]
+    Agent {
+        /// What was asked.
+        what: String,
+        /// The agent's error.
+        source: AgentError,
+    },
+    /// The agent answered something unexpected.
+    #[error("unexpected agent answer to `{command}`: {answer}")]
+    Answer {
+        /// The command.
+        command: String,
+        /// Its answer.
+        answer: String,
+    },
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// A VMM misbehaved (exited, refused, migration failed).
+    #[error("{0}")]
+    Vmm(String),
+    /// Something did not happen in time.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// A local I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// The `ferry` binary (its `run` and `receive` commands are ferry's VMM).
+    pub ferry_binary: PathBuf,
+    /// Debian's `qemu-system-x86_64`.
+    pub qemu_binary: PathBuf,
+    /// Guest RAM, MiB (both VMMs).
+    pub memory_mib: u64,
+    /// Guest vCPUs (both VMMs).
+    pub vcpus: u32,
+    /// Integrity data set, MiB.
+    pub dataset_mib: u64,
+    /// Freed workload size, MiB; by default 3/4 of the guest's RAM, at most its MemAvailable
+    /// less 64 MiB (measured on the first guest and then used for all).
+    pub freed_mib: Option<u64>,
+    /// Dirty workload working set, MiB.
+    pub dirty_mib: u64,
+    /// Dirty workload rate, MiB/s.
+    pub dirty_rate_mib_s: u64,
+    /// Migrations per case.
+    pub repeat: u32,
+    /// Downtime limit for both VMMs, ms.
+    pub downtime_limit_ms: u64,
+    /// QEMU's balloon also offers free page reporting, as ferry's does.
+    pub qemu_reporting: bool,
+    /// Workloads to run.
+    pub workloads: Vec<Workload>,
+    /// Variants to run.
+    pub variants: Vec<Variant>,
+    /// The command line, for the results.
+    pub command: String,
+}
+
+impl BenchConfig {
+    /// The defaults of `ferry bench-vm`: 1 GiB, 1 vCPU, data set 32 MiB, freed 3/4 of RAM,
+    /// dirty 64 MiB at 16 MiB/s, one run, 300 ms, every workload and variant.
+    pub fn new(ferry_binary: PathBuf) -> Self {
+        Self {
+            ferry_binary,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            memory_mib: 1024,
+            vcpus: 1,
+            dataset_mib: 32,
+            freed_mib: None,
+            dirty_mib: 64,
+            dirty_rate_mib_s: 16,
+            repeat: 1,
+            downtime_limit_ms: 300,
+            qemu_reporting: true,
+            workloads: Workload::ALL.to_vec(),
+            variants: Variant::ALL.to_vec(),
+            command: String::new(),
+        }
+    }
+}
+
+/// A VMM setting: one booted guest migrated for each of `variants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Ferry,
+    QemuOff,
+    QemuHint,
+}
+
+impl Group {
+    fn variants(self) -> &'static [Variant] {
+        match self {
+            Self::Ferry => &[Variant::FerryOff, Variant::FerryOn],
+            Self::QemuOff => &[Variant::QemuOff],
+            Self::QemuHint => &[Variant::QemuHint],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ferry => "ferry",
+            Self::QemuOff => "qemu-off",
+            Self::QemuHint => "qemu-hint",
+        }
+    }
+}
+
+fn qemu_version(binary: &std::path::Path) -> String {
+    std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("{} (version unknown)", binary.display()))
+}
+
+/// Runs the matrix; `log` receives one line per step. A failing VMM setting is recorded in
+/// [`Results::failures`] and the others still run; only a missing KVM or image is an error.
+pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
+    if !hw_kvm_usable() {
+        return Err(BenchError::NoKvm);
+    }
+    let image = GuestImage::locate()?;
+    let mut results = Results {
+        date: now_utc(),
+        command: config.command.clone(),
+        setup: Setup {
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            dataset_mib: config.dataset_mib,
+            freed_mib: config.freed_mib.unwrap_or(0),
+            dirty_mib: config.dirty_mib,
+            dirty_rate_mib_s: config.dirty_rate_mib_s,
+            repeat: config.repeat,
+            downtime_limit_ms: config.downtime_limit_ms,
+            qemu_reporting: config.qemu_reporting,
+            qemu_version: qemu_version(&config.qemu_binary),
+            host: if std::path::Path::new("/run/ferry-lab").exists() {
+                "lab (nested KVM under TCG)".into()
+            } else {
+                "hardware KVM".into()
+            },
+        },
+        cases: Vec::new(),
+        failures: Vec::new(),
+    };
+    let mut freed_mib = config.freed_mib;
+    for group in [Group::Ferry, Group::QemuOff, Group::QemuHint] {
+        let variants: Vec<Variant> = group
+            .variants()
+            .iter()
+            .copied()
+            .filter(|v| config.variants.contains(v))
+            .collect();
+        if variants.is_empty() {
+            continue;
+        }
+        let mut guest = GuestConfig::new(image.clone());
+        guest.mem_mib = u32::try_from(config.memory_mib).unwrap_or(u32::MAX);
+        guest.vcpus = config.vcpus;
+        guest.free_page_hint = group != Group::QemuOff;
+        guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-bench-{}-{}",
+            std::process::id(),
+            group.name()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        log(&format!("{}: booting the guest", group.name()));
+        let outcome = (|| {
+            let mut session: Box<dyn Session> = match group {
+                Group::Ferry => Box::new(FerrySession::boot(&config.ferry_binary, &dir, &guest)?),
+                _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),
+            };
+            let run = run_group(
+                session.as_mut(),
+                config,
+                &variants,
+                &mut freed_mib,
+                &mut results,
+                log,
+            );
+            if run.is_err() {
+                log(&format!(
+                    "{}: the current VMM's output:\n{}",
+                    group.name(),
+                    session.vmm_log()
+                ));
+            }
+            run
+        })();
+        if let Err(e) = outcome {
+            log(&format!("{}: FAILED: {e}", group.name()));
+            results.failures.push(format!("{}: {e}", group.name()));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    results.setup.freed_mib = freed_mib.unwrap_or(0);
+    Ok(results)
+}
+
+fn command(session: &mut dyn Session, command: &str) -> Result<String, BenchError> {
+    session
+        .agent()
+        .command(command, COMMAND_TIMEOUT)
+        .map_err(|source| BenchError::Agent {
+            what: format!("`{command}`"),
+            source,
+        })
+}
+
+fn expect(answer: String, command: &str, ok: bool) -> Result<String, BenchError> {
+    if ok {
+        Ok(answer)
+    } else {
+        Err(BenchError::Answer {
+            command: command.to_string(),
+            answer,
+        })
+    }
+}
+
+/// The freed workload's size for this guest: 3/4 of its RAM, at most MemAvailable less
+/// [`FREED_HEADROOM_MIB`].
+fn freed_size(session: &mut dyn Session, memory_mib: u64) -> Result<u64, BenchError> {
+    let meminfo = command(session, "meminfo")?;
+    let available_kib = meminfo
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("available_kib="))
+        .and_then(|n| n.parse::<u64>().ok());
+    let Some(available_kib) = available_kib else {
+        return Err(BenchError::Answer {
+            command: "meminfo".into(),
+            answer: meminfo,
+        });
+    };
+    Ok((memory_mib * 3 / 4).min((available_kib / 1024).saturating_sub(FREED_HEADROOM_MIB)))
+}
+
+fn run_group(
+    session: &mut dyn Session,
+    config: &BenchConfig,
+    variants: &[Variant],
+    freed_mib: &mut Option<u64>,
+    results: &mut Results,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), BenchError> {
+    session
+        .agent()
+        .wait_ready(BOOT_TIMEOUT)
+        .map_err(|source| BenchError::Agent {
+            what: "waiting for the guest to boot".into(),
+            source,
+        })?;
+    let features = command(session, "features")?;
+    log(&format!("guest up; balloon: {features}"));
+    let dataset = format!("dataset {}", config.dataset_mib);
+    let pages = config.dataset_mib * 256;
+    let answer = command(session, &dataset)?;
+    expect(
+        answer.clone(),
+        &dataset,
+        answer.starts_with("dataset pages="),
+    )?;
+    let freed = match *freed_mib {
+        Some(n) => n,
+        None => {
+            let n = freed_size(session, config.memory_mib)?;
+            *freed_mib = Some(n);
+            n
+        }
+    };
+    for run in 1..=config.repeat {
+        for &workload in &config.workloads {
+            for &variant in variants {
+                let start = match workload {
+                    Workload::Idle => "workload idle".to_string(),
+                    Workload::Freed => format!("workload freed {freed}"),
+                    Workload::Dirty => format!(
+                        "workload dirty {} {}",
+                        config.dirty_mib, config.dirty_rate_mib_s
+                    ),
+                };
+                command(session, &start)?;
+                let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
+                let m = session.migrate(hints, config.downtime_limit_ms)?;
+                let verify = session.agent().command("verify", COMMAND_TIMEOUT);
+                let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
+                let verify_answer = match verify {
+                    Ok(a) => a,
+                    Err(e) => e.to_string(),
+                };
+                if workload == Workload::Dirty {
+                    let stop = command(session, "workload stop")?;
+                    expect(stop.clone(), "workload stop", stop.contains("kind=dirty"))?;
+                }
+                log(&format!(
+                    "run {run}, {workload}, {variant}: {:.1} MiB, {:.0} ms, downtime {:.1} ms, \
+                     {} rounds; {verify_answer}",
+                    m.bytes as f64 / f64::from(1 << 20),
+                    m.total_ms,
+                    m.downtime_ms,
+                    m.rounds
+                ));
+                if !verified {
+                    // Start over with a fresh data set so the next cases are checked again.
+                    command(session, &dataset)?;
+                }
+                results.push(
+                    workload,
+                    variant,
+                    Sample {
+                        total_ms: m.total_ms,
+                        downtime_ms: m.downtime_ms,
+                        bytes: m.bytes,
+                        pages_sent: m.pages_sent,
+                        pages_zero: m.pages_zero,
+                        pages_skipped: m.pages_skipped,
+                        rounds: m.rounds,
+                        wall_ms: m.wall_ms,
+                        verified,
+                        verify_answer,
+                        kernel_errors: m.source_kernel_errors,
+                    },
+                );
+            }
+        }
+    }
+    command(session, "shutdown")?;
+    let errors = session.agent().kernel_errors();
+    if !errors.is_empty() {
+        return Err(BenchError::Vmm(format!(
+            "kernel errors on the last guest console:\n{}",
+            errors.join("\n")
+        )));
+    }
+    Ok(())
+}

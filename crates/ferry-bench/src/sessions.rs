@@ -1,0 +1,411 @@
+//! One guest migrating from VMM process to VMM process: under ferry's VMM (`ferry run`, then
+//! `ferry receive` destinations, migrated through the control API) or under Debian's QEMU
+//! (`-incoming` destinations, migrated through QMP). After each hop the destination is the new
+//! source; the old source's console is checked for kernel errors.
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ferry_lab::{AgentClient, Guest, GuestConfig, QemuMicrovm, Vmm};
+use ferry_vmm::migration::{request_migration, MigrateOptions};
+use serde_json::json;
+
+use crate::qmp::Qmp;
+use crate::runner::BenchError;
+
+/// How long a VMM may take to start (QEMU loads its libraries over 9p in the lab).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the source VMM may take to exit after a migration.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest migration the benchmark waits for.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const POLL: Duration = Duration::from_millis(50);
+/// QEMU's bandwidth limit is on by default (128 MiB/s); ferry has none. Lift it.
+const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
+
+/// What one migration measured, before the integrity check on the destination.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Migrated {
+    /// As the VMM reports it, ms.
+    pub total_ms: f64,
+    /// As the VMM reports it, ms.
+    pub downtime_ms: f64,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Pages with data.
+    pub pages_sent: u64,
+    /// Zero pages.
+    pub pages_zero: u64,
+    /// Pages skipped by hints.
+    pub pages_skipped: u64,
+    /// Rounds or dirty-log syncs.
+    pub rounds: u64,
+    /// As the benchmark saw it, ms.
+    pub wall_ms: f64,
+    /// Kernel errors on the old source's console.
+    pub source_kernel_errors: Vec<String>,
+}
+
+/// A guest that can be migrated to a fresh destination process on this machine.
+pub trait Session {
+    /// The agent of the guest where it runs now.
+    fn agent(&mut self) -> &mut AgentClient;
+    /// Migrates the guest to a new VMM process, which becomes the current one.
+    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError>;
+    /// What the current VMM process printed.
+    fn vmm_log(&self) -> String;
+}
+
+/// ferry's VMM as a [`Vmm`] for `ferry-lab`: `ferry run`, or `ferry receive` when `listen` is
+/// set (a destination that waits for a migration).
+#[derive(Debug, Clone)]
+pub struct FerryVmm {
+    /// The `ferry` binary.
+    pub binary: PathBuf,
+    /// The control API socket.
+    pub api_socket: PathBuf,
+    /// `ferry receive --listen` address.
+    pub listen: Option<String>,
+}
+
+impl Vmm for FerryVmm {
+    fn name(&self) -> &str {
+        if self.listen.is_some() {
+            "ferry-receive"
+        } else {
+            "ferry-run"
+        }
+    }
+
+    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
+        let mut balloon = Vec::new();
+        if guest.free_page_hint {
+            balloon.push("hint");
+        }
+        if guest.free_page_reporting {
+            balloon.push("report");
+        }
+        balloon.push("stats");
+        let mut serial = OsString::from("socket:");
+        serial.push(serial_socket);
+        let mut command = Command::new(&self.binary);
+        match &self.listen {
+            Some(listen) => command.args(["receive", "--listen", listen]),
+            None => command.arg("run"),
+        };
+        command
+            .arg("--kernel")
+            .arg(&guest.image.kernel)
+            .arg("--initrd")
+            .arg(&guest.image.initrd)
+            .args(["--cmdline", &guest.cmdline])
+            .args(["--memory", &format!("{}M", guest.mem_mib)])
+            .args(["--vcpus", &guest.vcpus.to_string()])
+            .args(["--balloon", &balloon.join(",")])
+            // The lab's nested CPUID has inconsistent XSAVE sizes (QEMU gets xsave=off too).
+            .arg("--no-xsave")
+            .arg("--serial")
+            .arg(serial)
+            .arg("--api-socket")
+            .arg(&self.api_socket);
+        command
+    }
+}
+
+/// Waits until `done` returns `Some`, polling; `what` names it in the timeout error.
+fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> Result<Option<T>, BenchError>,
+) -> Result<T, BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = done()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(BenchError::Timeout {
+                what: what.to_string(),
+                timeout,
+            });
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// The old source must exit (ferry) or is stopped (QEMU); either way its console is checked.
+fn retire(source: &mut Guest) -> Vec<String> {
+    source.agent().kernel_errors()
+}
+
+/// A guest under ferry's VMM.
+pub struct FerrySession {
+    binary: PathBuf,
+    dir: PathBuf,
+    config: GuestConfig,
+    guest: Guest,
+    api: PathBuf,
+    hops: u32,
+}
+
+impl FerrySession {
+    /// Boots the guest under `ferry run`; sockets go to `dir`.
+    pub fn boot(binary: &Path, dir: &Path, config: &GuestConfig) -> Result<Self, BenchError> {
+        let api = dir.join("vm0.api");
+        let vmm = FerryVmm {
+            binary: binary.to_path_buf(),
+            api_socket: api.clone(),
+            listen: None,
+        };
+        let guest = Guest::spawn(&vmm, config)?;
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            guest,
+            api,
+            hops: 0,
+        })
+    }
+}
+
+impl Session for FerrySession {
+    fn agent(&mut self) -> &mut AgentClient {
+        self.guest.agent()
+    }
+
+    fn vmm_log(&self) -> String {
+        self.guest.vmm_log()
+    }
+
+    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError> {
+        self.hops += 1;
+        let api = self.dir.join(format!("vm{}.api", self.hops));
+        let vmm = FerryVmm {
+            binary: self.binary.clone(),
+            api_socket: api.clone(),
+            listen: Some("127.0.0.1:0".into()),
+        };
+        let mut dest = Guest::spawn(&vmm, &self.config)?;
+        const MARK: &str = "waiting for a migration on ";
+        let endpoint = poll("ferry receive to listen", START_TIMEOUT, || {
+            let log = dest.vmm_log();
+            if let Some(line) = log.lines().find(|l| l.contains(MARK)) {
+                let at = line.find(MARK).unwrap_or(0) + MARK.len();
+                return Ok(Some(line[at..].trim().to_string()));
+            }
+            if dest.wait_exit(Duration::ZERO).is_ok() {
+                return Err(BenchError::Vmm(format!(
+                    "ferry receive exited before listening:\n{log}"
+                )));
+            }
+            Ok(None)
+        })?;
+        let options = MigrateOptions {
+            hints,
+            downtime_ms,
+            ..MigrateOptions::default()
+        };
+        let started = Instant::now();
+        let stats = request_migration(&self.api, &endpoint, &options).map_err(|e| {
+            BenchError::Vmm(format!(
+                "migration to {endpoint} failed: {e}\ndestination log:\n{}",
+                dest.vmm_log()
+            ))
+        })?;
+        let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let status = self.guest.wait_exit(EXIT_TIMEOUT)?;
+        if !status.success() {
+            return Err(BenchError::Vmm(format!(
+                "the source VMM exited with {status} after migrating:\n{}",
+                self.guest.vmm_log()
+            )));
+        }
+        let source_kernel_errors = retire(&mut self.guest);
+        self.guest = dest;
+        self.api = api;
+        Ok(Migrated {
+            total_ms: stats.total_ms,
+            downtime_ms: stats.downtime_ms,
+            bytes: stats.bytes,
+            pages_sent: stats.pages_sent,
+            pages_zero: stats.pages_zero,
+            pages_skipped: stats.pages_skipped_total(),
+            rounds: stats.rounds.len() as u64,
+            wall_ms,
+            source_kernel_errors,
+        })
+    }
+}
+
+/// A guest under Debian's QEMU (`-M microvm,acpi=on`), with QMP.
+pub struct QemuSession {
+    binary: PathBuf,
+    dir: PathBuf,
+    config: GuestConfig,
+    guest: Guest,
+    qmp: Qmp,
+    hops: u32,
+}
+
+fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>) -> QemuMicrovm {
+    let mut qmp_arg = OsString::from("unix:");
+    qmp_arg.push(qmp);
+    qmp_arg.push(",server=on,wait=off");
+    let mut extra_args = vec!["-qmp".into(), qmp_arg];
+    if let Some(port) = incoming {
+        extra_args.push("-incoming".into());
+        extra_args.push(format!("tcp:127.0.0.1:{port}").into());
+    }
+    QemuMicrovm {
+        binary: binary.to_path_buf(),
+        extra_args,
+    }
+}
+
+/// A free loopback TCP port (free when this returns; QEMU binds it right after).
+fn free_port() -> Result<u16, BenchError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Io {
+        what: "finding a free loopback port".into(),
+        source,
+    })?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|source| BenchError::Io {
+            what: "finding a free loopback port".into(),
+            source,
+        })
+}
+
+impl QemuSession {
+    /// Boots the guest under QEMU; `config.free_page_hint` selects the balloon's
+    /// `free-page-hint` (on: QEMU hints during every migration). Sockets go to `dir`.
+    pub fn boot(binary: &Path, dir: &Path, config: &GuestConfig) -> Result<Self, BenchError> {
+        let path = dir.join("q0.qmp");
+        let guest = Guest::spawn(&qemu(binary, &path, None), config)?;
+        let qmp = Qmp::connect(&path, START_TIMEOUT)?;
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            dir: dir.to_path_buf(),
+            config: config.clone(),
+            guest,
+            qmp,
+            hops: 0,
+        })
+    }
+}
+
+impl Session for QemuSession {
+    fn agent(&mut self) -> &mut AgentClient {
+        self.guest.agent()
+    }
+
+    fn vmm_log(&self) -> String {
+        self.guest.vmm_log()
+    }
+
+    /// `hints` is fixed by the balloon device QEMU was started with.
+    fn migrate(&mut self, _hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError> {
+        self.hops += 1;
+        let path = self.dir.join(format!("q{}.qmp", self.hops));
+        let port = free_port()?;
+        let dest = Guest::spawn(&qemu(&self.binary, &path, Some(port)), &self.config)?;
+        // QMP is served from QEMU's main loop, which starts after -incoming is listening.
+        let mut dest_qmp = Qmp::connect(&path, START_TIMEOUT)?;
+        let state = dest_qmp.run_state()?;
+        if state != "inmigrate" {
+            return Err(BenchError::Vmm(format!(
+                "the destination QEMU is {state}, not waiting for a migration"
+            )));
+        }
+        self.qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "downtime-limit": downtime_ms, "max-bandwidth": QEMU_MAX_BANDWIDTH })),
+        )?;
+        let started = Instant::now();
+        self.qmp.execute(
+            "migrate",
+            Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+        )?;
+        let qmp = &mut self.qmp;
+        let info = poll("QEMU's migration", MIGRATION_TIMEOUT, || {
+            let info = qmp.query_migrate()?;
+            match info.status.as_deref() {
+                Some("completed") => Ok(Some(info)),
+                Some(s @ ("failed" | "cancelled")) => Err(BenchError::Vmm(format!(
+                    "QEMU's migration {s}: {}",
+                    info.error_desc.unwrap_or_default()
+                ))),
+                _ => Ok(None),
+            }
+        })?;
+        let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        poll("the destination QEMU to run", START_TIMEOUT, || {
+            Ok((dest_qmp.run_state()? == "running").then_some(()))
+        })?;
+        let source_kernel_errors = retire(&mut self.guest);
+        // The source sits in `postmigrate`; ask it to quit (dropping the guest kills it anyway).
+        let _ = self.qmp.execute("quit", None);
+        let ram = info.ram.unwrap_or_default();
+        self.guest = dest;
+        self.qmp = dest_qmp;
+        Ok(Migrated {
+            total_ms: info.total_time.unwrap_or_default() as f64,
+            downtime_ms: info.downtime.unwrap_or_default() as f64,
+            bytes: ram.transferred,
+            pages_sent: ram.normal,
+            pages_zero: ram.duplicate,
+            pages_skipped: 0,
+            rounds: ram.dirty_sync_count,
+            wall_ms,
+            source_kernel_errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_lab::GuestImage;
+
+    #[test]
+    fn ferry_command_lines_for_the_source_and_a_destination() {
+        let mut config = GuestConfig::new(GuestImage {
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+        });
+        config.mem_mib = 1024;
+        config.free_page_reporting = false;
+        let mut vmm = FerryVmm {
+            binary: "/bin/ferry".into(),
+            api_socket: "/run/a.api".into(),
+            listen: None,
+        };
+        let args = |vmm: &FerryVmm| -> Vec<String> {
+            vmm.command(&config, Path::new("/run/s.sock"))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let run = args(&vmm);
+        assert_eq!(run[0], "run");
+        let after = |args: &[String], flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        assert_eq!(after(&run, "--memory"), "1024M");
+        assert_eq!(after(&run, "--balloon"), "hint,stats");
+        assert_eq!(after(&run, "--serial"), "socket:/run/s.sock");
+        assert_eq!(after(&run, "--api-socket"), "/run/a.api");
+        assert!(run.contains(&"--no-xsave".to_string()));
+        vmm.listen = Some("127.0.0.1:0".into());
+        let receive = args(&vmm);
+        assert_eq!(receive[..3], ["receive", "--listen", "127.0.0.1:0"]);
+        assert_eq!(vmm.name(), "ferry-receive");
+    }
+}
