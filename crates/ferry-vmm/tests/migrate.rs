@@ -31,6 +31,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u64 = 512;
 const DATASET_MIB: u64 = 32;
 /// Set in a destination process: the JSON of [`DestinationSpec`].
@@ -204,15 +205,16 @@ fn spawn_destination(dir: &Path, name: &str) -> Result<Pending> {
         }
     });
     let endpoint = loop {
-        match lines.recv_timeout(Duration::from_secs(60)) {
+        match lines.recv_timeout(LISTEN_TIMEOUT) {
             Ok(l) => {
                 if let Some(e) = l.strip_prefix("LISTENING ") {
                     break e.to_owned();
                 }
             }
             Err(_) => bail!(
-                "destination {name} did not start listening:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                "destination {name} did not start listening within {LISTEN_TIMEOUT:?}:\n{}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                kernel_stacks(child.id())
             ),
         }
     };
@@ -277,6 +279,25 @@ fn destination_process() -> Result<()> {
     let reason = ferry_vmm::migration::receive(spec.config, &listen, &mut Print)?;
     eprintln!("destination: the VM stopped: {reason:?}");
     Ok(())
+}
+
+/// Where each thread of a stuck process waits in the kernel (root only; best effort).
+fn kernel_stacks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid} is gone");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        out += &format!(
+            "thread {} ({}) wchan {}:\n{}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    out
 }
 
 fn is_heartbeat(line: &str) -> bool {
