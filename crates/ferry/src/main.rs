@@ -26,6 +26,8 @@ enum Command {
     Receive(cmd::receive::ReceiveArgs),
     /// Live-migrate a running VM (ask its VMM through --api) to a `ferry receive`.
     Migrate(cmd::migrate::MigrateArgs),
+    /// The demo with a real guest under ferry's VMM (in the lab without hardware KVM).
+    VmDemo(cmd::vmdemo::VmDemoArgs),
     /// Migrate a simulated guest between two processes over loopback TCP.
     Sim(cmd::sim::SimArgs),
     /// The demo: a simulated guest with freed memory migrated with hints off, then on.
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a.clone()),
         Command::Receive(a) => cmd::receive::run(a.clone()),
         Command::Migrate(a) => cmd::migrate::run(a),
+        Command::VmDemo(a) => cmd::vmdemo::run(a),
         Command::Sim(a) => cmd::sim::run(a),
         Command::Demo => {
             let args = cmd::sim::SimArgs::demo();

@@ -5,3 +5,4 @@ pub mod migrate;
 pub mod receive;
 pub mod run;
 pub mod sim;
+pub mod vmdemo;
