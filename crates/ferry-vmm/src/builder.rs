@@ -85,6 +85,10 @@ fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmErro
 
     let serial_irq = kvm.irqfd(layout::SERIAL_GSI)?;
     let (out, serial_in) = serial::open(&config.serial)?;
+    let out = match &config.console_log {
+        Some(path) => serial::ConsoleOut::with_log(out, path)?,
+        None => out.into(),
+    };
     let console = match state {
         Some(s) => SerialConsole::restore(serial_irq, out, &s.serial)?,
         None => SerialConsole::new(serial_irq, out),

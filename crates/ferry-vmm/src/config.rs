@@ -230,6 +230,9 @@ pub struct RunArgs {
     /// inconsistent XSAVE sizes; QEMU's equivalent is `-cpu host,xsave=off`).
     #[arg(long)]
     pub no_xsave: bool,
+    /// Also append everything the guest prints on the console to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -246,6 +249,7 @@ impl RunArgs {
             api_socket: self.api_socket,
             kvm_path: self.kvm,
             xsave: !self.no_xsave,
+            console_log: self.console_log,
         }
     }
 }
@@ -273,6 +277,9 @@ pub struct VmConfig {
     pub kvm_path: PathBuf,
     /// Offer XSAVE and AVX to the guest.
     pub xsave: bool,
+    /// A file that gets a copy of the console output.
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -293,6 +300,7 @@ impl VmConfig {
             api_socket: None,
             kvm_path: PathBuf::from("/dev/kvm"),
             xsave: true,
+            console_log: None,
         }
     }
 

@@ -126,6 +126,56 @@ impl Write for SerialOut {
     }
 }
 
+/// Console output plus an optional log file that gets a copy of everything the guest prints
+/// (useful with a socket console, whose client may connect late or not at all).
+#[derive(Debug)]
+pub struct ConsoleOut {
+    /// The console target's output.
+    pub out: SerialOut,
+    /// A file receiving a copy; dropped after its first write error.
+    pub log: Option<File>,
+}
+
+impl From<SerialOut> for ConsoleOut {
+    fn from(out: SerialOut) -> Self {
+        Self { out, log: None }
+    }
+}
+
+impl ConsoleOut {
+    /// `out` with a copy appended to the file at `path`.
+    pub fn with_log(out: SerialOut, path: &Path) -> Result<Self, SerialError> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| SerialError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            out,
+            log: Some(log),
+        })
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = self.log.as_mut() {
+            if log.write_all(buf).is_err() {
+                tracing::warn!("cannot write the console log; no longer copying the console");
+                self.log = None;
+            }
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// Serializable UART registers and receive FIFO (vm-superio's `SerialState`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SerialSnapshot {
@@ -174,7 +224,7 @@ impl From<&SerialSnapshot> for SerialState {
 
 /// COM1 as a port I/O bus device.
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, NoEvents, SerialOut>,
+    uart: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -185,19 +235,19 @@ impl std::fmt::Debug for SerialConsole {
 
 impl SerialConsole {
     /// A UART raising `irq` and printing to `out`.
-    pub fn new(irq: EventFd, out: SerialOut) -> Self {
+    pub fn new(irq: EventFd, out: impl Into<ConsoleOut>) -> Self {
         Self {
-            uart: Serial::new(EventFdTrigger(irq), out),
+            uart: Serial::new(EventFdTrigger(irq), out.into()),
         }
     }
 
     /// A UART continuing from `snapshot` (re-raising its pending interrupt).
     pub fn restore(
         irq: EventFd,
-        out: SerialOut,
+        out: impl Into<ConsoleOut>,
         snapshot: &SerialSnapshot,
     ) -> Result<Self, SerialError> {
-        let uart = Serial::from_state(&snapshot.into(), EventFdTrigger(irq), NoEvents, out)
+        let uart = Serial::from_state(&snapshot.into(), EventFdTrigger(irq), NoEvents, out.into())
             .map_err(|e| SerialError::State(format!("{e:?}")))?;
         Ok(Self { uart })
     }
@@ -379,6 +429,19 @@ mod tests {
         let mut rbr = [0u8];
         lock(&c).read(0, &mut rbr);
         assert_eq!(rbr[0], b'x');
+    }
+
+    #[test]
+    fn the_console_log_gets_a_copy() {
+        let path = std::env::temp_dir().join(format!("ferry-console-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let out = ConsoleOut::with_log(SerialOut::Sink, &path).unwrap();
+        let mut c = SerialConsole::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), out);
+        for b in b"boot\n" {
+            c.write(0, &[*b]);
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"boot\n");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
