@@ -475,7 +475,9 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
     eprintln!("\n{}\n", table.join("\n"));
     // The guest freed 256 MiB it had filled with data. Linux reports freed memory to the
     // balloon within seconds and the device discards it, so even without hints those pages
-    // read as zero and cost no bytes; what hints save is reading them at all (and time).
+    // read as zero and cost no bytes; what hints save is reading them. (Not necessarily time:
+    // the guest zeroes the blocks it hints, init_on_alloc=1, so they come back dirty in the
+    // next round; see docs/migration.md.)
     let (off, on) = (&freed[0], &freed[1]);
     ensure!(
         skipped(on, "balloon-hint") + skipped(on, "balloon-report") > 0,
@@ -483,7 +485,7 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
     );
     let read = |s: &MigrationStats| s.pages_sent + s.pages_zero;
     ensure!(
-        read(on) < read(off) / 2,
+        read(on) < read(off),
         "hints on read {} pages, off {}",
         read(on),
         read(off)
