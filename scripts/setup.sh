@@ -14,6 +14,7 @@ PACKAGES=(
     kmod            # depmod/modprobe: resolving the kernel modules' dependencies
     iproute2        # networking inside the lab
     jq              # lab/test: reading cargo's JSON output
+    fonts-dejavu-core # ferry bench-vm: text in the PNG charts
 )
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

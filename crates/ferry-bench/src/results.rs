@@ -5,6 +5,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -56,6 +57,17 @@ impl Workload {
     }
 }
 
+impl FromStr for Workload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown workload {s:?} (idle, freed, dirty)"))
+    }
+}
+
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -90,9 +102,29 @@ impl Variant {
         }
     }
 
+    /// Name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FerryOff => "ferry-off",
+            Self::FerryOn => "ferry-on",
+            Self::QemuOff => "qemu-off",
+            Self::QemuHint => "qemu-hint",
+        }
+    }
+
     /// True for ferry's VMM.
     pub fn is_ferry(self) -> bool {
         matches!(self, Self::FerryOff | Self::FerryOn)
+    }
+}
+
+impl FromStr for Variant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
+            format!("unknown variant {s:?} (ferry-off, ferry-on, qemu-off, qemu-hint)")
+        })
     }
 }
 
@@ -327,5 +359,8 @@ mod tests {
         assert_eq!(utc_date(0), "1970-01-01 00:00");
         assert_eq!(utc_date(1_795_740_000), "2026-11-27 00:40");
         assert_eq!(utc_date(951_782_400), "2000-02-29 00:00");
+        assert_eq!("freed".parse(), Ok(Workload::Freed));
+        assert_eq!("qemu-hint".parse(), Ok(Variant::QemuHint));
+        assert!("qemu".parse::<Variant>().is_err());
     }
 }

@@ -4,9 +4,11 @@
 //! source; the old source's console is checked for kernel errors.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -137,9 +139,110 @@ fn poll<T>(
     }
 }
 
-/// The old source must exit (ferry) or is stopped (QEMU); either way its console is checked.
-fn retire(source: &mut Guest) -> Vec<String> {
-    source.agent().kernel_errors()
+/// One ferry VMM process (`ferry run` or `ferry receive`) and, once the guest runs there, the
+/// agent on its console. `ferry-lab`'s [`Guest`] connects to the console right after the start,
+/// but `ferry receive` creates its serial socket only when it restores the migrated VM, so
+/// ferry's processes are managed here. Killed when dropped.
+struct FerryNode {
+    child: Child,
+    serial: PathBuf,
+    api: PathBuf,
+    log: PathBuf,
+    agent: Option<AgentClient>,
+}
+
+impl FerryNode {
+    /// Starts `ferry run` (no `listen`) or `ferry receive --listen` as hop `hop` in `dir`.
+    fn spawn(
+        binary: &Path,
+        dir: &Path,
+        hop: u32,
+        listen: Option<&str>,
+        config: &GuestConfig,
+    ) -> Result<Self, BenchError> {
+        let (serial, api, log) = (
+            dir.join(format!("vm{hop}.serial")),
+            dir.join(format!("vm{hop}.api")),
+            dir.join(format!("vm{hop}.log")),
+        );
+        let vmm = FerryVmm {
+            binary: binary.to_path_buf(),
+            api_socket: api.clone(),
+            listen: listen.map(str::to_string),
+        };
+        let io = |what: &str, source| BenchError::Io {
+            what: format!("{what} {}", log.display()),
+            source,
+        };
+        let out = File::create(&log).map_err(|e| io("creating", e))?;
+        let err = out.try_clone().map_err(|e| io("opening", e))?;
+        let child = vmm
+            .command(config, &serial)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| BenchError::Io {
+                what: format!("starting {}", binary.display()),
+                source,
+            })?;
+        Ok(Self {
+            child,
+            serial,
+            api,
+            log,
+            agent: None,
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitStatus>, BenchError> {
+        self.child.try_wait().map_err(|source| BenchError::Io {
+            what: "waiting for the VMM".into(),
+            source,
+        })
+    }
+
+    /// Connects to the guest's console once the socket exists.
+    fn attach(&mut self) -> Result<&mut AgentClient, BenchError> {
+        if self.agent.is_none() {
+            let serial = self.serial.clone();
+            let stream = poll("the VMM's serial socket", START_TIMEOUT, || {
+                if let Some(status) = self.exited()? {
+                    return Err(BenchError::Vmm(format!(
+                        "the VMM exited ({status}) before its console was up:\n{}",
+                        self.log()
+                    )));
+                }
+                Ok(UnixStream::connect(&serial).ok())
+            })?;
+            let reader = stream.try_clone().map_err(|source| BenchError::Io {
+                what: format!("connecting to {}", serial.display()),
+                source,
+            })?;
+            self.agent = Some(AgentClient::new(reader, stream));
+        }
+        Ok(self.agent.as_mut().expect("attached above"))
+    }
+
+    fn kernel_errors(&self) -> Vec<String> {
+        self.agent
+            .as_ref()
+            .map(AgentClient::kernel_errors)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for FerryNode {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// A guest under ferry's VMM.
@@ -147,27 +250,20 @@ pub struct FerrySession {
     binary: PathBuf,
     dir: PathBuf,
     config: GuestConfig,
-    guest: Guest,
-    api: PathBuf,
+    node: FerryNode,
     hops: u32,
 }
 
 impl FerrySession {
-    /// Boots the guest under `ferry run`; sockets go to `dir`.
+    /// Boots the guest under `ferry run`; sockets and logs go to `dir`.
     pub fn boot(binary: &Path, dir: &Path, config: &GuestConfig) -> Result<Self, BenchError> {
-        let api = dir.join("vm0.api");
-        let vmm = FerryVmm {
-            binary: binary.to_path_buf(),
-            api_socket: api.clone(),
-            listen: None,
-        };
-        let guest = Guest::spawn(&vmm, config)?;
+        let mut node = FerryNode::spawn(binary, dir, 0, None, config)?;
+        node.attach()?;
         Ok(Self {
             binary: binary.to_path_buf(),
             dir: dir.to_path_buf(),
             config: config.clone(),
-            guest,
-            api,
+            node,
             hops: 0,
         })
     }
@@ -175,32 +271,34 @@ impl FerrySession {
 
 impl Session for FerrySession {
     fn agent(&mut self) -> &mut AgentClient {
-        self.guest.agent()
+        self.node
+            .agent
+            .get_or_insert_with(|| AgentClient::new(std::io::empty(), std::io::sink()))
     }
 
     fn vmm_log(&self) -> String {
-        self.guest.vmm_log()
+        self.node.log()
     }
 
     fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError> {
         self.hops += 1;
-        let api = self.dir.join(format!("vm{}.api", self.hops));
-        let vmm = FerryVmm {
-            binary: self.binary.clone(),
-            api_socket: api.clone(),
-            listen: Some("127.0.0.1:0".into()),
-        };
-        let mut dest = Guest::spawn(&vmm, &self.config)?;
+        let mut dest = FerryNode::spawn(
+            &self.binary,
+            &self.dir,
+            self.hops,
+            Some("127.0.0.1:0"),
+            &self.config,
+        )?;
         const MARK: &str = "waiting for a migration on ";
         let endpoint = poll("ferry receive to listen", START_TIMEOUT, || {
-            let log = dest.vmm_log();
+            let log = dest.log();
             if let Some(line) = log.lines().find(|l| l.contains(MARK)) {
                 let at = line.find(MARK).unwrap_or(0) + MARK.len();
                 return Ok(Some(line[at..].trim().to_string()));
             }
-            if dest.wait_exit(Duration::ZERO).is_ok() {
+            if let Some(status) = dest.exited()? {
                 return Err(BenchError::Vmm(format!(
-                    "ferry receive exited before listening:\n{log}"
+                    "ferry receive exited ({status}) before listening:\n{log}"
                 )));
             }
             Ok(None)
@@ -211,23 +309,24 @@ impl Session for FerrySession {
             ..MigrateOptions::default()
         };
         let started = Instant::now();
-        let stats = request_migration(&self.api, &endpoint, &options).map_err(|e| {
+        let stats = request_migration(&self.node.api, &endpoint, &options).map_err(|e| {
             BenchError::Vmm(format!(
                 "migration to {endpoint} failed: {e}\ndestination log:\n{}",
-                dest.vmm_log()
+                dest.log()
             ))
         })?;
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let status = self.guest.wait_exit(EXIT_TIMEOUT)?;
+        dest.attach()?;
+        let source = &mut self.node;
+        let status = poll("the source VMM to exit", EXIT_TIMEOUT, || source.exited())?;
         if !status.success() {
             return Err(BenchError::Vmm(format!(
                 "the source VMM exited with {status} after migrating:\n{}",
-                self.guest.vmm_log()
+                source.log()
             )));
         }
-        let source_kernel_errors = retire(&mut self.guest);
-        self.guest = dest;
-        self.api = api;
+        let source_kernel_errors = source.kernel_errors();
+        self.node = dest;
         Ok(Migrated {
             total_ms: stats.total_ms,
             downtime_ms: stats.downtime_ms,
@@ -348,7 +447,7 @@ impl Session for QemuSession {
         poll("the destination QEMU to run", START_TIMEOUT, || {
             Ok((dest_qmp.run_state()? == "running").then_some(()))
         })?;
-        let source_kernel_errors = retire(&mut self.guest);
+        let source_kernel_errors = self.guest.agent().kernel_errors();
         // The source sits in `postmigrate`; ask it to quit (dropping the guest kills it anyway).
         let _ = self.qmp.execute("quit", None);
         let ram = info.ram.unwrap_or_default();

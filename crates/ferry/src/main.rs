@@ -34,6 +34,10 @@ enum Command {
     Demo,
     /// Print the engine's benchmark table.
     Bench(cmd::bench::BenchArgs),
+    /// Benchmark live migration of a real guest: ferry (hints off/on) vs QEMU (free-page-hint
+    /// off/on) on the workload matrix; markdown table, JSON and PNG charts (in the lab without
+    /// hardware KVM).
+    BenchVm(cmd::bench_vm::BenchVmArgs),
     /// Receiving side of `ferry sim` (started by it).
     #[command(hide = true)]
     SimReceive(cmd::sim::ReceiveArgs),
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             cmd::sim::run(&args)
         }
         Command::Bench(a) => cmd::bench::run(a),
+        Command::BenchVm(a) => cmd::bench_vm::run(a),
         Command::SimReceive(a) => cmd::sim::receive(a),
     };
     match result {

@@ -1,6 +1,7 @@
 //! The `ferry` subcommands.
 
 pub mod bench;
+pub mod bench_vm;
 pub mod migrate;
 pub mod receive;
 pub mod run;

@@ -1,0 +1,194 @@
+//! `ferry bench-vm`: the live-migration benchmark with a real guest (issue 6). Runs the
+//! workload matrix (idle, freed, dirty) under ferry's VMM with hints off and on and under
+//! Debian's QEMU without and with free-page-hint, writes `build/bench/results.json`, prints
+//! the markdown table with the goals' ratios and PASS/MISS, and draws `build/bench/bytes.png`
+//! and `time.png`.
+//!
+//! Without hardware KVM (PVM machines) the command re-executes itself inside the lab through
+//! `lab/run` with `--in-lab`; that copy runs the matrix and writes the JSON, this one reports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{ArgAction, Args};
+
+use ferry_bench::{chart, report, runner, BenchConfig, Results, Variant, Workload};
+
+/// `ferry bench-vm` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct BenchVmArgs {
+    /// Migrations per case; the table shows medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
+    /// Guest RAM in MiB (both VMMs).
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u64,
+    /// Guest vCPUs (both VMMs).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// The agent's integrity data set in MiB, checked on every destination.
+    #[arg(long, default_value_t = 32)]
+    pub dataset_mib: u64,
+    /// What the freed workload touches and frees, MiB [default: 3/4 of the RAM, at most
+    /// MemAvailable - 64 MiB].
+    #[arg(long)]
+    pub freed_mib: Option<u64>,
+    /// The dirty workload's working set, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub dirty_mib: u64,
+    /// The dirty workload's rate, MiB/s.
+    #[arg(long, default_value_t = 16)]
+    pub dirty_rate: u64,
+    /// Downtime limit for both VMMs, ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Workloads, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "idle,freed,dirty")]
+    pub workloads: Vec<Workload>,
+    /// Variants, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ferry-off,ferry-on,qemu-off,qemu-hint"
+    )]
+    pub variants: Vec<Variant>,
+    /// The QEMU binary of the baseline.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// QEMU's balloon offers free page reporting too, as ferry's does (true or false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub qemu_reporting: bool,
+    /// Output directory [default: build/bench in the workspace].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Time limit of the lab run, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub lab_timeout: u64,
+    /// Print the table and draw the charts of an existing results.json; run nothing.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render: Option<PathBuf>,
+    /// Run the matrix here and only write results.json (how the lab copy is started).
+    #[arg(long, hide = true)]
+    pub in_lab: bool,
+}
+
+impl BenchVmArgs {
+    fn out_dir(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| ferry_bench::workspace_root().join("build/bench"))
+    }
+
+    fn config(&self) -> Result<BenchConfig> {
+        let exe = std::env::current_exe().context("locating the ferry binary")?;
+        let mut config = BenchConfig::new(exe);
+        config.qemu_binary = self.qemu.clone();
+        config.memory_mib = self.memory_mib;
+        config.vcpus = self.vcpus;
+        config.dataset_mib = self.dataset_mib;
+        config.freed_mib = self.freed_mib;
+        config.dirty_mib = self.dirty_mib;
+        config.dirty_rate_mib_s = self.dirty_rate;
+        config.repeat = self.repeat;
+        config.downtime_limit_ms = self.downtime_ms;
+        config.qemu_reporting = self.qemu_reporting;
+        config.workloads = self.workloads.clone();
+        config.variants = self.variants.clone();
+        config.command = command_line();
+        Ok(config)
+    }
+}
+
+/// `ferry bench-vm ...` as typed (without the hidden `--in-lab`).
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--in-lab")
+        .collect();
+    format!("ferry {}", args.join(" "))
+}
+
+/// Runs `ferry bench-vm`.
+pub fn run(args: &BenchVmArgs) -> Result<()> {
+    let out = args.out_dir();
+    let json = out.join("results.json");
+    if let Some(path) = &args.render {
+        return render(&Results::load(path)?, &out);
+    }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "ferry: warning: this is a debug build; benchmark numbers want \
+             `cargo build --release -p ferry`"
+        );
+    }
+    if args.in_lab || ferry_lab::hw_kvm_usable() {
+        let results = runner::run_matrix(&args.config()?, &mut |line| eprintln!("bench: {line}"))?;
+        results.save(&json)?;
+        eprintln!("bench: wrote {}", json.display());
+        if args.in_lab {
+            return Ok(());
+        }
+    } else {
+        run_in_lab(args, &json)?;
+    }
+    render(&Results::load(&json)?, &out)
+}
+
+/// Re-executes this command inside the lab (`lab/run`), which writes `json` on the share.
+fn run_in_lab(args: &BenchVmArgs, json: &Path) -> Result<()> {
+    ferry_lab::GuestImage::locate().context("the guest image")?;
+    let lab_run = ferry_bench::workspace_root().join("lab/run");
+    if !lab_run.is_file() {
+        bail!("no hardware KVM here and no {}", lab_run.display());
+    }
+    // A stale file must not pass for this run's results.
+    match std::fs::remove_file(json) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", json.display()))
+        }
+        _ => {}
+    }
+    eprintln!("ferry: no hardware KVM here: running the benchmark inside the lab (lab/run)");
+    let exe = std::env::current_exe().context("locating the ferry binary")?;
+    let status = Command::new(&lab_run)
+        .args(["--timeout", &args.lab_timeout.to_string(), "--"])
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--in-lab")
+        .status()
+        .with_context(|| format!("starting {}", lab_run.display()))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(124) => bail!("the lab run timed out after {} s", args.lab_timeout),
+        Some(125) => bail!("the lab host crashed (an infrastructure failure, not a result)"),
+        _ => bail!("the benchmark failed inside the lab ({status})"),
+    }
+}
+
+/// Prints the table and writes the charts; fails if a migration failed or lost data.
+fn render(results: &Results, out: &Path) -> Result<()> {
+    println!("{}", report::markdown(results));
+    match chart::write_charts(results, out) {
+        Ok(paths) => {
+            for p in paths {
+                eprintln!("ferry: wrote {}", p.display());
+            }
+        }
+        Err(chart::ChartError::Empty) => eprintln!("ferry: nothing measured, no charts"),
+        Err(e) => return Err(e.into()),
+    }
+    let lost = results
+        .cases
+        .iter()
+        .flat_map(|c| &c.samples)
+        .filter(|s| !s.verified || !s.kernel_errors.is_empty())
+        .count();
+    if !results.failures.is_empty() || lost > 0 {
+        bail!(
+            "{} part(s) of the matrix failed and {lost} migration(s) failed the integrity check",
+            results.failures.len()
+        );
+    }
+    Ok(())
+}
