@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use ferry_migration::{DirtyLog, DirtyLogError, MemoryLayout, PageBitmap};
+use ferry_migration::{BitmapDirtyLog, DirtyLog, DirtyLogError, MemoryLayout, PageBitmap};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
@@ -204,11 +204,14 @@ pub fn register_slots(vm: &VmFd, slots: &[Slot], log_dirty: bool) -> Result<(), 
     Ok(())
 }
 
-/// The VMM's dirty log: KVM's per-slot log OR the device write bitmap.
+/// The VMM's dirty log: KVM's per-slot log (vCPU writes) OR the device write bitmap that
+/// vm-memory keeps for every write through `Bytes` (device writes).
 #[derive(Debug)]
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
-    ram: GuestRam,
+    /// Keeps the mapping KVM's slots point into alive as long as the slots exist.
+    _ram: GuestRam,
+    device: BitmapDirtyLog,
     slots: Vec<Slot>,
     active: bool,
 }
@@ -219,7 +222,8 @@ impl KvmDirtyLog {
         let slots = ram.slots();
         Self {
             vm,
-            ram,
+            device: BitmapDirtyLog::new(ram.memory().clone()),
+            _ram: ram,
             slots,
             active: false,
         }
@@ -232,9 +236,7 @@ impl KvmDirtyLog {
 
 impl DirtyLog for KvmDirtyLog {
     fn start(&mut self) -> Result<(), DirtyLogError> {
-        for region in self.ram.memory().iter() {
-            MmapRegion::bitmap(region).reset();
-        }
+        self.device.start()?;
         register_slots(&self.vm, &self.slots, true).map_err(Self::backend)?;
         self.active = true;
         Ok(())
@@ -250,7 +252,10 @@ impl DirtyLog for KvmDirtyLog {
                 "dirty logging was not started".into(),
             ));
         }
-        for (slot, region) in self.slots.iter().zip(self.ram.memory().iter()) {
+        // Device writes first: a write racing with this fetch is then either in the bitmap
+        // taken now or in the next fetch; KVM's log is get-and-clear atomically.
+        self.device.fetch_and_clear(layout, dirty)?;
+        for slot in &self.slots {
             let first = layout
                 .index_of(slot.gpa)
                 .ok_or_else(|| DirtyLogError::Layout(format!("slot at {:#x}", slot.gpa)))?;
@@ -261,9 +266,6 @@ impl DirtyLog for KvmDirtyLog {
                     slot.gpa
                 )));
             }
-            // Device writes first: a write racing with this fetch is then either in the
-            // bitmap we take now or in the next fetch; KVM's log is get-and-clear atomically.
-            dirty.or_words(first, &MmapRegion::bitmap(region).get_and_reset());
             let kvm = self
                 .vm
                 .get_dirty_log(slot.slot, slot.size as usize)
