@@ -38,6 +38,8 @@ use crate::zero::is_zero;
 const CHECKPOINT_PAGES: u64 = 256;
 /// Hint messages applied per checkpoint at most.
 const DRAIN_BUDGET: usize = 1024;
+/// How long the destination may take to answer the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a failing source lets connection 0 drain so its error record reaches the peer.
 const ERROR_DRAIN: Duration = Duration::from_secs(1);
 /// How long to wait for the destination's acknowledgement after the last byte.
@@ -234,6 +236,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         }
         let mut zeroed = true;
         for c in conns.iter_mut() {
+            // A peer that accepts but never answers (not a ferry destination, or one that
+            // waits for connections that never come) must not hang the source.
+            c.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+                .map_err(|e| shut(WireError::Io(e).into()))?;
             wire::read_preamble(&mut c.reader, MAGIC_DEST).map_err(|e| shut(e.into()))?;
             match Decoder::new(&mut c.reader)
                 .next_record()
@@ -251,6 +257,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let mut readers = Vec::with_capacity(n);
         let mut lanes = Vec::with_capacity(n);
         for (i, c) in conns.into_iter().enumerate() {
+            c.set_read_timeout(None)
+                .map_err(|e| shut(WireError::Io(e).into()))?;
             readers.push(c.reader);
             lanes.push(Lane::spawn(i, c.writer).map_err(|e| shut(WireError::Io(e).into()))?);
         }
