@@ -240,10 +240,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             // waits for connections that never come) must not hang the source.
             c.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
                 .map_err(|e| shut(WireError::Io(e).into()))?;
-            wire::read_preamble(&mut c.reader, MAGIC_DEST).map_err(|e| shut(e.into()))?;
+            wire::read_preamble(&mut c.reader, MAGIC_DEST).map_err(|e| shut(handshake_err(e)))?;
             match Decoder::new(&mut c.reader)
                 .next_record()
-                .map_err(|e| shut(e.into()))?
+                .map_err(|e| shut(handshake_err(e)))?
             {
                 Record::HelloReply(r) => zeroed &= r.zeroed,
                 Record::Error(msg) => return Err(shut(MigrationError::Destination(msg))),
@@ -595,6 +595,23 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 tracing::error!(error = %re, "could not resume the VM after a failed migration");
             }
         }
+    }
+}
+
+/// A handshake read error, with a timeout said as such.
+fn handshake_err(e: WireError) -> MigrationError {
+    match &e {
+        WireError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            MigrationError::Protocol(format!(
+                "the destination did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"
+            ))
+        }
+        _ => e.into(),
     }
 }
 
