@@ -38,8 +38,6 @@ use crate::zero::is_zero;
 const CHECKPOINT_PAGES: u64 = 256;
 /// Hint messages applied per checkpoint at most.
 const DRAIN_BUDGET: usize = 1024;
-/// How long the destination may take to answer the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a failing source lets connection 0 drain so its error record reaches the peer.
 const ERROR_DRAIN: Duration = Duration::from_secs(1);
 /// How long to wait for the destination's acknowledgement after the last byte.
@@ -61,6 +59,8 @@ pub struct MigrationConfig {
     pub hints: bool,
     /// Set to `true` from any thread to cancel.
     pub cancel: Arc<AtomicBool>,
+    /// How long the destination may take to answer the handshake.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -72,6 +72,7 @@ impl Default for MigrationConfig {
             hint_head_start: Duration::from_millis(50),
             hints: true,
             cancel: Arc::new(AtomicBool::new(false)),
+            handshake_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -238,12 +239,13 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         for c in conns.iter_mut() {
             // A peer that accepts but never answers (not a ferry destination, or one that
             // waits for connections that never come) must not hang the source.
-            c.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            c.set_read_timeout(Some(self.config.handshake_timeout))
                 .map_err(|e| shut(WireError::Io(e).into()))?;
-            wire::read_preamble(&mut c.reader, MAGIC_DEST).map_err(|e| shut(handshake_err(e)))?;
+            wire::read_preamble(&mut c.reader, MAGIC_DEST)
+                .map_err(|e| shut(handshake_err(e, self.config.handshake_timeout)))?;
             match Decoder::new(&mut c.reader)
                 .next_record()
-                .map_err(|e| shut(handshake_err(e)))?
+                .map_err(|e| shut(handshake_err(e, self.config.handshake_timeout)))?
             {
                 Record::HelloReply(r) => zeroed &= r.zeroed,
                 Record::Error(msg) => return Err(shut(MigrationError::Destination(msg))),
@@ -599,7 +601,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
 }
 
 /// A handshake read error, with a timeout said as such.
-fn handshake_err(e: WireError) -> MigrationError {
+fn handshake_err(e: WireError, timeout: Duration) -> MigrationError {
     match &e {
         WireError::Io(io)
             if matches!(
@@ -608,7 +610,7 @@ fn handshake_err(e: WireError) -> MigrationError {
             ) =>
         {
             MigrationError::Protocol(format!(
-                "the destination did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"
+                "the destination did not answer the handshake within {timeout:?}"
             ))
         }
         _ => e.into(),

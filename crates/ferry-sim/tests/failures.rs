@@ -126,3 +126,24 @@ fn cancel_leaves_the_guest_running_and_intact() {
     // The source's own memory still holds what its guest expects.
     assert!(verify(vm.lock().guest.page_states(), &mem, &layout).is_empty());
 }
+
+#[test]
+fn a_peer_that_never_answers_the_handshake_fails_the_migration() {
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), 1), scenario().sim);
+    let (conn, _silent_peer) = ferry_migration::Connection::pair().unwrap();
+    let mut dirty = ferry_migration::BitmapDirtyLog::new(mem.clone());
+    let (mut control, mut driver) = (vm.clone(), ferry_sim::SimDriver(vm.clone()));
+    let config = MigrationConfig {
+        handshake_timeout: std::time::Duration::from_millis(200),
+        ..MigrationConfig::default()
+    };
+    let m = ferry_migration::Migration::new(&mem, &mut dirty, &mut control, &mut driver, config)
+        .unwrap();
+    let err = m.run(vec![conn]).expect_err("no answer, no migration");
+    assert!(
+        err.to_string().contains("did not answer the handshake"),
+        "{err}"
+    );
+    assert!(!vm.lock().paused);
+}
