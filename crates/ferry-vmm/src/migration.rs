@@ -112,6 +112,9 @@ pub struct MigrateOptions {
     pub downtime_ms: u64,
     /// Send rate limit in bytes per second; none when absent.
     pub bandwidth: Option<u64>,
+    /// Ask the guest's balloon driver for free page hints (with `hints`). The balloon's
+    /// reported ranges and never-populated memory are used either way.
+    pub free_page_hint: bool,
     /// Parallel connections (1 to 16).
     pub connections: u16,
     /// Give up after this many seconds (the VM keeps running here).
@@ -124,6 +127,7 @@ impl Default for MigrateOptions {
             hints: true,
             downtime_ms: 300,
             bandwidth: None,
+            free_page_hint: true,
             connections: 1,
             timeout_s: 30 * 60,
         }
@@ -325,7 +329,7 @@ pub fn migrate(
     };
     let mut unpopulated = UnpopulatedSource::new(vmm.memory());
     let mut engine = Migration::new(vmm.memory(), &mut dirty_log, &mut control, observer, config)?;
-    if let Some(s) = hint.as_mut() {
+    if let Some(s) = hint.as_mut().filter(|_| options.free_page_hint) {
         engine.add_source(s);
     }
     if let Some(s) = report.as_mut() {

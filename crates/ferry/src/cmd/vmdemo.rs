@@ -45,6 +45,10 @@ pub struct VmDemoArgs {
     /// MiB the guest fills and frees before each migration.
     #[arg(long, default_value_t = 256)]
     pub freed_mib: u64,
+    /// With hints on, also ask the balloon driver for free page hints (reported ranges and
+    /// never-populated memory are used either way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub free_page_hint: bool,
     /// Run here even without hardware KVM (set inside the lab).
     #[arg(long, hide = true)]
     pub here: bool,
@@ -204,6 +208,7 @@ fn hop(
     eprintln!("migrating with hints {label} to {to} ...");
     let options = MigrateOptions {
         hints,
+        free_page_hint: args.free_page_hint,
         ..MigrateOptions::default()
     };
     let stats = request_migration(&src.api, &to, &options)
@@ -231,6 +236,7 @@ pub fn run(args: &VmDemoArgs) -> Result<()> {
             .args(["vm-demo", "--here"])
             .args(["--memory-mib", &args.memory_mib.to_string()])
             .args(["--freed-mib", &args.freed_mib.to_string()])
+            .args(["--free-page-hint", &args.free_page_hint.to_string()])
             .status()
             .context("running lab/run (see docs/lab.md; scripts/setup.sh builds the lab)")?;
         ensure!(status.success(), "the demo in the lab failed ({status})");
