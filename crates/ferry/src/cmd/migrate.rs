@@ -40,6 +40,10 @@ pub struct MigrateArgs {
     /// Free page hints.
     #[arg(long, value_enum, default_value_t = Hints::On)]
     pub hints: Hints,
+    /// With hints on, also ask the guest's balloon driver for free page hints (reported
+    /// ranges and never-populated memory are used either way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub free_page_hint: bool,
     /// Longest acceptable pause of the guest, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
@@ -58,6 +62,7 @@ impl MigrateArgs {
     fn options(&self) -> MigrateOptions {
         MigrateOptions {
             hints: self.hints == Hints::On,
+            free_page_hint: self.free_page_hint,
             downtime_ms: self.downtime_ms,
             bandwidth: self.bandwidth,
             connections: self.connections,
