@@ -204,6 +204,18 @@ pub fn markdown(results: &Results) -> String {
             let _ = write!(out, " {text} |");
         }
         out.push_str(" | |\n");
+        let _ = write!(out, "| {w} | kernel errors |");
+        for v in Variant::ALL {
+            let text = results.case(w, v).map_or_else(
+                || "-".to_string(),
+                |c| {
+                    let n: usize = c.samples.iter().map(|s| s.kernel_errors.len()).sum();
+                    n.to_string()
+                },
+            );
+            let _ = write!(out, " {text} |");
+        }
+        out.push_str(" | |\n");
     }
     out.push_str("\n| goal | measured | target | result |\n|---|---:|---:|---|\n");
     for g in goals(results) {
@@ -219,6 +231,18 @@ pub fn markdown(results: &Results) -> String {
             g.name,
             g.verdict.word()
         );
+    }
+    let mut first = true;
+    for c in &results.cases {
+        for (i, line) in c.samples.iter().flat_map(|s| &s.kernel_errors).enumerate() {
+            if first {
+                out.push_str("\nKernel errors on the source's console:\n");
+                first = false;
+            }
+            if i < 3 {
+                let _ = writeln!(out, "- {}, {}: `{line}`", c.workload, c.variant);
+            }
+        }
     }
     if !results.failures.is_empty() {
         out.push_str("\nFailures:\n");
@@ -339,12 +363,18 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("| idle | verified | 2/2 | 2/2 | 2/2 | 2/2 | | |"));
+        assert!(text.contains("| dirty | kernel errors | 0 | 0 | 0 | 0 | | |"));
         assert!(text.contains("| freed bytes, ferry on / QEMU hint | 0.14x | <= 0.25x | PASS |"));
         assert!(text.contains("| migrations failing verify or with kernel errors | 0 | 0 | PASS |"));
         assert!(!text.contains("Failures"));
         let mut r = canned();
         r.failures.push("qemu-hint: boot\nline 2".into());
-        assert!(markdown(&r).contains("- qemu-hint: boot\n  line 2\n"));
+        r.cases[0].samples[0]
+            .kernel_errors
+            .push("[ 64.5] watchdog: BUG: soft lockup".into());
+        let text = markdown(&r);
+        assert!(text.contains("- qemu-hint: boot\n  line 2\n"));
+        assert!(text.contains("- idle, ferry off: `[ 64.5] watchdog: BUG: soft lockup`"));
     }
 
     #[test]

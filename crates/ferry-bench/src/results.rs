@@ -122,9 +122,12 @@ impl FromStr for Variant {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
-            format!("unknown variant {s:?} (ferry-off, ferry-on, qemu-off, qemu-hint)")
-        })
+        Self::ALL
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| {
+                format!("unknown variant {s:?} (ferry-off, ferry-on, qemu-off, qemu-hint)")
+            })
     }
 }
 

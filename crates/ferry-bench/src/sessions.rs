@@ -292,7 +292,9 @@ impl Session for FerrySession {
         const MARK: &str = "waiting for a migration on ";
         let endpoint = poll("ferry receive to listen", START_TIMEOUT, || {
             let log = dest.log();
-            if let Some(line) = log.lines().find(|l| l.contains(MARK)) {
+            // Only a whole line: the VMM may be writing it right now.
+            let mut lines = log.split_inclusive('\n');
+            if let Some(line) = lines.find(|l| l.ends_with('\n') && l.contains(MARK)) {
                 let at = line.find(MARK).unwrap_or(0) + MARK.len();
                 return Ok(Some(line[at..].trim().to_string()));
             }
@@ -435,7 +437,10 @@ impl Session for QemuSession {
         let info = poll("QEMU's migration", MIGRATION_TIMEOUT, || {
             let info = qmp.query_migrate()?;
             match info.status.as_deref() {
-                Some("completed") => Ok(Some(info)),
+                // QEMU 7.2 shows `completed` a moment before it stores the total time and the
+                // downtime (both still 0): wait for them.
+                Some("completed") if info.total_time.unwrap_or(0) > 0 => Ok(Some(info)),
+                Some("completed") => Ok(None),
                 Some(s @ ("failed" | "cancelled")) => Err(BenchError::Vmm(format!(
                     "QEMU's migration {s}: {}",
                     info.error_desc.unwrap_or_default()
