@@ -178,7 +178,10 @@ struct Pending {
 }
 
 fn spawn_destination(dir: &Path, name: &str) -> Result<Pending> {
-    let config = image_config(dir, name)?;
+    spawn_destination_with(name, image_config(dir, name)?)
+}
+
+fn spawn_destination_with(name: &str, config: VmConfig) -> Result<Pending> {
     let serial = match &config.serial {
         SerialTarget::Socket(p) => p.clone(),
         _ => unreachable!(),
@@ -558,6 +561,30 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     );
     ensure!(node.command("workload stop")?.contains("kind=dirty"));
     ensure!(node.child.try_wait()?.is_none(), "the source exited");
+    // A destination that cannot restore the state (one vCPU instead of two) refuses it after
+    // receiving all of RAM: it exits with the reason, and the source keeps running.
+    let mut misfit = image_config(&dir, "misfit")?;
+    misfit.vcpus = 1;
+    let mut pending = spawn_destination_with("misfit", misfit)?;
+    let err = request_migration(&node.api, &pending.endpoint, &MigrateOptions::default())
+        .err()
+        .context("a destination with the wrong vCPU count accepted the VM")?;
+    eprintln!("source after the refusal: {err}");
+    ensure!(err.to_string().contains("cannot restore"), "{err}");
+    let mut refused = pending.node.take().unwrap();
+    let status = refused.wait_exit()?;
+    ensure!(
+        !status.success(),
+        "the refusing destination exited with {status}"
+    );
+    ensure!(
+        refused.log().contains("nothing was restored") || refused.log().contains("cannot restore"),
+        "{}",
+        refused.log()
+    );
+    node.agent
+        .wait_for("heartbeat after the refusal", COMMAND_TIMEOUT, is_heartbeat)?;
+    ensure!(node.command("verify")?.starts_with("verify pages="));
     // A retry, with hints, succeeds.
     let (mut dest, stats) = hop(&dir, &mut node, "retry", &MigrateOptions::default())?;
     eprintln!("retry: {}", summary("retry", &stats));
