@@ -18,6 +18,8 @@ use crate::sessions::{FerrySession, QemuSession, Session};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Agent commands (`verify` of the data set, the freed workload) in the lab.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Console lines shown when a VMM setting fails.
+const CONSOLE_TAIL: usize = 40;
 /// Room the freed workload leaves below the guest's MemAvailable, MiB.
 const FREED_HEADROOM_MIB: u64 = 64;
 
@@ -240,10 +242,13 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
                 log,
             );
             if run.is_err() {
+                let console = session.agent().transcript();
+                let tail = &console[console.len().saturating_sub(CONSOLE_TAIL)..];
                 log(&format!(
-                    "{}: the current VMM's output:\n{}",
+                    "{}: the current VMM's output:\n{}\nthe end of its guest console:\n{}",
                     group.name(),
-                    session.vmm_log()
+                    session.vmm_log(),
+                    tail.join("\n")
                 ));
             }
             run
