@@ -115,6 +115,9 @@ pub struct MigrateOptions {
     /// Ask the guest's balloon driver for free page hints (with `hints`). The balloon's
     /// reported ranges and never-populated memory are used either way.
     pub free_page_hint: bool,
+    /// How long the bulk round may wait for the hint sources' first answers, milliseconds
+    /// (bounded, cut short once every source is done); the engine's default when absent.
+    pub hint_head_start_ms: Option<u64>,
     /// Parallel connections (1 to 16).
     pub connections: u16,
     /// Give up after this many seconds (the VM keeps running here).
@@ -128,6 +131,7 @@ impl Default for MigrateOptions {
             downtime_ms: 300,
             bandwidth: None,
             free_page_hint: true,
+            hint_head_start_ms: None,
             connections: 1,
             timeout_s: 30 * 60,
         }
@@ -148,7 +152,11 @@ impl MigrateOptions {
                 "bandwidth and timeout must be positive".into(),
             ));
         }
+        let defaults = MigrationConfig::default();
         Ok(MigrationConfig {
+            hint_head_start: self
+                .hint_head_start_ms
+                .map_or(defaults.hint_head_start, Duration::from_millis),
             policy: Policy {
                 downtime_max: Duration::from_millis(self.downtime_ms),
                 ..Policy::default()
@@ -157,7 +165,7 @@ impl MigrateOptions {
             bandwidth_limit: self.bandwidth,
             hints: self.hints,
             cancel,
-            ..MigrationConfig::default()
+            ..defaults
         })
     }
 }

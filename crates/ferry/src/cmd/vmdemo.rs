@@ -49,6 +49,10 @@ pub struct VmDemoArgs {
     /// never-populated memory are used either way).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub free_page_hint: bool,
+    /// How long the bulk round waits for the guest's first hints, in milliseconds (the
+    /// engine's default when absent).
+    #[arg(long)]
+    pub hint_head_start_ms: Option<u64>,
     /// Run here even without hardware KVM (set inside the lab).
     #[arg(long, hide = true)]
     pub here: bool,
@@ -209,6 +213,7 @@ fn hop(
     let options = MigrateOptions {
         hints,
         free_page_hint: args.free_page_hint,
+        hint_head_start_ms: args.hint_head_start_ms,
         ..MigrateOptions::default()
     };
     let stats = request_migration(&src.api, &to, &options)
@@ -237,6 +242,12 @@ pub fn run(args: &VmDemoArgs) -> Result<()> {
             .args(["--memory-mib", &args.memory_mib.to_string()])
             .args(["--freed-mib", &args.freed_mib.to_string()])
             .args(["--free-page-hint", &args.free_page_hint.to_string()])
+            .args(
+                args.hint_head_start_ms
+                    .map(|ms| ["--hint-head-start-ms".to_owned(), ms.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .status()
             .context("running lab/run (see docs/lab.md; scripts/setup.sh builds the lab)")?;
         ensure!(status.success(), "the demo in the lab failed ({status})");
