@@ -138,8 +138,29 @@ impl Node {
             .with_context(|| format!("`{command}` on {}", self.name))
     }
 
+    /// Fails with the console around each kernel error line, if there is one.
+    fn check_kernel(&self) -> Result<()> {
+        let errors = self.kernel_errors();
+        ensure!(
+            errors.is_empty(),
+            "kernel errors on {}'s console:\n{}",
+            self.name,
+            errors.join("\n---\n")
+        );
+        Ok(())
+    }
+
+    /// Kernel error lines, each with the console lines around it.
     fn kernel_errors(&self) -> Vec<String> {
-        self.agent.kernel_errors()
+        let lines = self.agent.transcript();
+        let errors = self.agent.kernel_errors();
+        errors
+            .iter()
+            .map(|e| {
+                let at = lines.iter().position(|l| l == e).unwrap_or(0);
+                lines[at.saturating_sub(5)..(at + 30).min(lines.len())].join("\n")
+            })
+            .collect()
     }
 
     fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
@@ -373,12 +394,7 @@ fn hop(
             "hints off skipped pages: {stats:?}"
         );
     }
-    let errors = source.kernel_errors();
-    ensure!(
-        errors.is_empty(),
-        "kernel errors on {}: {errors:#?}",
-        source.name
-    );
+    source.check_kernel()?;
     Ok((dest, stats))
 }
 
@@ -489,11 +505,7 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
     ensure!(api.balloon_get()?.free_page_hint);
     node.command("shutdown")?;
     ensure!(node.wait_exit()?.success(), "{}", node.log());
-    ensure!(
-        node.kernel_errors().is_empty(),
-        "{:#?}",
-        node.kernel_errors()
-    );
+    node.check_kernel()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -576,11 +588,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     eprintln!("retry: {}", summary("retry", &stats));
     dest.command("shutdown")?;
     ensure!(dest.wait_exit()?.success(), "{}", dest.log());
-    ensure!(
-        dest.kernel_errors().is_empty(),
-        "{:#?}",
-        dest.kernel_errors()
-    );
+    dest.check_kernel()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
