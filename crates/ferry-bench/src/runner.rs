@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::qmp::QmpError;
 use crate::results::{now_utc, Results, Sample, Setup, Variant, Workload};
-use crate::sessions::{FerrySession, QemuSession, Session};
+use crate::sessions::{FerrySession, Migrated, QemuSession, Session};
 
 /// Boot under nested KVM in a loaded lab: up to minutes.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -301,6 +301,22 @@ fn freed_size(session: &mut dyn Session, memory_mib: u64) -> Result<u64, BenchEr
     Ok((memory_mib * 3 / 4).min((available_kib / 1024).saturating_sub(FREED_HEADROOM_MIB)))
 }
 
+fn sample(m: &Migrated, verified: bool, verify_answer: String) -> Sample {
+    Sample {
+        total_ms: m.total_ms,
+        downtime_ms: m.downtime_ms,
+        bytes: m.bytes,
+        pages_sent: m.pages_sent,
+        pages_zero: m.pages_zero,
+        pages_skipped: m.pages_skipped,
+        rounds: m.rounds,
+        wall_ms: m.wall_ms,
+        verified,
+        verify_answer,
+        kernel_errors: m.source_kernel_errors.clone(),
+    }
+}
+
 fn run_group(
     session: &mut dyn Session,
     config: &BenchConfig,
@@ -350,10 +366,24 @@ fn run_group(
                 let m = session.migrate(hints, config.downtime_limit_ms)?;
                 let verify = session.agent().command("verify", COMMAND_TIMEOUT);
                 let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
+                // A guest that answered (even `ERR verify mismatches=...`) can go on; a silent
+                // or gone one ends this VMM setting once the sample is recorded.
+                let silent = matches!(
+                    &verify,
+                    Err(AgentError::Timeout { .. } | AgentError::Closed { .. })
+                );
                 let verify_answer = match verify {
                     Ok(a) => a,
                     Err(e) => e.to_string(),
                 };
+                if silent {
+                    let lost = format!(
+                        "run {run}, {workload}, {variant}: the guest did not answer on the \
+                         destination: {verify_answer}"
+                    );
+                    results.push(workload, variant, sample(&m, false, verify_answer));
+                    return Err(BenchError::Vmm(lost));
+                }
                 if workload == Workload::Dirty {
                     let stop = command(session, "workload stop")?;
                     expect(stop.clone(), "workload stop", stop.contains("kind=dirty"))?;
@@ -370,23 +400,7 @@ fn run_group(
                     // Start over with a fresh data set so the next cases are checked again.
                     command(session, &dataset)?;
                 }
-                results.push(
-                    workload,
-                    variant,
-                    Sample {
-                        total_ms: m.total_ms,
-                        downtime_ms: m.downtime_ms,
-                        bytes: m.bytes,
-                        pages_sent: m.pages_sent,
-                        pages_zero: m.pages_zero,
-                        pages_skipped: m.pages_skipped,
-                        rounds: m.rounds,
-                        wall_ms: m.wall_ms,
-                        verified,
-                        verify_answer,
-                        kernel_errors: m.source_kernel_errors,
-                    },
-                );
+                results.push(workload, variant, sample(&m, verified, verify_answer));
             }
         }
     }
