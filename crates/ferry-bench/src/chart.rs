@@ -180,14 +180,19 @@ pub fn draw(results: &Results, metric: Metric, path: &Path) -> Result<(), ChartE
     for (i, &wl) in workloads.iter().enumerate() {
         let x0 = f64::from(left) + group * i as f64 + group * 0.1;
         for (j, v) in Variant::ALL.into_iter().enumerate() {
-            let Some(m) = results.medians(wl, v) else {
-                continue;
-            };
-            let value = metric.value(&m);
             let (bx0, bx1) = (
                 (x0 + bar * j as f64).round() as i32,
                 (x0 + bar * (j as f64 + 1.0)).round() as i32 - 2,
             );
+            let Some(m) = results.medians(wl, v) else {
+                if text {
+                    let style = label(13.0, Pos::new(HPos::Center, VPos::Bottom));
+                    root.draw_text("n/a", &style, ((bx0 + bx1) / 2, bottom - 3))
+                        .map_err(|e| fail(&e))?;
+                }
+                continue;
+            };
+            let value = metric.value(&m);
             let y = y_of(value);
             root.draw(&Rectangle::new(
                 [(bx0, y), (bx1, bottom)],
