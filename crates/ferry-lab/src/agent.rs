@@ -31,6 +31,35 @@ pub const KERNEL_ERROR_MARKERS: &[&str] = &[
     "Out of memory",
 ];
 
+/// Guest kernel warnings that are known, open ferry bugs, as (text that identifies the
+/// warning, where it is tracked). A known warning and the call trace that follows it, up to
+/// the kernel's `---[ end trace` line, are reported by [`AgentClient::known_issues`] instead
+/// of [`AgentClient::kernel_errors`], so tests keep checking everything else. Each entry is a
+/// bug to fix, not an accepted behaviour: remove it with the fix.
+pub const KNOWN_GUEST_WARNINGS: &[(&str, &str)] = &[(
+    "virtballoon_free_page_report",
+    "virtio_balloon cannot queue a free page report after a VM save/restore or a paused \
+     switchover (seen in 1 of ~8 lab runs); open in issue 4",
+)];
+
+/// Splits console lines into kernel errors and known issues (see [`KNOWN_GUEST_WARNINGS`]).
+fn classify(lines: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut errors, mut known) = (Vec::new(), Vec::new());
+    let mut in_known = false;
+    for line in lines {
+        if !in_known && KNOWN_GUEST_WARNINGS.iter().any(|(m, _)| line.contains(m)) {
+            in_known = true;
+        }
+        if in_known {
+            known.push(line.clone());
+            in_known = !line.contains("---[ end trace");
+        } else if KERNEL_ERROR_MARKERS.iter().any(|m| line.contains(m)) {
+            errors.push(line.clone());
+        }
+    }
+    (errors, known)
+}
+
 /// Why a command did not get an `OK` answer.
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -182,13 +211,19 @@ impl AgentClient {
         lock(&self.transcript).clone()
     }
 
-    /// The console lines that contain one of [`KERNEL_ERROR_MARKERS`].
+    /// The console lines that contain one of [`KERNEL_ERROR_MARKERS`], except those of a
+    /// known open bug ([`KNOWN_GUEST_WARNINGS`]), which are printed to stderr as such.
     pub fn kernel_errors(&self) -> Vec<String> {
-        lock(&self.transcript)
-            .iter()
-            .filter(|line| KERNEL_ERROR_MARKERS.iter().any(|m| line.contains(m)))
-            .cloned()
-            .collect()
+        let (errors, known) = classify(&lock(&self.transcript));
+        for line in &known {
+            eprintln!("KNOWN ISSUE (not counted as a kernel error): {line}");
+        }
+        errors
+    }
+
+    /// The console lines of known open bugs ([`KNOWN_GUEST_WARNINGS`]).
+    pub fn known_issues(&self) -> Vec<String> {
+        classify(&lock(&self.transcript)).1
     }
 
     fn tail(&self) -> String {
@@ -206,6 +241,28 @@ fn lock(m: &Mutex<Vec<String>>) -> MutexGuard<'_, Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_warning_and_its_trace_are_set_apart_from_other_errors() {
+        let lines: Vec<String> = [
+            "[ 9.6] WARNING: CPU: 1 PID: 22 at drivers/virtio/virtio_balloon.c:178 virtballoon_free_page_report+0x10c/0x120",
+            "[ 9.6] Call Trace:",
+            "[ 9.6]  page_reporting_drain+0x1/0x2",
+            "[ 9.6] ---[ end trace 0000000000000000 ]---",
+            "[ 9.7] ok line",
+            "[ 9.8] BUG: kernel NULL pointer dereference",
+            "[ 9.8] Call Trace:",
+        ]
+        .map(String::from)
+        .to_vec();
+        let (errors, known) = classify(&lines);
+        assert_eq!(known.len(), 4);
+        assert_eq!(
+            errors,
+            lines[5..].to_vec(),
+            "errors after the known block still count"
+        );
+    }
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
 
