@@ -1,8 +1,8 @@
-//! The matrix runner: for each VMM setting, boot one guest, write the agent's integrity data
-//! set, then for every repetition and workload migrate it to a fresh destination process over
-//! loopback TCP and check the data set there. ferry's guest hops with hints off, then on, per
+//! The matrix runner: for each repetition and VMM setting, boot one guest, write the agent's
+//! integrity data set, then for every workload migrate it to a fresh destination process over
+//! loopback TCP and check the data set there. ferry's guest hops with hints off and on per
 //! workload; QEMU's balloon decides hinting when it boots, so QEMU gets one guest without and
-//! one with `free-page-hint`.
+//! one with `free-page-hint`. The order of the settings rotates between repetitions.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -203,64 +203,110 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
         failures: Vec::new(),
     };
     let mut freed_mib = config.freed_mib;
-    for group in [Group::Ferry, Group::QemuOff, Group::QemuHint] {
-        let variants: Vec<Variant> = group
-            .variants()
-            .iter()
-            .copied()
-            .filter(|v| config.variants.contains(v))
-            .collect();
-        if variants.is_empty() {
-            continue;
-        }
-        let mut guest = GuestConfig::new(image.clone());
-        guest.mem_mib = u32::try_from(config.memory_mib).unwrap_or(u32::MAX);
-        guest.vcpus = config.vcpus;
-        guest.free_page_hint = group != Group::QemuOff;
-        guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-bench-{}-{}",
-            std::process::id(),
-            group.name()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
-        })?;
-        log(&format!("{}: booting the guest", group.name()));
-        let outcome = (|| {
-            let mut session: Box<dyn Session> = match group {
-                Group::Ferry => Box::new(FerrySession::boot(&config.ferry_binary, &dir, &guest)?),
-                _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),
-            };
-            let run = run_group(
-                session.as_mut(),
+    for run in 1..=config.repeat {
+        for (group, variants) in schedule(config, run) {
+            run_setting(
                 config,
+                &image,
+                run,
+                group,
                 &variants,
                 &mut freed_mib,
                 &mut results,
                 log,
-            );
-            if run.is_err() {
-                let console = session.agent().transcript();
-                let tail = &console[console.len().saturating_sub(CONSOLE_TAIL)..];
-                log(&format!(
-                    "{}: the current VMM's output:\n{}\nthe end of its guest console:\n{}",
-                    group.name(),
-                    session.vmm_log(),
-                    tail.join("\n")
-                ));
-            }
-            run
-        })();
-        if let Err(e) = outcome {
-            log(&format!("{}: FAILED: {e}", group.name()));
-            results.failures.push(format!("{}: {e}", group.name()));
+            )?;
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
     results.setup.freed_mib = freed_mib.unwrap_or(0);
     Ok(results)
+}
+
+/// The VMM settings of repetition `run` (1-based) and their variants, in the order to run
+/// them: the order rotates from one repetition to the next (and ferry's hints off/on swap), so
+/// that a machine whose load drifts during the run does not always favour the same setting.
+fn schedule(config: &BenchConfig, run: u32) -> Vec<(Group, Vec<Variant>)> {
+    let mut groups = vec![Group::Ferry, Group::QemuOff, Group::QemuHint];
+    let shift = (run.saturating_sub(1) as usize) % groups.len();
+    groups.rotate_left(shift);
+    groups
+        .into_iter()
+        .filter_map(|group| {
+            let mut variants: Vec<Variant> = group
+                .variants()
+                .iter()
+                .copied()
+                .filter(|v| config.variants.contains(v))
+                .collect();
+            if run % 2 == 0 {
+                variants.reverse();
+            }
+            (!variants.is_empty()).then_some((group, variants))
+        })
+        .collect()
+}
+
+/// Boots a guest for `group` and runs repetition `run` on it; a failure is recorded in
+/// `results.failures` (only local I/O errors are returned).
+#[allow(clippy::too_many_arguments)]
+fn run_setting(
+    config: &BenchConfig,
+    image: &GuestImage,
+    run: u32,
+    group: Group,
+    variants: &[Variant],
+    freed_mib: &mut Option<u64>,
+    results: &mut Results,
+    log: &mut dyn FnMut(&str),
+) -> Result<(), BenchError> {
+    let mut guest = GuestConfig::new(image.clone());
+    guest.mem_mib = u32::try_from(config.memory_mib).unwrap_or(u32::MAX);
+    guest.vcpus = config.vcpus;
+    guest.free_page_hint = group != Group::QemuOff;
+    guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
+    let dir = std::env::temp_dir().join(format!(
+        "ferry-bench-{}-{}",
+        std::process::id(),
+        group.name()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|source| BenchError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    log(&format!("run {run}, {}: booting the guest", group.name()));
+    let outcome = (|| {
+        let mut session: Box<dyn Session> = match group {
+            Group::Ferry => Box::new(FerrySession::boot(&config.ferry_binary, &dir, &guest)?),
+            _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),
+        };
+        let outcome = run_group(
+            session.as_mut(),
+            config,
+            run,
+            variants,
+            freed_mib,
+            results,
+            log,
+        );
+        if outcome.is_err() {
+            let console = session.agent().transcript();
+            let tail = &console[console.len().saturating_sub(CONSOLE_TAIL)..];
+            log(&format!(
+                "{}: the current VMM's output:\n{}\nthe end of its guest console:\n{}",
+                group.name(),
+                session.vmm_log(),
+                tail.join("\n")
+            ));
+        }
+        outcome
+    })();
+    if let Err(e) = outcome {
+        log(&format!("run {run}, {}: FAILED: {e}", group.name()));
+        results
+            .failures
+            .push(format!("run {run}, {}: {e}", group.name()));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn command(session: &mut dyn Session, command: &str) -> Result<String, BenchError> {
@@ -317,9 +363,11 @@ fn sample(m: &Migrated, verified: bool, verify_answer: String) -> Sample {
     }
 }
 
+/// One repetition (`run`) of the matrix for one VMM setting, on a freshly booted guest.
 fn run_group(
     session: &mut dyn Session,
     config: &BenchConfig,
+    run: u32,
     variants: &[Variant],
     freed_mib: &mut Option<u64>,
     results: &mut Results,
@@ -350,58 +398,56 @@ fn run_group(
             n
         }
     };
-    for run in 1..=config.repeat {
-        for &workload in &config.workloads {
-            for &variant in variants {
-                let start = match workload {
-                    Workload::Idle => "workload idle".to_string(),
-                    Workload::Freed => format!("workload freed {freed}"),
-                    Workload::Dirty => format!(
-                        "workload dirty {} {}",
-                        config.dirty_mib, config.dirty_rate_mib_s
-                    ),
-                };
-                command(session, &start)?;
-                let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
-                let m = session.migrate(hints, config.downtime_limit_ms)?;
-                let verify = session.agent().command("verify", COMMAND_TIMEOUT);
-                let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
-                // A guest that answered (even `ERR verify mismatches=...`) can go on; a silent
-                // or gone one ends this VMM setting once the sample is recorded.
-                let silent = matches!(
-                    &verify,
-                    Err(AgentError::Timeout { .. } | AgentError::Closed { .. })
+    for &workload in &config.workloads {
+        for &variant in variants {
+            let start = match workload {
+                Workload::Idle => "workload idle".to_string(),
+                Workload::Freed => format!("workload freed {freed}"),
+                Workload::Dirty => format!(
+                    "workload dirty {} {}",
+                    config.dirty_mib, config.dirty_rate_mib_s
+                ),
+            };
+            command(session, &start)?;
+            let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
+            let m = session.migrate(hints, config.downtime_limit_ms)?;
+            let verify = session.agent().command("verify", COMMAND_TIMEOUT);
+            let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
+            // A guest that answered (even `ERR verify mismatches=...`) can go on; a silent
+            // or gone one ends this VMM setting once the sample is recorded.
+            let silent = matches!(
+                &verify,
+                Err(AgentError::Timeout { .. } | AgentError::Closed { .. })
+            );
+            let verify_answer = match verify {
+                Ok(a) => a,
+                Err(e) => e.to_string(),
+            };
+            if silent {
+                let lost = format!(
+                    "run {run}, {workload}, {variant}: the guest did not answer on the \
+                     destination: {verify_answer}"
                 );
-                let verify_answer = match verify {
-                    Ok(a) => a,
-                    Err(e) => e.to_string(),
-                };
-                if silent {
-                    let lost = format!(
-                        "run {run}, {workload}, {variant}: the guest did not answer on the \
-                         destination: {verify_answer}"
-                    );
-                    results.push(workload, variant, sample(&m, false, verify_answer));
-                    return Err(BenchError::Vmm(lost));
-                }
-                if workload == Workload::Dirty {
-                    let stop = command(session, "workload stop")?;
-                    expect(stop.clone(), "workload stop", stop.contains("kind=dirty"))?;
-                }
-                log(&format!(
-                    "run {run}, {workload}, {variant}: {:.1} MiB, {:.0} ms, downtime {:.1} ms, \
-                     {} rounds; {verify_answer}",
-                    m.bytes as f64 / f64::from(1 << 20),
-                    m.total_ms,
-                    m.downtime_ms,
-                    m.rounds
-                ));
-                if !verified {
-                    // Start over with a fresh data set so the next cases are checked again.
-                    command(session, &dataset)?;
-                }
-                results.push(workload, variant, sample(&m, verified, verify_answer));
+                results.push(workload, variant, sample(&m, false, verify_answer));
+                return Err(BenchError::Vmm(lost));
             }
+            if workload == Workload::Dirty {
+                let stop = command(session, "workload stop")?;
+                expect(stop.clone(), "workload stop", stop.contains("kind=dirty"))?;
+            }
+            log(&format!(
+                "run {run}, {workload}, {variant}: {:.1} MiB, {:.0} ms, downtime {:.1} ms, \
+                 {} rounds; {verify_answer}",
+                m.bytes as f64 / f64::from(1 << 20),
+                m.total_ms,
+                m.downtime_ms,
+                m.rounds
+            ));
+            if !verified {
+                // Start over with a fresh data set so the next cases are checked again.
+                command(session, &dataset)?;
+            }
+            results.push(workload, variant, sample(&m, verified, verify_answer));
         }
     }
     command(session, "shutdown")?;
@@ -413,4 +459,39 @@ fn run_group(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_rotates_settings_and_swaps_hints() {
+        let mut config = BenchConfig::new("/bin/ferry".into());
+        let names = |config: &BenchConfig, run| -> Vec<String> {
+            schedule(config, run)
+                .into_iter()
+                .flat_map(|(_, v)| v)
+                .map(|v| v.name().to_string())
+                .collect()
+        };
+        assert_eq!(
+            names(&config, 1),
+            ["ferry-off", "ferry-on", "qemu-off", "qemu-hint"]
+        );
+        assert_eq!(
+            names(&config, 2),
+            ["qemu-off", "qemu-hint", "ferry-on", "ferry-off"]
+        );
+        assert_eq!(
+            names(&config, 3),
+            ["qemu-hint", "ferry-off", "ferry-on", "qemu-off"]
+        );
+        assert_eq!(
+            names(&config, 4),
+            ["ferry-on", "ferry-off", "qemu-off", "qemu-hint"]
+        );
+        config.variants = vec![Variant::FerryOn, Variant::QemuHint];
+        assert_eq!(names(&config, 1), ["ferry-on", "qemu-hint"]);
+    }
 }
