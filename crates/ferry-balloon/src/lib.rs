@@ -46,7 +46,7 @@ pub mod stats;
 pub use device::{Balloon, BalloonCounters, QUEUE_SIZE_MAX};
 pub use features::{BalloonConfig, QueueKind};
 pub use hinting::{BalloonHintSource, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP};
-pub use memory::{DiscardError, GuestMemory};
+pub use memory::{memfd_guest_memory, DiscardError, GuestMemory};
 pub use mmio::{MmioDevice, MMIO_WINDOW_LEN};
 pub use queues::QueueError;
 pub use reporting::ReportedRangesSource;

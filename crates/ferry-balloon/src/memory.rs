@@ -103,27 +103,35 @@ pub fn discard(mem: &GuestMemory, gpa: u64, len: u64) -> Result<(), DiscardError
     Ok(())
 }
 
+/// Guest RAM of `regions` (`(gpa, len)`, in order) backed by one new memfd, as a VMM that
+/// lets the balloon discard memory sets it up: region `i` starts in the file where region
+/// `i - 1` ends. Returns the memory and the file.
+pub fn memfd_guest_memory(
+    name: &str,
+    regions: &[(u64, u64)],
+) -> Result<(GuestMemory, std::fs::File), io::Error> {
+    let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+    let file = std::fs::File::from(fd);
+    file.set_len(regions.iter().map(|r| r.1).sum())?;
+    let mut off = 0;
+    let mut ranges = Vec::with_capacity(regions.len());
+    for &(gpa, len) in regions {
+        let fo = vm_memory::FileOffset::new(file.try_clone()?, off);
+        off += len;
+        ranges.push((GuestAddress(gpa), len as usize, Some(fo)));
+    }
+    let mem = GuestMemory::from_ranges_with_files(&ranges)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    Ok((mem, file))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustix::fs::{memfd_create, MemfdFlags};
-    use std::fs::File;
-    use vm_memory::{Bytes, FileOffset};
+    use vm_memory::Bytes;
 
     fn memfd_memory(regions: &[(u64, u64)]) -> GuestMemory {
-        let total: u64 = regions.iter().map(|r| r.1).sum();
-        let file = File::from(memfd_create("balloon-test", MemfdFlags::CLOEXEC).unwrap());
-        file.set_len(total).unwrap();
-        let mut off = 0;
-        let ranges: Vec<_> = regions
-            .iter()
-            .map(|&(gpa, len)| {
-                let fo = FileOffset::new(file.try_clone().unwrap(), off);
-                off += len;
-                (GuestAddress(gpa), len as usize, Some(fo))
-            })
-            .collect();
-        GuestMemory::from_ranges_with_files(&ranges).unwrap()
+        memfd_guest_memory("balloon-test", regions).unwrap().0
     }
 
     #[test]

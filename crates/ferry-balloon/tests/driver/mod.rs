@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_balloon::{Balloon, BalloonConfig, GuestMemory, IrqTrigger, MmioDevice};
-use rustix::fs::{memfd_create, MemfdFlags};
-use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 pub const MIB: u64 = 1 << 20;
 /// Guest RAM: [0, 8 MiB) and [16 MiB, 32 MiB), with a hole between.
@@ -80,19 +79,7 @@ impl TestIrq {
 
 /// Guest RAM on one memfd, like the VMM's.
 pub fn memfd_memory() -> (GuestMemory, File) {
-    let file = File::from(memfd_create("balloon-test", MemfdFlags::CLOEXEC).unwrap());
-    let total: u64 = RAM.iter().map(|r| r.1).sum();
-    file.set_len(total).unwrap();
-    let mut off = 0;
-    let ranges: Vec<_> = RAM
-        .iter()
-        .map(|&(gpa, len)| {
-            let fo = FileOffset::new(file.try_clone().unwrap(), off);
-            off += len;
-            (GuestAddress(gpa), len as usize, Some(fo))
-        })
-        .collect();
-    (GuestMemory::from_ranges_with_files(&ranges).unwrap(), file)
+    ferry_balloon::memfd_guest_memory("balloon-test", &RAM).unwrap()
 }
 
 /// The driver's view of one split virtqueue.

@@ -6,14 +6,12 @@
 //! guest RAM reaches the engine, and a saved state always restores.
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::sync::Arc;
 
 use ferry_balloon::{Balloon, BalloonConfig, GuestMemory, IrqTrigger, MmioDevice};
 use ferry_migration::hint::HintTargets;
 use ferry_migration::{Epoch, HintInbox, HintSource, MemoryLayout, Outcome, PageBitmap};
-use rustix::fs::{memfd_create, MemfdFlags};
-use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest RAM: [0, 256 KiB) and [512 KiB, 768 KiB), on one memfd.
 const RAM: [(u64, u64); 2] = [(0, 0x4_0000), (0x8_0000, 0x4_0000)];
@@ -32,18 +30,7 @@ impl IrqTrigger for NoIrq {
 }
 
 fn memory() -> GuestMemory {
-    let file = File::from(memfd_create("fuzz", MemfdFlags::CLOEXEC).unwrap());
-    file.set_len(RAM.iter().map(|r| r.1).sum()).unwrap();
-    let mut off = 0;
-    let ranges: Vec<_> = RAM
-        .iter()
-        .map(|&(gpa, len)| {
-            let fo = FileOffset::new(file.try_clone().unwrap(), off);
-            off += len;
-            (GuestAddress(gpa), len as usize, Some(fo))
-        })
-        .collect();
-    GuestMemory::from_ranges_with_files(&ranges).unwrap()
+    ferry_balloon::memfd_guest_memory("fuzz", &RAM).unwrap().0
 }
 
 fn write(dev: &mut Balloon, off: u64, v: u32) {
