@@ -26,16 +26,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const CMDLINE: &str = "console=ttyS0 loglevel=5 panic=-1 edd=off initcall_blacklist=cmos_init \
     cryptomgr.notests mitigations=off tsc=unstable trace_clock=global";
-/// Console lines that mean the guest kernel is in trouble.
-const KERNEL_ERRORS: &[&str] = &[
-    "BUG:",
-    "Oops",
-    "Kernel panic",
-    "WARNING: CPU:",
-    "Call Trace:",
-    "list_del corruption",
-];
-
 /// `ferry vm-demo` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct VmDemoArgs {
@@ -104,7 +94,10 @@ impl Console {
                 .lines
                 .recv_timeout(left)
                 .with_context(|| format!("no {what} from the guest within {timeout:?}"))?;
-            if KERNEL_ERRORS.iter().any(|m| line.contains(m)) {
+            if ferry_lab::KERNEL_ERROR_MARKERS
+                .iter()
+                .any(|m| line.contains(m))
+            {
                 self.errors.push(line.clone());
             }
             if f(&line) {
