@@ -6,10 +6,12 @@
 #   FERRY_SIM_SEEDS=N          seeds per workload and hint behaviour in the simulation (default 12)
 #   FERRY_FUZZ_SECONDS=N       seconds per fuzz target (default 20; 0 skips fuzzing)
 #   FERRY_SKIP_LAB=1           skip the lab tests (for quick local runs; CI never sets it)
+#   FERRY_LAB_QUARANTINE=run   also run the quarantined lab tests (see below)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 failed=()
+passed=0
 started=$(date +%s)
 step() {
     local name=$1
@@ -19,6 +21,7 @@ step() {
     printf '\n==> %s\n' "$name"
     if "$@"; then
         printf '==> %s: ok (%ss)\n' "$name" $(($(date +%s) - t0))
+        passed=$((passed + 1))
     else
         printf '==> %s: FAILED (%ss)\n' "$name" $(($(date +%s) - t0))
         failed+=("$name")
@@ -31,13 +34,27 @@ step "lint" cargo clippy --workspace --all-targets -- -D warnings
 step "dependency rules" scripts/check-deps.sh
 step "unit, simulation and CLI tests" env FERRY_SIM_SEEDS="${FERRY_SIM_SEEDS:-12}" cargo test --workspace
 step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
+# Quarantined real-guest tests: known open bugs that make them fail at random, each tracked in
+# an open issue. They are still built and can be run with FERRY_LAB_QUARANTINE=run; remove an
+# entry together with the fix.
+#   migrates_every_workload_with_hints_off_and_on: after several hops with the dirty workload
+#   and hints on, the guest sometimes soft-locks and stops answering (issue 6).
+quarantine=(migrates_every_workload_with_hints_off_and_on)
+skip_args=()
+if [[ "${FERRY_LAB_QUARANTINE:-}" != run ]]; then
+    for t in "${quarantine[@]}"; do
+        printf 'QUARANTINED (not run, known open bug): %s\n' "$t"
+        skip_args+=(--skip "$t")
+    done
+fi
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
 else
-    step "lab tests (real guests under KVM)" lab/test
+    step "lab tests (real guests under KVM)" lab/test -- "${skip_args[@]}"
 fi
 
 printf '\nsuite finished in %ss\n' $(($(date +%s) - started))
+printf 'steps: %d passed, %d failed\n' "$passed" "${#failed[@]}"
 if ((${#failed[@]})); then
     printf 'FAILED steps: %s\n' "${failed[*]}"
     exit 1
