@@ -85,6 +85,9 @@ pub struct Balloon {
     /// Queues notified while paused (bit per index) and a stats request made while paused.
     pub(crate) pending_notify: u32,
     pub(crate) pending_stats_request: bool,
+    /// Set by [`Balloon::restore`] when the saved device had an interrupt pending: the line
+    /// is raised again on resume, once the VMM has restored its interrupt controller.
+    pub(crate) irq_on_resume: bool,
     pub(crate) stats_head: Option<u16>,
     pub(crate) stats: Option<BalloonStats>,
     pub(crate) discard_inhibited: bool,
@@ -138,6 +141,7 @@ impl Balloon {
             paused: false,
             pending_notify: 0,
             pending_stats_request: false,
+            irq_on_resume: false,
             stats_head: None,
             stats: None,
             discard_inhibited: config.discard_inhibited,
@@ -229,12 +233,21 @@ impl Balloon {
 
     /// Resumes queue processing and handles what arrived while paused. After
     /// [`Balloon::restore`] every ready queue is processed, as notifications may have been
-    /// lost with the source.
+    /// lost with the source, and an interrupt the source had pending is raised again.
     pub fn resume(&mut self) {
         if !self.paused {
             return;
         }
         self.paused = false;
+        if std::mem::take(&mut self.irq_on_resume) {
+            let pending = {
+                let inner = self.shared.lock();
+                inner.driver_ok && inner.interrupt_status != 0
+            };
+            if pending {
+                self.shared.trigger();
+            }
+        }
         self.process_pending();
         if std::mem::take(&mut self.pending_stats_request) {
             self.return_stats_buffer();

@@ -209,7 +209,9 @@ impl Balloon {
 
     /// Rebuilds a device from `state`, refusing anything inconsistent. The device comes
     /// back paused: call [`Balloon::resume`] when the VM runs. A pending interrupt is raised
-    /// again (edge interrupts are not part of any other saved state).
+    /// again by [`Balloon::resume`], not here: the source's last trigger may not have reached
+    /// the interrupt controller state it saved, and a VMM creates devices before it restores
+    /// that state, which would swallow a line raised now.
     pub fn restore(
         config: BalloonConfig,
         mem: GuestMemory,
@@ -287,7 +289,7 @@ impl Balloon {
         dev.paused = true;
         // Whatever the source had pending is processed on resume.
         dev.pending_notify = (1u32 << dev.layout.len()) - 1;
-        let fire = {
+        dev.irq_on_resume = {
             let mut inner = dev.shared.lock();
             inner.acked_features = if negotiated { state.driver_features } else { 0 };
             inner.driver_ok = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0;
@@ -300,9 +302,6 @@ impl Balloon {
             inner.hint = hint;
             inner.driver_ok && inner.interrupt_status != 0
         };
-        if fire {
-            dev.shared.trigger();
-        }
         Ok(dev)
     }
 }
