@@ -143,6 +143,26 @@ impl PageBitmap {
         }
     }
 
+    /// The words covering pages `[start, end)` (`start` a multiple of 64), with the bits of
+    /// `minus` cleared and the bits at or past `end` zero: the input of [`crate::DirtyLog::arm`].
+    pub fn words_in(&self, start: u64, end: u64, minus: &PageBitmap) -> Vec<u64> {
+        debug_assert!(start % 64 == 0);
+        let end = end.min(self.bits);
+        if start >= end {
+            return Vec::new();
+        }
+        let (first, last) = ((start / 64) as usize, ((end - 1) / 64) as usize);
+        let mut out: Vec<u64> = (first..=last)
+            .map(|w| self.words[w] & !minus.words.get(w).copied().unwrap_or(0))
+            .collect();
+        if end % 64 != 0 {
+            if let Some(tail) = out.last_mut() {
+                *tail &= (1u64 << (end % 64)) - 1;
+            }
+        }
+        out
+    }
+
     /// ORs another bitmap of the same length into this one.
     pub fn or_with(&mut self, other: &PageBitmap) {
         debug_assert_eq!(self.bits, other.bits);
@@ -173,6 +193,28 @@ mod tests {
         assert_eq!(b.next_set(63), Some(65));
         assert_eq!(b.clear_range(0, 1000), 128, "clipped to the bitmap");
         assert_eq!(b.next_set(0), None);
+    }
+
+    #[test]
+    fn words_in_masks_the_window_and_the_subtrahend() {
+        let mut b = PageBitmap::full(200);
+        let mut minus = PageBitmap::new(200);
+        minus.set(65);
+        minus.set(130);
+        let w = b.words_in(64, 140, &minus);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0], !0b10, "page 65 removed");
+        assert_eq!(
+            w[1],
+            ((1u64 << 12) - 1) & !(1 << 2),
+            "ends at 140, 130 removed"
+        );
+        b.clear_all();
+        assert!(b.words_in(0, 200, &minus).iter().all(|&x| x == 0));
+        assert!(b.words_in(256, 300, &minus).is_empty(), "past the end");
+        // The last, partial word of the bitmap.
+        let full = PageBitmap::full(200);
+        assert_eq!(full.words_in(192, 256, &minus), vec![0xff]);
     }
 
     #[test]

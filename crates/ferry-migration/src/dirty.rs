@@ -4,6 +4,16 @@
 //! every page written since the previous fetch and forgets them. The engine is the only
 //! consumer and never clears anything else: hints act on the engine's to-send bitmap, not on
 //! the dirty log (see [`crate::hint`]).
+//!
+//! A log may also *arm lazily* (KVM's manual-protect mode with `KVM_DIRTY_LOG_INITIALLY_SET`):
+//! after [`DirtyLog::start`] every page counts as written and is not tracked, so guest writes
+//! cost nothing, until the engine [arms](DirtyLog::arm) it. The engine arms pages only in the
+//! bulk round, right before reading them, and exactly the pages it reads (no hint is applied
+//! in between). A page it skips (hinted free, known zero) stays unarmed, so the next fetch
+//! reports it again — a skipped page is never lost, it is looked at again in round 1, when it
+//! is cheap (a hinted page reads as zero). The fetch arms every page it reports. This is what
+//! makes free page hinting cheap for a guest that zeroes pages before hinting them (Linux
+//! with `init_on_alloc=1`): those writes land on unarmed pages and do not fault.
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
@@ -35,6 +45,23 @@ pub trait DirtyLog: Send {
     ) -> Result<(), DirtyLogError>;
     /// Stops tracking; called when the migration ends, however it ends.
     fn stop(&mut self);
+    /// Whether pages start unarmed (see the module docs). A log that does not arm lazily
+    /// tracks every page from [`start`](Self::start) on and ignores [`arm`](Self::arm).
+    fn arms_lazily(&self) -> bool {
+        false
+    }
+    /// Starts tracking the pages set in `words` (bit `j` of word `k` = page index
+    /// `first + 64k + j`; `first` is a multiple of 64) and forgets whether they were written
+    /// before. The caller must read every page it arms after this returns, and must not rely
+    /// on an armed page's earlier content.
+    fn arm(
+        &mut self,
+        _layout: &MemoryLayout,
+        _first: u64,
+        _words: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        Ok(())
+    }
 }
 
 /// A software dirty log over vm-memory's per-region [`AtomicBitmap`], which every write
@@ -43,13 +70,37 @@ pub trait DirtyLog: Send {
 #[derive(Debug, Clone)]
 pub struct BitmapDirtyLog {
     mem: GuestMemoryMmap<AtomicBitmap>,
+    lazy: bool,
+    /// Pages not armed yet (lazy mode, between start and the first fetch).
+    unarmed: Option<PageBitmap>,
 }
 
 impl BitmapDirtyLog {
-    /// A dirty log over `mem`'s write bitmaps.
+    /// A dirty log over `mem`'s write bitmaps that tracks every page from the start.
     pub fn new(mem: GuestMemoryMmap<AtomicBitmap>) -> Self {
-        Self { mem }
+        Self {
+            mem,
+            lazy: false,
+            unarmed: None,
+        }
     }
+
+    /// The same log, arming lazily like KVM's manual-protect mode: it models
+    /// `KVM_DIRTY_LOG_INITIALLY_SET`, so the simulation checks the engine's arming.
+    pub fn lazy(mem: GuestMemoryMmap<AtomicBitmap>) -> Self {
+        Self {
+            lazy: true,
+            ..Self::new(mem)
+        }
+    }
+}
+
+/// The write bitmap of the region holding `gpa`, and the offset of `gpa` in it.
+fn region_bitmap(mem: &GuestMemoryMmap<AtomicBitmap>, gpa: u64) -> Option<(&AtomicBitmap, usize)> {
+    mem.iter().find_map(|r| {
+        let offset = gpa.checked_sub(r.start_addr().0)?;
+        (offset < r.len()).then(|| (MmapRegion::bitmap(r), offset as usize))
+    })
 }
 
 impl DirtyLog for BitmapDirtyLog {
@@ -57,6 +108,40 @@ impl DirtyLog for BitmapDirtyLog {
         // Writes before the start are covered by the bulk round, which sends every page.
         for region in self.mem.iter() {
             MmapRegion::bitmap(region).reset();
+        }
+        if self.lazy {
+            let layout = MemoryLayout::from_guest_memory(&self.mem)
+                .map_err(|e| DirtyLogError::Layout(e.to_string()))?;
+            self.unarmed = Some(PageBitmap::full(layout.pages()));
+        }
+        Ok(())
+    }
+
+    fn arms_lazily(&self) -> bool {
+        self.lazy
+    }
+
+    fn arm(
+        &mut self,
+        layout: &MemoryLayout,
+        first: u64,
+        words: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        let Some(unarmed) = self.unarmed.as_mut() else {
+            return Ok(());
+        };
+        for (k, &word) in words.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let page = first + k as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                unarmed.clear(page);
+                // Forget earlier writes, as KVM_CLEAR_DIRTY_LOG does.
+                let gpa = layout.gpa_of(page);
+                let (bitmap, offset) = region_bitmap(&self.mem, gpa)
+                    .ok_or_else(|| DirtyLogError::Layout(format!("page {page} at {gpa:#x}")))?;
+                bitmap.reset_addr_range(offset, PAGE_SIZE as usize);
+            }
         }
         Ok(())
     }
@@ -78,10 +163,16 @@ impl DirtyLog for BitmapDirtyLog {
             }
             dirty.or_words(first, &bitmap.get_and_reset());
         }
+        // The fetch arms every page it reports, unarmed ones included.
+        if let Some(unarmed) = self.unarmed.take() {
+            dirty.or_with(&unarmed);
+        }
         Ok(())
     }
 
-    fn stop(&mut self) {}
+    fn stop(&mut self) {
+        self.unarmed = None;
+    }
 }
 
 #[cfg(test)]
@@ -111,5 +202,45 @@ mod tests {
         let mut again = PageBitmap::new(layout.pages());
         log.fetch_and_clear(&layout, &mut again).unwrap();
         assert_eq!(again.count(), 0, "fetch clears");
+    }
+
+    #[test]
+    fn a_lazy_log_reports_unarmed_pages_and_forgets_writes_before_arming() {
+        let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+            (GuestAddress(0), 64 * PAGE_SIZE as usize),
+            (GuestAddress(0x100000), 64 * PAGE_SIZE as usize),
+        ])
+        .unwrap();
+        let layout = MemoryLayout::from_guest_memory(&mem).unwrap();
+        let mut log = BitmapDirtyLog::lazy(mem.clone());
+        assert!(log.arms_lazily());
+        log.start().unwrap();
+        // Page 1 is written before it is armed: arming forgets that.
+        mem.write_obj(1u8, GuestAddress(PAGE_SIZE)).unwrap();
+        // Arm pages 0-2 of region 0 and page 64 (first of region 1).
+        log.arm(&layout, 0, &[0b111]).unwrap();
+        log.arm(&layout, 64, &[0b1]).unwrap();
+        mem.write_obj(1u8, GuestAddress(2 * PAGE_SIZE)).unwrap();
+        let mut d = PageBitmap::new(layout.pages());
+        log.fetch_and_clear(&layout, &mut d).unwrap();
+        let armed = [0u64, 1, 64];
+        for i in 0..layout.pages() {
+            assert_eq!(d.get(i), !armed.contains(&i), "page {i}");
+        }
+        // The fetch armed everything it reported: only new writes from now on.
+        mem.write_obj(1u8, GuestAddress(0x100000 + 5 * PAGE_SIZE))
+            .unwrap();
+        let mut again = PageBitmap::new(layout.pages());
+        log.fetch_and_clear(&layout, &mut again).unwrap();
+        assert_eq!(again.count(), 1);
+        assert!(again.get(69));
+        // A non-lazy log ignores arming.
+        let mut eager = BitmapDirtyLog::new(mem.clone());
+        eager.start().unwrap();
+        mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        eager.arm(&layout, 0, &[1]).unwrap();
+        let mut e = PageBitmap::new(layout.pages());
+        eager.fetch_and_clear(&layout, &mut e).unwrap();
+        assert_eq!(e.count(), 1);
     }
 }

@@ -36,6 +36,9 @@ use crate::zero::is_zero;
 
 /// Pages handled between two checkpoints (hint drain, progress, cancel and peer checks).
 const CHECKPOINT_PAGES: u64 = 256;
+/// Pages armed at once in the bulk round of a lazily arming dirty log (2 MiB, a multiple of
+/// the 64 pages KVM_CLEAR_DIRTY_LOG needs).
+const ARM_WINDOW_PAGES: u64 = 512;
 /// Hint messages applied per checkpoint at most.
 const DRAIN_BUDGET: usize = 1024;
 /// How long a failing source lets connection 0 drain so its error record reaches the peer.
@@ -159,6 +162,9 @@ struct Run {
     phase: Phase,
     sources_finished: bool,
     dirty_started: bool,
+    /// The dirty log arms lazily and has not been fetched yet: pages must be armed right
+    /// before they are read (see [`crate::dirty`]).
+    arming: bool,
     /// Per-source counters at the end of the previous round.
     skip_mark: Vec<crate::hint::SourceStats>,
 }
@@ -299,6 +305,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             phase: Phase::Setup,
             sources_finished: false,
             dirty_started: false,
+            arming: false,
             skip_mark: Vec::new(),
         })
     }
@@ -307,6 +314,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
     fn drive(&mut self, run: &mut Run) -> Result<(), MigrationError> {
         self.dirty_log.start()?;
         run.dirty_started = true;
+        run.arming = self.dirty_log.arms_lazily();
         run.phase = Phase::Precopy;
         let mut conv = Convergence::new(self.config.policy.clone());
         let mut round = 0u32;
@@ -323,6 +331,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             );
             self.dirty_log
                 .fetch_and_clear(&self.layout, &mut run.to_send)?;
+            run.arming = false;
             let elapsed = t.elapsed();
             stats.pages_dirtied = run.to_send.count();
             stats.dirty_rate_pages_per_s = stats.pages_dirtied as f64 / elapsed.as_secs_f64();
@@ -442,7 +451,23 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let mut done = 0u64;
         let mut skipped = 0u64;
         let mut next_checkpoint = CHECKPOINT_PAGES;
-        while let Some(i) = run.to_send.next_set(cursor) {
+        // While arming (bulk round of a lazily arming log), hints are applied only at arm
+        // window boundaries: every page armed is then read, as the log requires.
+        let mut armed_until = 0u64;
+        while let Some(mut i) = run.to_send.next_set(cursor) {
+            if run.arming && i >= armed_until {
+                if hinting {
+                    skipped += self.drain_hints(run);
+                    match run.to_send.next_set(cursor) {
+                        Some(j) => i = j,
+                        None => break,
+                    }
+                }
+                let start = i - i % ARM_WINDOW_PAGES;
+                armed_until = (start + ARM_WINDOW_PAGES).min(run.to_send.len());
+                let words = run.to_send.words_in(start, armed_until, &run.known_zero);
+                self.dirty_log.arm(&self.layout, start, &words)?;
+            }
             run.to_send.clear(i);
             cursor = i + 1;
             let gpa = self.layout.gpa_of(i);
@@ -474,7 +499,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             done += 1;
             if done >= next_checkpoint {
                 next_checkpoint = done + CHECKPOINT_PAGES;
-                if hinting {
+                if hinting && !run.arming {
                     skipped += self.drain_hints(run);
                 }
                 self.check(run)?;
@@ -518,6 +543,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         debug_assert!(run.inbox.is_closed());
         self.dirty_log
             .fetch_and_clear(&self.layout, &mut run.to_send)?;
+        run.arming = false;
         // Hinting is over before the device state is saved, so the guest finds its hinted
         // pages released (cmd_id DONE) when it resumes at the destination.
         self.finish_sources(run, Outcome::Switchover);

@@ -193,7 +193,7 @@ impl Guest {
 
     /// Takes up to `max_pages` free pages out of the allocator, as the balloon driver does
     /// when it hints, and returns them as coalesced guest-physical ranges.
-    pub fn hold_free(&mut self, max_pages: u64) -> Vec<GuestRange> {
+    pub fn hold_free(&mut self, max_pages: u64, zero: bool) -> Vec<GuestRange> {
         let mut ranges: Vec<GuestRange> = Vec::new();
         let mut taken = 0;
         for i in 0..self.pages.len() as u64 {
@@ -206,6 +206,13 @@ impl Guest {
             self.pages[i as usize] = PageState::Held;
             taken += 1;
             let gpa = self.layout.gpa_of(i);
+            if zero {
+                // Linux with init_on_alloc=1 clears the block it takes before hinting it.
+                self.buf.fill(0);
+                self.mem
+                    .write_slice(&self.buf, GuestAddress(gpa))
+                    .expect("page is guest RAM");
+            }
             match ranges.last_mut() {
                 Some(r) if r.gpa + r.len == gpa => r.len += PAGE_SIZE,
                 _ => ranges.push(GuestRange::new(gpa, PAGE_SIZE)),

@@ -26,6 +26,8 @@ pub struct Scenario {
     pub unpopulated: bool,
     /// Connections.
     pub connections: u16,
+    /// The dirty log arms lazily, like KVM's manual-protect mode (what ferry's VMM uses).
+    pub lazy_dirty_log: bool,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -163,7 +165,11 @@ pub fn run_faulty(
         }
     });
 
-    let mut dirty = BitmapDirtyLog::new(src_mem.clone());
+    let mut dirty = if s.lazy_dirty_log {
+        BitmapDirtyLog::lazy(src_mem.clone())
+    } else {
+        BitmapDirtyLog::new(src_mem.clone())
+    };
     let mut control = vm.clone();
     let mut driver = SimDriver(vm.clone());
     let mut hints = vm.hint_source();

@@ -81,6 +81,9 @@ pub struct SimConfig {
     pub workload: Workload,
     /// Guest operations per tick are the workload's; this bounds ticks' hint deliveries.
     pub hints: Option<HintBehavior>,
+    /// The guest clears the pages it takes for hinting, like Linux with `init_on_alloc=1`
+    /// (Debian's default).
+    pub zero_on_alloc: bool,
 }
 
 /// Shared state of the simulated VM.
@@ -92,6 +95,7 @@ pub struct SimState {
     pub paused: bool,
     workload: Workload,
     hints: Option<HintBehavior>,
+    zero_on_alloc: bool,
     sink: Option<HintSink>,
     /// Pending answer: (epoch, ticks left, ranges).
     pending: Option<(Epoch, u32, Vec<GuestRange>)>,
@@ -131,6 +135,7 @@ impl SimVm {
             paused: false,
             workload: config.workload,
             hints: config.hints,
+            zero_on_alloc: config.zero_on_alloc,
             sink: None,
             pending: None,
             late: None,
@@ -253,15 +258,15 @@ impl SimState {
         let (delay, ranges) = match self.hints {
             Some(HintBehavior::Honest { delay_ticks })
             | Some(HintBehavior::Shrinker { delay_ticks }) => {
-                (delay_ticks, self.guest.hold_free(pages))
+                (delay_ticks, self.guest.hold_free(pages, self.zero_on_alloc))
             }
             Some(HintBehavior::NoHold { delay_ticks }) => (delay_ticks, free_ranges(&self.guest)),
             Some(HintBehavior::Late) => {
-                self.late = Some((epoch, self.guest.hold_free(pages)));
+                self.late = Some((epoch, self.guest.hold_free(pages, self.zero_on_alloc)));
                 return;
             }
             Some(HintBehavior::Garbage) => {
-                let mut r = self.guest.hold_free(pages);
+                let mut r = self.guest.hold_free(pages, self.zero_on_alloc);
                 let end = self
                     .guest
                     .layout()

@@ -18,9 +18,11 @@ fn scenario() -> Scenario {
             used_percent: 30,
             workload: Workload::Churn { pages_per_tick: 16 },
             hints: Some(HintBehavior::Honest { delay_ticks: 1 }),
+            zero_on_alloc: true,
         },
         unpopulated: true,
         connections: 2,
+        lazy_dirty_log: true,
         migration: MigrationConfig::default(),
     }
 }

@@ -41,9 +41,13 @@ fn scenario(seed: u64, workload: Workload, hints: Option<HintBehavior>) -> Scena
             used_percent: 20,
             workload,
             hints,
+            // Half the seeds clear pages before hinting them (init_on_alloc=1).
+            zero_on_alloc: seed % 8 < 4,
         },
         unpopulated: seed % 2 == 0,
         connections: 1 + (seed % 3) as u16,
+        // Every combination with `unpopulated` over four seeds.
+        lazy_dirty_log: seed % 4 < 2,
         migration: MigrationConfig::default(),
     }
 }
@@ -85,15 +89,7 @@ fn every_used_page_arrives_intact_across_seeds_workloads_and_hint_behaviours() {
 #[test]
 fn hints_skip_freed_memory_and_late_or_early_ones_skip_nothing() {
     let freed = Workload::Freed { percent: 60 };
-    let honest = run(&scenario(
-        1,
-        freed,
-        Some(HintBehavior::Honest { delay_ticks: 0 }),
-    ))
-    .unwrap();
-    let off = run(&scenario(1, freed, None)).unwrap();
-    let late = run(&scenario(1, freed, Some(HintBehavior::Late))).unwrap();
-    let early = run(&scenario(1, freed, Some(HintBehavior::Early))).unwrap();
+    let honest = Some(HintBehavior::Honest { delay_ticks: 0 });
     let skipped = |o: &ferry_sim::harness::Outcome| {
         o.stats
             .pages_skipped
@@ -102,12 +98,32 @@ fn hints_skip_freed_memory_and_late_or_early_ones_skip_nothing() {
             .map_or(0, |x| x.1)
     };
     let pages = MEMORY / 4096;
-    assert!(
-        skipped(&honest) >= pages * 55 / 100,
-        "honest hints skip the freed 60%: {}",
-        skipped(&honest)
-    );
-    assert!(honest.stats.pages_sent < off.stats.pages_sent / 2);
+    // Both ways of arming the dirty log, each with the guest it suits: a lazily armed log
+    // looks at hinted pages again in round 1, which costs nothing when the guest cleared
+    // them (init_on_alloc=1); an eagerly armed one trusts them for good.
+    for (lazy, zero_on_alloc) in [(true, true), (false, false), (false, true)] {
+        let with = |hints: Option<HintBehavior>| {
+            let mut s = scenario(1, freed, hints);
+            s.lazy_dirty_log = lazy;
+            s.sim.zero_on_alloc = zero_on_alloc;
+            run(&s).unwrap()
+        };
+        let (on, off) = (with(honest), with(None));
+        let case = format!("lazy {lazy}, zero_on_alloc {zero_on_alloc}");
+        assert!(
+            skipped(&on) >= pages * 55 / 100,
+            "{case}: honest hints skip the freed 60% in the bulk round: {}",
+            skipped(&on)
+        );
+        assert!(
+            on.stats.pages_sent < off.stats.pages_sent / 2,
+            "{case}: {} pages with data sent with hints, {} without",
+            on.stats.pages_sent,
+            off.stats.pages_sent
+        );
+    }
+    let late = run(&scenario(1, freed, Some(HintBehavior::Late))).unwrap();
+    let early = run(&scenario(1, freed, Some(HintBehavior::Early))).unwrap();
     assert_eq!(skipped(&late), 0, "late hints are dropped");
     assert_eq!(skipped(&early), 0, "early hints are dropped");
     assert!(
@@ -152,6 +168,7 @@ fn the_integrity_check_does_detect_a_lost_write() {
             used_percent: 20,
             workload: Workload::Idle,
             hints: None,
+            zero_on_alloc: false,
         },
     );
     let (a, b) = ferry_migration::Connection::pair().unwrap();

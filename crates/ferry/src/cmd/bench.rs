@@ -97,6 +97,7 @@ fn sim_migration(
             used_percent,
             workload,
             hints: hints.then_some(HintBehavior::Honest { delay_ticks: 0 }),
+            zero_on_alloc: false,
         },
     );
     let l = TcpListener::bind("127.0.0.1:0")?;

@@ -198,6 +198,7 @@ fn migrate_once(args: &SimArgs, hints: bool) -> Result<(MigrationStats, Verdict)
             used_percent: args.used_percent,
             workload,
             hints: behavior,
+            zero_on_alloc: false,
         },
     );
     let stop = Arc::new(AtomicBool::new(false));
