@@ -4,16 +4,26 @@
 //! The memfd (rather than anonymous memory) lets ranges be discarded with
 //! `fallocate(PUNCH_HOLE)` and lets a later version share RAM with another process.
 //!
-//! Dirty tracking ORs two sources: KVM's per-slot dirty bitmap (vCPU writes, fetched and
-//! cleared with `KVM_GET_DIRTY_LOG`) and vm-memory's [`AtomicBitmap`] (writes by the VMM and
-//! its devices through `Bytes`, which KVM cannot see).
-//! This is one of the two modules allowed to use `unsafe` (memory slot registration).
+//! Dirty tracking ORs two sources: KVM's per-slot dirty bitmap (vCPU writes) and vm-memory's
+//! [`AtomicBitmap`] (writes by the VMM and its devices through `Bytes`, which KVM cannot see).
+//! Where KVM offers it, the KVM log runs in manual-protect mode with every page initially
+//! dirty (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET`, as the KVM
+//! API documentation recommends and QEMU uses): turning logging on write-protects nothing,
+//! the engine arms pages (`KVM_CLEAR_DIRTY_LOG`) right before the bulk round reads them, and
+//! a guest that writes pages the engine has not reached yet — Linux clearing the free
+//! blocks it hints — takes no write faults. See `ferry_migration::dirty`.
+//! This is one of the two modules allowed to use `unsafe` (memory slot registration and
+//! `KVM_CLEAR_DIRTY_LOG`, which kvm-ioctls does not wrap).
 
 use std::fs::File;
 use std::sync::Arc;
 
 use ferry_migration::{BitmapDirtyLog, DirtyLog, DirtyLogError, MemoryLayout, PageBitmap};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::VmFd;
 use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
 use vm_memory::bitmap::AtomicBitmap;
@@ -204,6 +214,12 @@ pub fn register_slots(vm: &VmFd, slots: &[Slot], log_dirty: bool) -> Result<(), 
     Ok(())
 }
 
+mod ioctls {
+    use kvm_bindings::{kvm_clear_dirty_log, KVMIO};
+    // kvm-ioctls 0.25 has no wrapper for this one (include/uapi/linux/kvm.h: 0xc0).
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+}
+
 /// The VMM's dirty log: KVM's per-slot log (vCPU writes) OR the device write bitmap that
 /// vm-memory keeps for every write through `Bytes` (device writes).
 #[derive(Debug)]
@@ -214,10 +230,15 @@ pub struct KvmDirtyLog {
     device: BitmapDirtyLog,
     slots: Vec<Slot>,
     active: bool,
+    /// Use manual protection with initially-set bits when KVM offers it.
+    want_lazy: bool,
+    /// Manual protection is on for this run of dirty logging.
+    lazy: bool,
 }
 
 impl KvmDirtyLog {
-    /// A dirty log over `ram`'s slots in `vm`; inactive until [`DirtyLog::start`].
+    /// A dirty log over `ram`'s slots in `vm`; inactive until [`DirtyLog::start`]. It arms
+    /// lazily where KVM supports that, unless [`KvmDirtyLog::eager`] is called.
     pub fn new(vm: Arc<VmFd>, ram: GuestRam) -> Self {
         let slots = ram.slots();
         Self {
@@ -226,19 +247,132 @@ impl KvmDirtyLog {
             _ram: ram,
             slots,
             active: false,
+            want_lazy: true,
+            lazy: false,
         }
+    }
+
+    /// Write-protects all of guest RAM when logging starts (classic `KVM_GET_DIRTY_LOG`),
+    /// even where KVM could arm lazily. Better for a guest that does not clear the pages it
+    /// hints (Linux with `init_on_alloc=0`): its hints then save the pages for good, while
+    /// a lazily armed log looks at hinted pages again in round 1.
+    pub fn eager(mut self) -> Self {
+        self.want_lazy = false;
+        self
     }
 
     fn backend(e: impl std::error::Error + Send + Sync + 'static) -> DirtyLogError {
         DirtyLogError::Backend(Box::new(e))
+    }
+
+    /// Turns manual protection on or off (before logging is turned on for the slots: the
+    /// initially-set state is taken when a slot starts logging). Returns whether it is on.
+    fn set_manual_protect(&self, on: bool) -> bool {
+        let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+        let supported = self
+            .vm
+            .check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        if on && (supported < 0 || supported as u32 & wanted != wanted) {
+            return false;
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = if on { u64::from(wanted) } else { 0 };
+        match self.vm.enable_cap(&cap) {
+            Ok(()) => on,
+            Err(e) if on => {
+                tracing::info!("KVM manual dirty-log protection unavailable ({e}); write-protecting all RAM at start");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` for `bits` (bit `i` = page `first + i` of `slot`; `first` a
+    /// multiple of 64, `bits.len() * 64` pages or up to the slot's end).
+    fn clear(&self, slot: &Slot, first: u64, bits: &mut [u64]) -> Result<(), DirtyLogError> {
+        let slot_pages = slot.size / ferry_migration::PAGE_SIZE;
+        let num_pages = (bits.len() as u64 * 64).min(slot_pages - first);
+        let arg = kvm_clear_dirty_log {
+            slot: slot.slot,
+            num_pages: num_pages as u32,
+            first_page: first,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bits.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: the bitmap holds `num_pages` bits (rounded up to whole words) and outlives
+        // the call; KVM only reads it. `first` is 64-aligned and the range lies in the slot,
+        // as KVM requires (it checks both and fails with EINVAL otherwise).
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(
+                self.vm.as_ref(),
+                ioctls::KVM_CLEAR_DIRTY_LOG(),
+                &arg,
+            )
+        };
+        if ret < 0 {
+            return Err(Self::backend(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn slot_first(layout: &MemoryLayout, slot: &Slot) -> Result<u64, DirtyLogError> {
+        layout
+            .index_of(slot.gpa)
+            .ok_or_else(|| DirtyLogError::Layout(format!("slot at {:#x}", slot.gpa)))
     }
 }
 
 impl DirtyLog for KvmDirtyLog {
     fn start(&mut self) -> Result<(), DirtyLogError> {
         self.device.start()?;
+        self.lazy = self.set_manual_protect(self.want_lazy);
         register_slots(&self.vm, &self.slots, true).map_err(Self::backend)?;
         self.active = true;
+        tracing::debug!(lazy = self.lazy, "dirty logging on");
+        Ok(())
+    }
+
+    fn arms_lazily(&self) -> bool {
+        self.lazy
+    }
+
+    fn arm(
+        &mut self,
+        layout: &MemoryLayout,
+        first: u64,
+        words: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        if !self.lazy {
+            return Ok(());
+        }
+        let end = first + words.len() as u64 * 64;
+        for slot in &self.slots {
+            let start = Self::slot_first(layout, slot)?;
+            let pages = slot.size / ferry_migration::PAGE_SIZE;
+            let (lo, hi) = (first.max(start), end.min(start + pages));
+            if lo >= hi {
+                continue;
+            }
+            // Slot-relative, 64-aligned window holding [lo, hi).
+            let base = (lo - start) / 64 * 64;
+            let mut bits = vec![0u64; ((hi - start) - base).div_ceil(64) as usize];
+            let mut any = false;
+            for page in lo..hi {
+                let k = page - first;
+                if words[(k / 64) as usize] & (1 << (k % 64)) != 0 {
+                    let r = page - start - base;
+                    bits[(r / 64) as usize] |= 1 << (r % 64);
+                    any = true;
+                }
+            }
+            if any {
+                self.clear(slot, base, &mut bits)?;
+            }
+        }
         Ok(())
     }
 
@@ -266,11 +400,17 @@ impl DirtyLog for KvmDirtyLog {
                     slot.gpa
                 )));
             }
-            let kvm = self
+            let mut kvm = self
                 .vm
                 .get_dirty_log(slot.slot, slot.size as usize)
                 .map_err(Self::backend)?;
             dirty.or_words(first, &kvm);
+            if self.lazy && kvm.iter().any(|&w| w != 0) {
+                // Manual protection: the fetch did not clear; arm what it reported. A
+                // write in between is read by the round that sends the page, which comes
+                // after this clear.
+                self.clear(slot, 0, &mut kvm)?;
+            }
         }
         Ok(())
     }
@@ -279,6 +419,10 @@ impl DirtyLog for KvmDirtyLog {
         if self.active {
             if let Err(e) = register_slots(&self.vm, &self.slots, false) {
                 tracing::warn!("cannot turn dirty logging off: {e}");
+            }
+            if self.lazy {
+                self.set_manual_protect(false);
+                self.lazy = false;
             }
             self.active = false;
         }

@@ -120,6 +120,11 @@ pub struct MigrateOptions {
     pub hint_head_start_ms: Option<u64>,
     /// Parallel connections (1 to 16).
     pub connections: u16,
+    /// Arm KVM's dirty log lazily (manual protection, pages initially dirty) where KVM
+    /// supports it: the guest's writes to pages not sent yet cost no write fault. `false`
+    /// write-protects all RAM at the start, which suits guests that do not clear the pages
+    /// they hint (see `ferry_migration::dirty`).
+    pub lazy_dirty_log: bool,
     /// Give up after this many seconds (the VM keeps running here).
     pub timeout_s: u64,
 }
@@ -133,6 +138,7 @@ impl Default for MigrateOptions {
             free_page_hint: true,
             hint_head_start_ms: None,
             connections: 1,
+            lazy_dirty_log: true,
             timeout_s: 30 * 60,
         }
     }
@@ -327,6 +333,9 @@ pub fn migrate(
         }
     })?;
     let mut dirty_log = vmm.dirty_log();
+    if !options.lazy_dirty_log {
+        dirty_log = dirty_log.eager();
+    }
     let mut control = SealedControl(vmm.clone());
     let (mut hint, mut report) = match vmm.balloon_device() {
         Some(b) => {

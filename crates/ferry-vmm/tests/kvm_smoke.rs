@@ -89,6 +89,13 @@ fn pause_stops_the_guest_and_state_saves() {
     vcpu::install_kick_handler().unwrap();
     let mut dirty = KvmDirtyLog::new(vm.fd().clone(), ram.clone());
     dirty.start().unwrap();
+    if dirty.arms_lazily() {
+        // Manual protection, every page initially dirty: arm them all (KVM_CLEAR_DIRTY_LOG),
+        // as the bulk round does before reading, so only writes from now on are reported.
+        let layout = ram.layout();
+        let words = vec![u64::MAX; layout.pages().div_ceil(64) as usize];
+        dirty.arm(&layout, 0, &words).unwrap();
+    }
     let mut vcpus = Vcpus::new(vec![vcpu::spawn(0, fd, ctx).unwrap()], control.clone());
 
     wait_until("the guest to run", || count.load(Ordering::SeqCst) >= 3);

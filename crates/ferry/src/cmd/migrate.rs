@@ -44,6 +44,11 @@ pub struct MigrateArgs {
     /// ranges and never-populated memory are used either way).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub free_page_hint: bool,
+    /// Arm KVM's dirty log lazily where KVM supports it (guest writes to pages not sent yet
+    /// cost no write fault); `false` write-protects all RAM at the start, which suits guests
+    /// booted with init_on_alloc=0.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub lazy_dirty_log: bool,
     /// Longest acceptable pause of the guest, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
@@ -63,6 +68,7 @@ impl MigrateArgs {
         MigrateOptions {
             hints: self.hints == Hints::On,
             free_page_hint: self.free_page_hint,
+            lazy_dirty_log: self.lazy_dirty_log,
             downtime_ms: self.downtime_ms,
             bandwidth: self.bandwidth,
             connections: self.connections,
