@@ -297,8 +297,25 @@ impl Drop for Vcpus {
     }
 }
 
+/// Finishes an I/O or MMIO access the last exit left half done. KVM completes it (stores
+/// the value read, advances RIP past an `OUT`) only on the next `KVM_RUN`, and that pending
+/// part is in no state userspace can save; the KVM API documentation requires completing it
+/// before saving state. Saved half done, a restored vCPU would run the instruction again: a
+/// serial `IN` would pop a second byte from the receive FIFO (the guest loses input), an
+/// `OUT` would write twice. `immediate_exit` makes KVM return right after completing,
+/// without running guest code; without anything pending it returns at once.
+fn complete_pending_io(id: u8, fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    match fd.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => tracing::warn!("vCPU {id}: completing pending I/O before the pause: {e}"),
+        Ok(exit) => tracing::warn!("vCPU {id}: unexpected exit while completing I/O: {exit:?}"),
+    }
+    fd.set_kvm_immediate_exit(0);
+}
+
 /// Parks while paused, serving requests; returns `false` when the thread must exit.
-fn park(id: u8, fd: &VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool {
+fn park(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool {
     let control = &ctx.control;
     let mut c = lock(&control.ctl);
     if c.state == RunState::Running {
@@ -306,6 +323,12 @@ fn park(id: u8, fd: &VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool 
     }
     if c.state == RunState::Stopping {
         return false;
+    }
+    drop(c);
+    complete_pending_io(id, fd);
+    c = lock(&control.ctl);
+    if c.state != RunState::Paused {
+        return c.state == RunState::Running;
     }
     c.parked += 1;
     control.changed.notify_all();
@@ -337,7 +360,7 @@ fn park(id: u8, fd: &VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> bool 
 fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
     KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
     let reason = loop {
-        if !park(id, &fd, ctx, rx) {
+        if !park(id, &mut fd, ctx, rx) {
             break None;
         }
         match fd.run() {
