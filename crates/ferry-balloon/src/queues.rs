@@ -220,6 +220,7 @@ impl QueueCtx<'_> {
             .flatten();
         let mut discarded = Vec::new();
         let mut used = false;
+        let n_chains = chains.len();
         for chain in chains {
             let head = chain.head_index();
             let result = descriptors(chain).and_then(|descs| match kind {
@@ -244,6 +245,13 @@ impl QueueCtx<'_> {
         }
         batch.flush();
         deliver(&report, &discarded);
+        tracing::trace!(
+            queue = ?kind,
+            chains = n_chains,
+            next_avail = self.queue.next_avail(),
+            next_used = self.queue.next_used(),
+            "virtio-balloon: processed"
+        );
         Ok(used && needs_irq(self.queue, mem))
     }
 

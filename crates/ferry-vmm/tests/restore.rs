@@ -61,6 +61,10 @@ fn is_heartbeat(line: &str) -> bool {
 #[ignore = "needs hardware KVM: run through lab/run"]
 fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
     ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let image = GuestImage::locate().context("the guest image (run lab/build)")?;
     let dir = std::env::temp_dir().join(format!("ferry-vmm-restore-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -128,6 +132,9 @@ fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
     dest.stop();
     ensure!(reason == ExitReason::GuestPowerOff, "{reason:?}");
     let errors = b.kernel_errors();
+    if !errors.is_empty() || !b.known_issues().is_empty() {
+        eprintln!("destination console:\n{}", b.transcript().join("\n"));
+    }
     ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
