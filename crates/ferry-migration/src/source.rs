@@ -349,6 +349,11 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     self.vm.set_throttle(conv.throttle());
                     round += 1;
                     self.begin_epoch(run, Epoch(u64::from(round)));
+                    // Every round starts with the same bounded head start: after a lazily
+                    // armed bulk round, round 1 holds every page the bulk round skipped, and
+                    // the never-populated ones must be hinted again before the scanner would
+                    // read (and so populate) them.
+                    self.head_start(run)?;
                 }
                 Decision::SwitchOver => break,
                 Decision::RoundLimit => {
