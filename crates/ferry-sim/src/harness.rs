@@ -60,7 +60,9 @@ pub enum Fault {
     OtherLayout,
 }
 
-/// Copies `from` to `to`, applying `fault` to the bytes, until either side closes.
+/// Copies `from` to `to`, applying `fault` to the bytes, until either side closes. A cut
+/// kills both directions, like a broken link; otherwise only this direction ends, so what
+/// the other side still says (the destination's error record) gets through.
 fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
     let mut buf = vec![0u8; 64 << 10];
     let mut offset = 0u64;
@@ -74,7 +76,9 @@ fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
             Fault::CutAfter(at) if offset + n as u64 > at => {
                 let keep = (at - offset.min(at)) as usize;
                 let _ = to.write_all(&chunk[..keep]);
-                break;
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
             }
             Fault::FlipAt(at) if (offset..offset + n as u64).contains(&at) => {
                 chunk[(at - offset) as usize] ^= 0x40;
@@ -86,8 +90,8 @@ fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
             break;
         }
     }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Read);
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// A connection pair with a tampering proxy in the source-to-destination direction.
