@@ -37,6 +37,15 @@ const DATASET_MIB: u64 = 32;
 /// Set in a destination process: the JSON of [`DestinationSpec`].
 const DEST_ENV: &str = "FERRY_TEST_MIGRATION_DESTINATION";
 
+/// The engine options every migration here starts from: the defaults, except that
+/// `FERRY_LAZY_DIRTY_LOG=0` turns lazy dirty-log arming off (to compare the two modes).
+fn base_options() -> MigrateOptions {
+    MigrateOptions {
+        lazy_dirty_log: std::env::var("FERRY_LAZY_DIRTY_LOG").map_or(true, |v| v != "0"),
+        ..MigrateOptions::default()
+    }
+}
+
 fn image_config(dir: &Path, name: &str) -> Result<VmConfig> {
     let image = GuestImage::locate().context("the guest image (run lab/build)")?;
     let mut config = VmConfig::new(&image.kernel);
@@ -472,7 +481,7 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
         }
         let options = MigrateOptions {
             hints,
-            ..MigrateOptions::default()
+            ..base_options()
         };
         let label = format!("{workload}, {}", if hints { "on" } else { "off" });
         let (mut dest, stats) =
@@ -521,7 +530,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     let slow = MigrateOptions {
         hints: false,
         bandwidth: Some(8 << 20),
-        ..MigrateOptions::default()
+        ..base_options()
     };
     let mut pending = spawn_destination(&dir, "cut")?;
     let (api, to) = (node.api.clone(), pending.endpoint.clone());
@@ -564,7 +573,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     let mut misfit = image_config(&dir, "misfit")?;
     misfit.vcpus = 1;
     let mut pending = spawn_destination_with("misfit", misfit)?;
-    let err = request_migration(&node.api, &pending.endpoint, &MigrateOptions::default())
+    let err = request_migration(&node.api, &pending.endpoint, &base_options())
         .err()
         .context("a destination with the wrong vCPU count accepted the VM")?;
     eprintln!("source after the refusal: {err}");
@@ -584,7 +593,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
         .wait_for("heartbeat after the refusal", COMMAND_TIMEOUT, is_heartbeat)?;
     ensure!(node.command("verify")?.starts_with("verify pages="));
     // A retry, with hints, succeeds.
-    let (mut dest, stats) = hop(&dir, &mut node, "retry", &MigrateOptions::default())?;
+    let (mut dest, stats) = hop(&dir, &mut node, "retry", &base_options())?;
     eprintln!("retry: {}", summary("retry", &stats));
     dest.command("shutdown")?;
     ensure!(dest.wait_exit()?.success(), "{}", dest.log());
