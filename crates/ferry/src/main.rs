@@ -26,12 +26,14 @@ enum Command {
     Receive(cmd::receive::ReceiveArgs),
     /// Live-migrate a running VM (ask its VMM through --api) to a `ferry receive`.
     Migrate(cmd::migrate::MigrateArgs),
-    /// The demo with a real guest under ferry's VMM (in the lab without hardware KVM).
-    VmDemo(cmd::vmdemo::VmDemoArgs),
+    /// The demo: boot the Debian guest image under ferry's VMM (in the lab without hardware
+    /// KVM), free most of its memory, live-migrate it with hints off, then on, and compare.
+    Demo(cmd::vmdemo::VmDemoArgs),
     /// Migrate a simulated guest between two processes over loopback TCP.
     Sim(cmd::sim::SimArgs),
-    /// The demo: a simulated guest with freed memory migrated with hints off, then on.
-    Demo,
+    /// The engine-only demo: a simulated guest with freed memory migrated between two
+    /// processes with hints off, then on (no VM, no lab).
+    SimDemo,
     /// Print the engine's benchmark table.
     Bench(cmd::bench::BenchArgs),
     /// Benchmark live migration of a real guest: ferry (hints off/on) vs QEMU (free-page-hint
@@ -56,9 +58,9 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a.clone()),
         Command::Receive(a) => cmd::receive::run(a.clone()),
         Command::Migrate(a) => cmd::migrate::run(a),
-        Command::VmDemo(a) => cmd::vmdemo::run(a),
+        Command::Demo(a) => cmd::vmdemo::run(a),
         Command::Sim(a) => cmd::sim::run(a),
-        Command::Demo => {
+        Command::SimDemo => {
             let args = cmd::sim::SimArgs::demo();
             cmd::sim::run(&args)
         }

@@ -1,5 +1,5 @@
-//! `ferry vm-demo`: the demo with a real guest. Boots the guest image (Debian's kernel, its
-//! balloon driver, ferry's guest agent) under `ferry run`, fills a data set, frees 256 MiB,
+//! `ferry demo`: the demo with a real guest. Boots the guest image (Debian's kernel, its
+//! balloon driver, ferry's guest agent) under `ferry run`, fills a data set, frees 768 MiB (of 1 GiB),
 //! live-migrates to a `ferry receive` with hints off, frees again and migrates on with hints
 //! on, then prints the side-by-side table and the guest's own integrity verdicts.
 //!
@@ -26,14 +26,14 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 const CMDLINE: &str = "console=ttyS0 loglevel=5 panic=-1 edd=off initcall_blacklist=cmos_init \
     cryptomgr.notests mitigations=off tsc=unstable trace_clock=global";
-/// `ferry vm-demo` arguments.
+/// `ferry demo` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct VmDemoArgs {
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     pub memory_mib: u64,
     /// MiB the guest fills and frees before each migration.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 768)]
     pub freed_mib: u64,
     /// With hints on, also ask the balloon driver for free page hints (reported ranges and
     /// never-populated memory are used either way).
@@ -224,14 +224,14 @@ fn hop(
     Ok((dest, c, stats, verdict))
 }
 
-/// Runs `ferry vm-demo`.
+/// Runs `ferry demo`.
 pub fn run(args: &VmDemoArgs) -> Result<()> {
     if !args.here && !hw_kvm_usable() {
         eprintln!("no hardware KVM here: running the demo inside the lab (lab/run)");
         let status = Command::new(format!("{REPO}/lab/run"))
             .args(["--timeout", "1200", "--"])
             .arg(std::env::current_exe()?)
-            .args(["vm-demo", "--here"])
+            .args(["demo", "--here"])
             .args(["--memory-mib", &args.memory_mib.to_string()])
             .args(["--freed-mib", &args.freed_mib.to_string()])
             .args(["--free-page-hint", &args.free_page_hint.to_string()])
@@ -246,7 +246,7 @@ pub fn run(args: &VmDemoArgs) -> Result<()> {
         ensure!(status.success(), "the demo in the lab failed ({status})");
         return Ok(());
     }
-    let dir = std::env::temp_dir().join(format!("ferry-vm-demo-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (vm_args, api, serial) = vm_args(&dir, "source", args.memory_mib);
     let child = Command::new(std::env::current_exe()?)
