@@ -165,6 +165,8 @@ struct Run {
     /// The dirty log arms lazily and has not been fetched yet: pages must be armed right
     /// before they are read (see [`crate::dirty`]).
     arming: bool,
+    /// The page the scanner is at (for logs).
+    scan_at: u64,
     /// Per-source counters at the end of the previous round.
     skip_mark: Vec<crate::hint::SourceStats>,
 }
@@ -306,6 +308,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             sources_finished: false,
             dirty_started: false,
             arming: false,
+            scan_at: 0,
             skip_mark: Vec::new(),
         })
     }
@@ -410,9 +413,20 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             dest_nonzero: &run.dest_nonzero,
             known_zero: &mut run.known_zero,
         };
-        run.inbox
+        let skipped = run
+            .inbox
             .drain(&self.layout, &mut targets, DRAIN_BUDGET)
-            .pages_skipped
+            .pages_skipped;
+        if skipped > 0 {
+            tracing::debug!(
+                skipped,
+                scan_at = run.scan_at,
+                left = run.to_send.count(),
+                ms = ms(run.started.elapsed()),
+                "hints applied"
+            );
+        }
+        skipped
     }
 
     /// Cancel, timeout and destination-failure checks.
@@ -474,6 +488,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 self.dirty_log.arm(&self.layout, start, &words)?;
             }
             run.to_send.clear(i);
+            run.scan_at = i;
             cursor = i + 1;
             let gpa = self.layout.gpa_of(i);
             let lane = &mut run.lanes[((i / CHUNK_PAGES) % lanes) as usize];
