@@ -174,9 +174,14 @@ fn receiver(dir: &Path, name: &str, memory_mib: u64) -> Result<(Vm, String)> {
         .context("starting ferry receive")?;
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().context("receiver stderr")?;
+    // The listening line goes to us; everything else the VMM logs goes on to our stderr.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+            if line.starts_with("ferry: waiting for a migration on ") {
+                let _ = tx.send(line);
+            } else {
+                eprintln!("{line}");
+            }
         }
     });
     let vm = Vm { child, api, serial };
