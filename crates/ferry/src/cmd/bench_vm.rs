@@ -31,7 +31,7 @@ pub struct BenchVmArgs {
     #[arg(long, default_value_t = 32)]
     pub dataset_mib: u64,
     /// What the freed workload touches and frees, MiB [default: 3/4 of the RAM, at most
-    /// MemAvailable - 64 MiB].
+    /// MemAvailable - 192 MiB].
     #[arg(long)]
     pub freed_mib: Option<u64>,
     /// The dirty workload's working set, MiB.
