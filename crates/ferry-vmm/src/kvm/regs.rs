@@ -51,6 +51,12 @@ pub mod msr {
     pub const KVM_PV_FIRST: u32 = 0x4b56_4d00;
     /// Last KVM paravirt MSR ferry saves.
     pub const KVM_PV_LAST: u32 = 0x4b56_4d08;
+    /// MSR_KVM_ASYNC_PF_EN.
+    pub const KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+    /// MSR_KVM_ASYNC_PF_INT (the "page ready" vector).
+    pub const KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
+    /// IA32_TSC_DEADLINE.
+    pub const TSC_DEADLINE: u32 = 0x6e0;
 }
 
 /// IA32_MISC_ENABLE fast-strings bit.

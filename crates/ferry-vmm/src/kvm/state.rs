@@ -159,6 +159,21 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     kvm(what)
 }
 
+/// Where an MSR goes when a saved vCPU is restored: most in any order, then the KVM
+/// paravirt ones with MSR_KVM_ASYNC_PF_INT before MSR_KVM_ASYNC_PF_EN (KVM's msr.rst: "The
+/// vector has to be set up before asynchronous page fault mechanism is enabled"), and
+/// IA32_TSC_DEADLINE last, after IA32_TSC it is relative to (Firecracker defers it too).
+fn restore_rank(index: u32) -> u8 {
+    use super::regs::msr;
+    match index {
+        msr::TSC_DEADLINE => 4,
+        msr::KVM_ASYNC_PF_EN => 3,
+        msr::KVM_ASYNC_PF_INT => 2,
+        msr::KVM_PV_FIRST..=msr::KVM_PV_LAST => 1,
+        _ => 0,
+    }
+}
+
 /// Writes `entries` to the vCPU, failing unless KVM took every one.
 pub fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), StateError> {
     let msrs = Msrs::from_entries(entries).map_err(|_| StateError::TooMany("MSR"))?;
@@ -247,7 +262,9 @@ impl VcpuState {
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-        set_msrs(vcpu, &self.msrs)?;
+        let mut msrs = self.msrs.clone();
+        msrs.sort_by_key(|e| restore_rank(e.index));
+        set_msrs(vcpu, &msrs)?;
         vcpu.set_vcpu_events(&self.vcpu_events)
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         // Tell the guest's kvmclock it was paused (avoids soft-lockup warnings); not fatal.
@@ -261,6 +278,39 @@ impl VcpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn msrs_are_restored_with_the_async_pf_vector_first_and_the_deadline_last() {
+        use crate::kvm::regs::msr;
+        let order = [
+            msr::KVM_ASYNC_PF_EN,
+            msr::TSC_DEADLINE,
+            0x4b56_4d01, // kvmclock
+            msr::KVM_ASYNC_PF_INT,
+            msr::TSC,
+            msr::LSTAR,
+        ];
+        let mut entries: Vec<kvm_msr_entry> = order
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        entries.sort_by_key(|e| restore_rank(e.index));
+        let got: Vec<u32> = entries.iter().map(|e| e.index).collect();
+        assert_eq!(
+            got,
+            [
+                msr::TSC,
+                msr::LSTAR,
+                0x4b56_4d01,
+                msr::KVM_ASYNC_PF_INT,
+                msr::KVM_ASYNC_PF_EN,
+                msr::TSC_DEADLINE
+            ]
+        );
+    }
 
     #[test]
     fn vcpu_state_round_trips_through_json() {
