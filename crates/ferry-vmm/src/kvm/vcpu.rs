@@ -26,6 +26,8 @@ use crate::ExitReason;
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval between kicks while waiting for vCPUs to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
+/// Exits served while completing a pending access before a pause, at most.
+const COMPLETION_EXITS_MAX: usize = 16;
 
 /// Errors from vCPU threads and their control.
 #[derive(Debug, thiserror::Error)]
@@ -304,12 +306,24 @@ impl Drop for Vcpus {
 /// serial `IN` would pop a second byte from the receive FIFO (the guest loses input), an
 /// `OUT` would write twice. `immediate_exit` makes KVM return right after completing,
 /// without running guest code; without anything pending it returns at once.
-fn complete_pending_io(id: u8, fd: &mut VcpuFd) {
+fn complete_pending_io(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext) {
     fd.set_kvm_immediate_exit(1);
-    match fd.run() {
-        Err(e) if e.errno() == libc::EINTR => {}
-        Err(e) => tracing::warn!("vCPU {id}: completing pending I/O before the pause: {e}"),
-        Ok(exit) => tracing::warn!("vCPU {id}: unexpected exit while completing I/O: {exit:?}"),
+    // An instruction can need several round trips (an MMIO access split in fragments,
+    // string I/O): serve each exit until KVM reports the interruption.
+    for _ in 0..COMPLETION_EXITS_MAX {
+        match fd.run() {
+            Err(e) if e.errno() == libc::EINTR => break,
+            Err(e) => {
+                tracing::warn!("vCPU {id}: completing pending I/O before the pause: {e}");
+                break;
+            }
+            Ok(exit) => {
+                if let Some(reason) = handle_exit(id, exit, ctx) {
+                    ctx.control.request_exit(reason);
+                    break;
+                }
+            }
+        }
     }
     fd.set_kvm_immediate_exit(0);
 }
@@ -325,7 +339,7 @@ fn park(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> b
         return false;
     }
     drop(c);
-    complete_pending_io(id, fd);
+    complete_pending_io(id, fd, ctx);
     c = lock(&control.ctl);
     if c.state != RunState::Paused {
         return c.state == RunState::Running;
@@ -365,7 +379,11 @@ fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
         }
         match fd.run() {
             Ok(exit) => {
+                let triple_fault = matches!(exit, VcpuExit::Shutdown);
                 if let Some(r) = handle_exit(id, exit, ctx) {
+                    if triple_fault {
+                        log_fault_state(id, &fd);
+                    }
                     break Some(r);
                 }
             }
@@ -390,6 +408,53 @@ fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
             .wait(c)
             .unwrap_or_else(|p| p.into_inner());
     }
+}
+
+/// Logs what the vCPU looked like when the guest triple-faulted (KVM_EXIT_SHUTDOWN), which
+/// a guest-requested reset does not produce: enough to tell a corrupted page table or stack
+/// (CR2, CR3, RSP) from an exception lost while it was being delivered (the events).
+fn log_fault_state(id: u8, fd: &VcpuFd) {
+    let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
+        tracing::error!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN); registers unreadable");
+        return;
+    };
+    let events = fd
+        .get_vcpu_events()
+        .map(|e| {
+            format!(
+                "exception injected={} nr={} pending={} has_error={} error={:#x}; interrupt \
+                 injected={} nr={}; nmi injected={} pending={}",
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.pending,
+                e.exception.has_error_code,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected,
+                e.nmi.pending
+            )
+        })
+        .unwrap_or_else(|e| format!("events unreadable: {e}"));
+    tracing::error!(
+        "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN): rip={:#x} rsp={:#x} rflags={:#x} \
+         cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x} \
+         cs={:#x} ss={:#x}; {events}",
+        r.rip,
+        r.rsp,
+        r.rflags,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer,
+        s.idt.base,
+        s.idt.limit,
+        s.gdt.base,
+        s.gdt.limit,
+        s.cs.selector,
+        s.ss.selector
+    );
 }
 
 /// Dispatches one exit; returns a reason to stop the VM.
