@@ -141,10 +141,20 @@ impl Node {
         })
     }
 
+    /// Runs an agent command; when it gets no answer, the error carries the VMM's log and
+    /// where its threads wait in the kernel (a frozen guest vs. a stuck VMM).
     fn command(&mut self, command: &str) -> Result<String> {
+        let (log, pid) = (self.log.clone(), self.child.id());
         self.agent
             .command(command, COMMAND_TIMEOUT)
-            .with_context(|| format!("`{command}` on {}", self.name))
+            .with_context(|| {
+                format!(
+                    "`{command}` on {}\nVMM log:\n{}\n{}",
+                    self.name,
+                    std::fs::read_to_string(&log).unwrap_or_default(),
+                    kernel_stacks(pid)
+                )
+            })
     }
 
     /// Fails with the console around each kernel error line, if there is one.
@@ -322,8 +332,13 @@ fn kernel_stacks(pid: u32) -> String {
     let mut out = String::new();
     for task in tasks.flatten() {
         let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        let status = read("status");
+        let state = status
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or("State: ?");
         out += &format!(
-            "thread {} ({}) wchan {}:\n{}\n",
+            "thread {} ({}) {state} wchan {}:\n{}\n",
             task.file_name().to_string_lossy(),
             read("comm").trim(),
             read("wchan"),
