@@ -6,7 +6,10 @@ use std::ffi::CString;
 use std::path::Path;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, CpuId, KVM_CAP_EXCEPTION_PAYLOAD, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +54,27 @@ pub struct KvmVm {
     supported_cpuid: CpuId,
 }
 
+/// Asks KVM to keep a pending exception's payload (a #PF's faulting address, a #DB's DR6)
+/// apart from CR2/DR6 until the exception is delivered, and to report it in
+/// KVM_GET_VCPU_EVENTS (api.rst, KVM_CAP_EXCEPTION_PAYLOAD). Without it, saving a vCPU with a
+/// #PF pending writes the new address into CR2 at KVM_GET_VCPU_EVENTS time, after CR2 was
+/// saved with the sregs, so the restored guest would see a stale CR2. Every ferry VM enables
+/// it, so a destination accepts the payload a source saved; where KVM lacks it, nothing
+/// changes (and the payload flag is never set).
+fn enable_exception_payload(fd: &VmFd) {
+    if fd.check_extension_raw(u64::from(KVM_CAP_EXCEPTION_PAYLOAD)) <= 0 {
+        return;
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_EXCEPTION_PAYLOAD,
+        ..Default::default()
+    };
+    cap.args[0] = 1;
+    if let Err(e) = fd.enable_cap(&cap) {
+        tracing::debug!("KVM_CAP_EXCEPTION_PAYLOAD not enabled: {e}");
+    }
+}
+
 impl KvmVm {
     /// Opens `kvm_path`, creates the VM, its TSS area, the in-kernel irqchip and PIT2.
     pub fn new(kvm_path: &Path) -> Result<Self, VmError> {
@@ -73,6 +97,7 @@ impl KvmVm {
             }
         }
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        enable_exception_payload(&fd);
         fd.set_tss_address(layout::KVM_TSS_ADDRESS)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
