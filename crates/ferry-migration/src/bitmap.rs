@@ -5,6 +5,19 @@
 //! clears, which cost O(words) rather than O(pages), and the sender finds the next page to
 //! send by skipping whole zero words.
 
+/// The pages set in `words` (bit `j` of word `k` = page `offset + 64k + j`), in order: the
+/// bitmap format of `KVM_GET_DIRTY_LOG`, vm-memory's `AtomicBitmap` and [`crate::DirtyLog::arm`].
+pub fn set_bits(offset: u64, words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(move |(k, &word)| {
+        let base = offset + k as u64 * 64;
+        std::iter::successors((word != 0).then_some(word), |w| {
+            let rest = w & (w - 1);
+            (rest != 0).then_some(rest)
+        })
+        .map(move |w| base + u64::from(w.trailing_zeros()))
+    })
+}
+
 /// A fixed-size bitmap of pages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageBitmap {
@@ -133,13 +146,8 @@ impl PageBitmap {
     /// ORs `words` (bit `j` of word `k` = page `offset + 64k + j`) into the bitmap. Bits
     /// past the end of the bitmap are ignored. `offset` need not be word aligned.
     pub fn or_words(&mut self, offset: u64, words: &[u64]) {
-        for (k, &word) in words.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let j = u64::from(word.trailing_zeros());
-                word &= word - 1;
-                self.set(offset + k as u64 * 64 + j);
-            }
+        for page in set_bits(offset, words) {
+            self.set(page);
         }
     }
 
@@ -193,6 +201,14 @@ mod tests {
         assert_eq!(b.next_set(63), Some(65));
         assert_eq!(b.clear_range(0, 1000), 128, "clipped to the bitmap");
         assert_eq!(b.next_set(0), None);
+    }
+
+    #[test]
+    fn set_bits_walks_every_word_in_order() {
+        let got: Vec<u64> = set_bits(100, &[0b1001, 0, 1 << 63 | 1]).collect();
+        assert_eq!(got, vec![100, 103, 228, 291]);
+        assert_eq!(set_bits(0, &[]).count(), 0);
+        assert_eq!(set_bits(0, &[u64::MAX]).count(), 64);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
 
-use crate::bitmap::PageBitmap;
+use crate::bitmap::{set_bits, PageBitmap};
 use crate::layout::{MemoryLayout, PAGE_SIZE};
 
 /// Errors from a dirty log backend.
@@ -130,18 +130,13 @@ impl DirtyLog for BitmapDirtyLog {
         let Some(unarmed) = self.unarmed.as_mut() else {
             return Ok(());
         };
-        for (k, &word) in words.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let page = first + k as u64 * 64 + u64::from(word.trailing_zeros());
-                word &= word - 1;
-                unarmed.clear(page);
-                // Forget earlier writes, as KVM_CLEAR_DIRTY_LOG does.
-                let gpa = layout.gpa_of(page);
-                let (bitmap, offset) = region_bitmap(&self.mem, gpa)
-                    .ok_or_else(|| DirtyLogError::Layout(format!("page {page} at {gpa:#x}")))?;
-                bitmap.reset_addr_range(offset, PAGE_SIZE as usize);
-            }
+        for page in set_bits(first, words) {
+            unarmed.clear(page);
+            // Forget earlier writes, as KVM_CLEAR_DIRTY_LOG does.
+            let gpa = layout.gpa_of(page);
+            let (bitmap, offset) = region_bitmap(&self.mem, gpa)
+                .ok_or_else(|| DirtyLogError::Layout(format!("page {page} at {gpa:#x}")))?;
+            bitmap.reset_addr_range(offset, PAGE_SIZE as usize);
         }
         Ok(())
     }
@@ -180,14 +175,21 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    #[test]
-    fn reports_writes_once_and_across_regions() {
+    /// Two regions of `pages` pages, at 0 and at 1 MiB, and their layout.
+    fn two_regions(pages: usize) -> (GuestMemoryMmap<AtomicBitmap>, MemoryLayout) {
+        let len = pages * PAGE_SIZE as usize;
         let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
-            (GuestAddress(0), 16 * PAGE_SIZE as usize),
-            (GuestAddress(0x100000), 16 * PAGE_SIZE as usize),
+            (GuestAddress(0), len),
+            (GuestAddress(0x100000), len),
         ])
         .unwrap();
         let layout = MemoryLayout::from_guest_memory(&mem).unwrap();
+        (mem, layout)
+    }
+
+    #[test]
+    fn reports_writes_once_and_across_regions() {
+        let (mem, layout) = two_regions(16);
         let mut log = BitmapDirtyLog::new(mem.clone());
         mem.write_obj(1u8, GuestAddress(0)).unwrap();
         log.start().unwrap();
@@ -206,12 +208,7 @@ mod tests {
 
     #[test]
     fn a_lazy_log_reports_unarmed_pages_and_forgets_writes_before_arming() {
-        let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
-            (GuestAddress(0), 64 * PAGE_SIZE as usize),
-            (GuestAddress(0x100000), 64 * PAGE_SIZE as usize),
-        ])
-        .unwrap();
-        let layout = MemoryLayout::from_guest_memory(&mem).unwrap();
+        let (mem, layout) = two_regions(64);
         let mut log = BitmapDirtyLog::lazy(mem.clone());
         assert!(log.arms_lazily());
         log.start().unwrap();

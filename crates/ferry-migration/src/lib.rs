@@ -33,7 +33,7 @@ pub mod vm;
 pub mod wire;
 pub mod zero;
 
-pub use bitmap::PageBitmap;
+pub use bitmap::{set_bits, PageBitmap};
 pub use convergence::Policy;
 pub use dest::{Destination, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};

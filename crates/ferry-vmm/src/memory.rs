@@ -18,7 +18,9 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use ferry_migration::{BitmapDirtyLog, DirtyLog, DirtyLogError, MemoryLayout, PageBitmap};
+use ferry_migration::{
+    set_bits, BitmapDirtyLog, DirtyLog, DirtyLogError, MemoryLayout, PageBitmap,
+};
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
@@ -361,13 +363,10 @@ impl DirtyLog for KvmDirtyLog {
             let base = (lo - start) / 64 * 64;
             let mut bits = vec![0u64; ((hi - start) - base).div_ceil(64) as usize];
             let mut any = false;
-            for page in lo..hi {
-                let k = page - first;
-                if words[(k / 64) as usize] & (1 << (k % 64)) != 0 {
-                    let r = page - start - base;
-                    bits[(r / 64) as usize] |= 1 << (r % 64);
-                    any = true;
-                }
+            for page in set_bits(first, words).filter(|p| (lo..hi).contains(p)) {
+                let r = page - start - base;
+                bits[(r / 64) as usize] |= 1 << (r % 64);
+                any = true;
             }
             if any {
                 self.clear(slot, base, &mut bits)?;
