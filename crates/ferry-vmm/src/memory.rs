@@ -389,9 +389,7 @@ impl DirtyLog for KvmDirtyLog {
         // taken now or in the next fetch; KVM's log is get-and-clear atomically.
         self.device.fetch_and_clear(layout, dirty)?;
         for slot in &self.slots {
-            let first = layout
-                .index_of(slot.gpa)
-                .ok_or_else(|| DirtyLogError::Layout(format!("slot at {:#x}", slot.gpa)))?;
+            let first = Self::slot_first(layout, slot)?;
             let pages = slot.size / ferry_migration::PAGE_SIZE;
             if first + pages > dirty.len() {
                 return Err(DirtyLogError::Layout(format!(
