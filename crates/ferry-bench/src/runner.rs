@@ -11,8 +11,8 @@ use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestError, GuestImage, 
 use thiserror::Error;
 
 use crate::qmp::QmpError;
-use crate::results::{now_utc, Results, Sample, Setup, Variant, Workload};
-use crate::sessions::{FerrySession, Migrated, QemuSession, Session};
+use crate::results::{now_utc, Results, Setup, Variant, Workload};
+use crate::sessions::{FerrySession, QemuSession, Session};
 
 /// Boot under nested KVM in a loaded lab: up to minutes.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -350,22 +350,6 @@ fn freed_size(session: &mut dyn Session, memory_mib: u64) -> Result<u64, BenchEr
     Ok((memory_mib * 3 / 4).min((available_kib / 1024).saturating_sub(FREED_HEADROOM_MIB)))
 }
 
-fn sample(m: &Migrated, verified: bool, verify_answer: String) -> Sample {
-    Sample {
-        total_ms: m.total_ms,
-        downtime_ms: m.downtime_ms,
-        bytes: m.bytes,
-        pages_sent: m.pages_sent,
-        pages_zero: m.pages_zero,
-        pages_skipped: m.pages_skipped,
-        rounds: m.rounds,
-        wall_ms: m.wall_ms,
-        verified,
-        verify_answer,
-        kernel_errors: m.source_kernel_errors.clone(),
-    }
-}
-
 /// One repetition (`run`) of the matrix for one VMM setting, on a freshly booted guest.
 fn run_group(
     session: &mut dyn Session,
@@ -413,7 +397,7 @@ fn run_group(
             };
             command(session, &start)?;
             let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
-            let m = session.migrate(hints, config.downtime_limit_ms)?;
+            let mut m = session.migrate(hints, config.downtime_limit_ms)?;
             let verify = session.agent().command("verify", COMMAND_TIMEOUT);
             let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
             // A guest that answered (even `ERR verify mismatches=...`) can go on; a silent
@@ -422,16 +406,18 @@ fn run_group(
                 &verify,
                 Err(AgentError::Timeout { .. } | AgentError::Closed { .. })
             );
-            let verify_answer = match verify {
+            m.verified = verified;
+            m.verify_answer = match verify {
                 Ok(a) => a,
                 Err(e) => e.to_string(),
             };
             if silent {
                 let lost = format!(
                     "run {run}, {workload}, {variant}: the guest did not answer on the \
-                     destination: {verify_answer}"
+                     destination: {}",
+                    m.verify_answer
                 );
-                results.push(workload, variant, sample(&m, false, verify_answer));
+                results.push(workload, variant, m);
                 return Err(BenchError::Vmm(lost));
             }
             if workload == Workload::Dirty {
@@ -440,17 +426,18 @@ fn run_group(
             }
             log(&format!(
                 "run {run}, {workload}, {variant}: {:.1} MiB, {:.0} ms, downtime {:.1} ms, \
-                 {} rounds; {verify_answer}",
+                 {} rounds; {}",
                 m.bytes as f64 / f64::from(1 << 20),
                 m.total_ms,
                 m.downtime_ms,
-                m.rounds
+                m.rounds,
+                m.verify_answer
             ));
             if !verified {
                 // Start over with a fresh data set so the next cases are checked again.
                 command(session, &dataset)?;
             }
-            results.push(workload, variant, sample(&m, verified, verify_answer));
+            results.push(workload, variant, m);
         }
     }
     command(session, "shutdown")?;

@@ -17,6 +17,7 @@ use ferry_vmm::migration::{request_migration, MigrateOptions};
 use serde_json::json;
 
 use crate::qmp::Qmp;
+use crate::results::Sample;
 use crate::runner::BenchError;
 
 /// How long a VMM may take to start (QEMU loads its libraries over 9p in the lab).
@@ -29,35 +30,14 @@ const POLL: Duration = Duration::from_millis(50);
 /// QEMU's bandwidth limit is on by default (128 MiB/s); ferry has none. Lift it.
 const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 
-/// What one migration measured, before the integrity check on the destination.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Migrated {
-    /// As the VMM reports it, ms.
-    pub total_ms: f64,
-    /// As the VMM reports it, ms.
-    pub downtime_ms: f64,
-    /// Bytes sent.
-    pub bytes: u64,
-    /// Pages with data.
-    pub pages_sent: u64,
-    /// Zero pages.
-    pub pages_zero: u64,
-    /// Pages skipped by hints.
-    pub pages_skipped: u64,
-    /// Rounds or dirty-log syncs.
-    pub rounds: u64,
-    /// As the benchmark saw it, ms.
-    pub wall_ms: f64,
-    /// Kernel errors on the old source's console.
-    pub source_kernel_errors: Vec<String>,
-}
-
 /// A guest that can be migrated to a fresh destination process on this machine.
 pub trait Session {
     /// The agent of the guest where it runs now.
     fn agent(&mut self) -> &mut AgentClient;
     /// Migrates the guest to a new VMM process, which becomes the current one.
-    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError>;
+    /// The sample has the source's kernel errors; `verified` and `verify_answer` are for the
+    /// caller to fill in after checking the destination.
+    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError>;
     /// What the current VMM process printed.
     fn vmm_log(&self) -> String;
 }
@@ -280,7 +260,7 @@ impl Session for FerrySession {
         self.node.log()
     }
 
-    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError> {
+    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
         self.hops += 1;
         let mut dest = FerryNode::spawn(
             &self.binary,
@@ -327,9 +307,9 @@ impl Session for FerrySession {
                 source.log()
             )));
         }
-        let source_kernel_errors = source.kernel_errors();
+        let kernel_errors = source.kernel_errors();
         self.node = dest;
-        Ok(Migrated {
+        Ok(Sample {
             total_ms: stats.total_ms,
             downtime_ms: stats.downtime_ms,
             bytes: stats.bytes,
@@ -338,7 +318,9 @@ impl Session for FerrySession {
             pages_skipped: stats.pages_skipped_total(),
             rounds: stats.rounds.len() as u64,
             wall_ms,
-            source_kernel_errors,
+            verified: false,
+            verify_answer: String::new(),
+            kernel_errors,
         })
     }
 }
@@ -411,7 +393,7 @@ impl Session for QemuSession {
     }
 
     /// `hints` is fixed by the balloon device QEMU was started with.
-    fn migrate(&mut self, _hints: bool, downtime_ms: u64) -> Result<Migrated, BenchError> {
+    fn migrate(&mut self, _hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
         self.hops += 1;
         let path = self.dir.join(format!("q{}.qmp", self.hops));
         let port = free_port()?;
@@ -452,13 +434,13 @@ impl Session for QemuSession {
         poll("the destination QEMU to run", START_TIMEOUT, || {
             Ok((dest_qmp.run_state()? == "running").then_some(()))
         })?;
-        let source_kernel_errors = self.guest.agent().kernel_errors();
+        let kernel_errors = self.guest.agent().kernel_errors();
         // The source sits in `postmigrate`; ask it to quit (dropping the guest kills it anyway).
         let _ = self.qmp.execute("quit", None);
         let ram = info.ram.unwrap_or_default();
         self.guest = dest;
         self.qmp = dest_qmp;
-        Ok(Migrated {
+        Ok(Sample {
             total_ms: info.total_time.unwrap_or_default() as f64,
             downtime_ms: info.downtime.unwrap_or_default() as f64,
             bytes: ram.transferred,
@@ -467,7 +449,9 @@ impl Session for QemuSession {
             pages_skipped: 0,
             rounds: ram.dirty_sync_count,
             wall_ms,
-            source_kernel_errors,
+            verified: false,
+            verify_answer: String::new(),
+            kernel_errors,
         })
     }
 }
