@@ -23,7 +23,10 @@ mod image;
 mod kvm;
 mod vmm;
 
-pub use agent::{AgentClient, AgentError, KERNEL_ERROR_MARKERS, KNOWN_GUEST_WARNINGS, READY_LINE};
+pub use agent::{
+    AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS, POWER_OFF_WARNINGS,
+    READY_LINE,
+};
 pub use guest::{Guest, GuestError};
 pub use image::{GuestImage, ImageError};
 pub use kvm::hw_kvm_usable;
