@@ -21,6 +21,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const COPY_CHUNK_BYTES: usize = 4 << 20;
+/// Linux reports free pages 2 s after they are freed (`PAGE_REPORTING_DELAY`).
+const REPORT_WAIT: Duration = Duration::from_secs(6);
 
 fn agent(socket: &Path) -> Result<AgentClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -127,15 +129,244 @@ fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    check_rings(&dest, "destination")?;
     b.command("shutdown", COMMAND_TIMEOUT)?;
     let reason = dest.wait_exit();
     dest.stop();
     ensure!(reason == ExitReason::GuestPowerOff, "{reason:?}");
-    let errors = b.kernel_errors();
-    if !errors.is_empty() || !b.known_issues().is_empty() {
-        eprintln!("destination console:\n{}", b.transcript().join("\n"));
+    check_guest(&b, &dest, "destination")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// How long after the awaited point of a report a hop pauses: 0-9.9 ms, different for every
+/// hop (no `rand` needed), so the pauses fall at different points of the driver's report
+/// handling (chain published, being processed, interrupt pending, buffer being reclaimed).
+fn hop_delay(hop: u32) -> Duration {
+    Duration::from_micros(u64::from(hop.wrapping_mul(7919) % 10_000))
+}
+
+/// Ranges the VM's balloon received on its reporting queue.
+fn reported_ranges(vmm: &Vmm) -> u64 {
+    vmm.balloon_device().map_or(0, |b| {
+        b.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counters()
+            .reported_ranges
+    })
+}
+
+/// The reporting queue's available index as the guest last published it.
+fn reports_published(vmm: &Vmm) -> Option<u16> {
+    let avail = {
+        let b = vmm.balloon_device()?;
+        let b = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        b.save().queues.last()?.avail_ring
+    };
+    vmm.memory()
+        .read_obj::<u16>(vm_memory::GuestAddress(avail + 2))
+        .ok()
+        .map(u16::from_le)
+}
+
+/// Where in the driver's handling of a free page report a hop pauses.
+#[derive(Debug, Clone, Copy)]
+enum PausePoint {
+    /// Right after the driver published a report chain (before or while the device takes it).
+    Published,
+    /// Right after the device answered a report chain (while the driver reclaims it).
+    Answered,
+}
+
+/// Waits (up to `timeout`) until the next report reaches `point`; false on timeout.
+fn wait_for_report(vmm: &Vmm, point: PausePoint, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let (published, answered) = (reports_published(vmm), reported_ranges(vmm));
+    loop {
+        let reached = match point {
+            PausePoint::Published => reports_published(vmm) != published,
+            PausePoint::Answered => reported_ranges(vmm) != answered,
+        };
+        if reached {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(50));
     }
-    ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
+}
+
+/// The reporting queue as the device and the guest's rings see it, for a failure message.
+fn describe_reporting_queue(vmm: &Vmm) -> String {
+    let Some(balloon) = vmm.balloon_device() else {
+        return "no balloon".into();
+    };
+    let (state, counters) = {
+        let b = balloon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (b.save(), b.counters().clone())
+    };
+    // Queue order follows the features: inflate, deflate, stats, free page, reporting.
+    let Some(q) = state.queues.last() else {
+        return format!("no queues (device status {:#x})", state.status);
+    };
+    let read16 = |gpa: u64| {
+        vmm.memory()
+            .read_obj::<u16>(vm_memory::GuestAddress(gpa))
+            .map(u16::from_le)
+            .ok()
+    };
+    format!(
+        "device next_avail={} next_used={}, guest avail.idx={:?} used.idx={:?}, {counters:?}",
+        q.next_avail,
+        q.next_used,
+        read16(q.avail_ring + 2),
+        read16(q.used_ring + 2)
+    )
+}
+
+/// Checks every balloon queue's rings against the device: the device never answered more
+/// chains than the driver published, nor took more than it published, and the used index in
+/// guest memory is the one the device wrote. A chain lost or processed twice across a pause
+/// breaks one of these. Holds the device lock, so only the driver can move meanwhile (it
+/// only publishes: the used index is read first).
+fn check_rings(vmm: &Vmm, when: &str) -> Result<()> {
+    let Some(balloon) = vmm.balloon_device() else {
+        return Ok(());
+    };
+    let b = balloon
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (index, q) in b.save().queues.iter().enumerate().filter(|(_, q)| q.ready) {
+        let read16 = |gpa: u64| -> Result<u16> {
+            Ok(u16::from_le(
+                vmm.memory().read_obj(vm_memory::GuestAddress(gpa))?,
+            ))
+        };
+        let used = read16(q.used_ring + 2)?;
+        let avail = read16(q.avail_ring + 2)?;
+        ensure!(
+            used == q.next_used
+                && avail.wrapping_sub(used) <= q.size
+                && avail.wrapping_sub(q.next_avail) <= q.size,
+            "{when}: queue {index} out of step: guest avail.idx={avail} used.idx={used}, \
+             device next_avail={} next_used={}",
+            q.next_avail,
+            q.next_used
+        );
+    }
+    Ok(())
+}
+
+/// Fails with the console and the reporting queue's state if the guest logged a kernel error
+/// (a warning Linux prints while powering off is not one, see `ferry_lab::POWER_OFF_WARNINGS`).
+fn check_guest(agent: &AgentClient, vmm: &Vmm, when: &str) -> Result<()> {
+    let errors = agent.kernel_errors();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    eprintln!("{when}: console:\n{}", agent.transcript().join("\n"));
+    anyhow::bail!(
+        "{when}: guest kernel errors {errors:#?}; reporting queue: {}",
+        describe_reporting_queue(vmm)
+    )
+}
+
+/// Pauses the guest again and again right around its free page reports (just after the
+/// driver published one, or just after the device answered one, while it churns memory),
+/// alternately resuming the same VM, as after a refused switchover, and saving/restoring it
+/// into a new VM, as a completed migration does. No report may be lost or answered twice
+/// across a pause: reports keep flowing (a lost one would stall the driver's reporting for
+/// good), the guest logs no kernel error (a leaked or broken reporting queue makes
+/// virtio_balloon warn), and the data set verifies.
+#[test]
+#[ignore = "needs hardware KVM: run through lab/run"]
+fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let hops: u32 = std::env::var("FERRY_PAUSE_HOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let image = GuestImage::locate().context("the guest image (run lab/build)")?;
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-hops-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut config = VmConfig::new(&image.kernel);
+    config.initrd = Some(image.initrd.clone());
+    config.cmdline = GuestConfig::DEFAULT_CMDLINE.to_owned();
+    config.memory_bytes = 256 << 20;
+    config.vcpus = 2;
+    config.balloon = "hint,report,stats".parse()?;
+    config.serial = SerialTarget::Socket(dir.join("vm0.sock"));
+    config.xsave = false;
+
+    let mut vmm = Vmm::boot(config.clone())?;
+    let mut agent = agent(&dir.join("vm0.sock"))?;
+    agent.wait_ready(BOOT_TIMEOUT)?;
+    agent.command("dataset 16", COMMAND_TIMEOUT)?;
+    agent.command("workload churn 64", COMMAND_TIMEOUT)?;
+    let mut reported = 0u64;
+    let mut timed_pauses = 0;
+    for hop in 0..hops {
+        let point = if hop / 2 % 2 == 0 {
+            PausePoint::Published
+        } else {
+            PausePoint::Answered
+        };
+        if wait_for_report(&vmm, point, REPORT_WAIT) {
+            timed_pauses += 1;
+        }
+        std::thread::sleep(hop_delay(hop));
+        vmm.pause()?;
+        if hop % 2 == 0 {
+            vmm.resume();
+        } else {
+            let state = vmm.save_state()?;
+            let mut next = config.clone();
+            let socket = dir.join(format!("vm{hop}.sock"));
+            next.serial = SerialTarget::Socket(socket.clone());
+            let incoming = IncomingVm::new(next)?;
+            copy_ram(vmm.memory(), incoming.memory())?;
+            let restored = incoming.restore(&state)?;
+            reported += reported_ranges(&vmm);
+            vmm.request_exit(ExitReason::Shutdown);
+            vmm.stop();
+            check_guest(&agent, &vmm, &format!("before hop {hop}"))?;
+            vmm = restored;
+            agent = self::agent(&socket)?;
+            vmm.resume();
+        }
+        let meminfo = agent.command("meminfo", COMMAND_TIMEOUT)?;
+        eprintln!("hop {hop}: {meminfo}");
+        check_rings(&vmm, &format!("after hop {hop}"))?;
+        check_guest(&agent, &vmm, &format!("after hop {hop}"))?;
+    }
+    // Reporting still works after the last pause.
+    ensure!(
+        wait_for_report(&vmm, PausePoint::Answered, REPORT_WAIT),
+        "no free page report was answered after the last pause: the driver's reporting stalled"
+    );
+    agent.command("workload stop", COMMAND_TIMEOUT)?;
+    let verify = agent.command("verify", COMMAND_TIMEOUT)?;
+    reported += reported_ranges(&vmm);
+    eprintln!(
+        "{hops} hops ({timed_pauses} right after a report): {verify}, {reported} ranges reported"
+    );
+    ensure!(
+        timed_pauses * 2 >= hops,
+        "the guest reported free pages before only {timed_pauses} of {hops} pauses: the test \
+         did not exercise reporting across pauses"
+    );
+    agent.command("shutdown", COMMAND_TIMEOUT)?;
+    let reason = vmm.wait_exit();
+    vmm.stop();
+    ensure!(reason == ExitReason::GuestPowerOff, "{reason:?}");
+    check_guest(&agent, &vmm, "at the end")?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
