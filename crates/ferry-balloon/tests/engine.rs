@@ -15,8 +15,8 @@ use std::time::Duration;
 use driver::*;
 use ferry_balloon::{Balloon, BalloonConfig, BalloonState, CMD_ID_DONE};
 use ferry_migration::{
-    BitmapDirtyLog, Connection, Destination, Migration, MigrationConfig, NoObserver,
-    ReceiveConfig, VmControl, VmControlError, PAGE_SIZE,
+    BitmapDirtyLog, Connection, Destination, Migration, MigrationConfig, NoObserver, ReceiveConfig,
+    VmControl, VmControlError, PAGE_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -119,7 +119,10 @@ fn read(mem: &ferry_balloon::GuestMemory, gpa: u64, len: u64) -> Vec<u8> {
 #[test]
 fn the_engine_migrates_with_the_balloon_as_its_hint_source() {
     let mut d = Driver::new(BalloonConfig::default());
-    d.probe(F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT | F_REPORTING, None);
+    d.probe(
+        F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT | F_REPORTING,
+        None,
+    );
     for &b in &BLOCKS {
         d.fill(b, HINT_BLOCK, 0xee); // stale data in memory the guest has freed
     }
@@ -178,7 +181,9 @@ fn the_engine_migrates_with_the_balloon_as_its_hint_source() {
             "{len:#x} bytes at {gpa:#x} differ on the destination"
         );
     }
-    assert!(read(&dest_mem, REUSED, HINT_BLOCK).iter().all(|&b| b == 0xb2));
+    assert!(read(&dest_mem, REUSED, HINT_BLOCK)
+        .iter()
+        .all(|&b| b == 0xb2));
     // The blocks that stayed free were never sent: the fresh destination still reads zero.
     for &b in BLOCKS.iter().filter(|&&b| b != REUSED) {
         assert!(

@@ -108,69 +108,76 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
         bail!("{e}\nVMM log:\n{}", guest.vmm_log());
     }
     eprintln!("boot to FERRY-AGENT READY: {:.1?}", started.elapsed());
-    let agent = guest.agent();
+    // Whatever fails from here, the VMM's own log says what it saw.
+    let result = (|| -> Result<()> {
+        let agent = guest.agent();
 
-    let features = agent.command("features", COMMAND_TIMEOUT)?;
-    eprintln!("features: {features}");
-    ensure!(features.contains("FREE_PAGE_HINT"), "{features}");
-    ensure!(features.contains("PAGE_REPORTING"), "{features}");
+        let features = agent.command("features", COMMAND_TIMEOUT)?;
+        eprintln!("features: {features}");
+        ensure!(features.contains("FREE_PAGE_HINT"), "{features}");
+        ensure!(features.contains("PAGE_REPORTING"), "{features}");
 
-    let mut api = api(&vmm.api_socket)?;
-    let status = api.status()?;
-    ensure!(
-        status.state == ferry_vmm::vmm::RunState::Running,
-        "{status:?}"
-    );
-    let info = api.balloon_get()?;
-    ensure!(info.free_page_hint && info.page_reporting, "{info:?}");
+        let mut api = api(&vmm.api_socket)?;
+        let status = api.status()?;
+        ensure!(
+            status.state == ferry_vmm::vmm::RunState::Running,
+            "{status:?}"
+        );
+        let info = api.balloon_get()?;
+        ensure!(info.free_page_hint && info.page_reporting, "{info:?}");
 
-    // Inflate, then deflate, through the API.
-    let before = agent.command("meminfo", COMMAND_TIMEOUT)?;
-    api.balloon_set(128 * MIB)?;
-    let took = wait_balloon(&mut api, 128 * MIB)?;
-    let inflated = agent.command("meminfo", COMMAND_TIMEOUT)?;
-    eprintln!("inflated 128 MiB in {took:.1?}: {before} -> {inflated}");
-    api.balloon_set(0)?;
-    let took = wait_balloon(&mut api, 0)?;
-    eprintln!("deflated in {took:.1?}");
-    eprintln!("balloon stats: {}", api.balloon_stats()?);
+        // Inflate, then deflate, through the API.
+        let before = agent.command("meminfo", COMMAND_TIMEOUT)?;
+        api.balloon_set(128 * MIB)?;
+        let took = wait_balloon(&mut api, 128 * MIB)?;
+        let inflated = agent.command("meminfo", COMMAND_TIMEOUT)?;
+        eprintln!("inflated 128 MiB in {took:.1?}: {before} -> {inflated}");
+        api.balloon_set(0)?;
+        let took = wait_balloon(&mut api, 0)?;
+        eprintln!("deflated in {took:.1?}");
+        eprintln!("balloon stats: {}", api.balloon_stats()?);
 
-    // Pause: heartbeats stop; resume: they continue where they left off.
-    agent.command("heartbeat 200", COMMAND_TIMEOUT)?;
-    let hb = |l: &str| l.starts_with("HB ");
-    agent.wait_for("first heartbeat", COMMAND_TIMEOUT, hb)?;
-    api.pause()?;
-    ensure!(api.status()?.state == ferry_vmm::vmm::RunState::Paused);
-    // A heartbeat already in the UART FIFO or socket may still arrive; then nothing.
-    let mut last = 0;
-    while let Ok(line) = agent.wait_for("in-flight heartbeat", Duration::from_secs(1), hb) {
-        last = heartbeat_number(&line).unwrap_or(last);
-    }
-    let silent = agent.wait_for("heartbeat while paused", Duration::from_secs(3), hb);
-    ensure!(silent.is_err(), "heartbeat while paused: {silent:?}");
-    api.resume()?;
-    let line = agent.wait_for("heartbeat after resume", COMMAND_TIMEOUT, hb)?;
-    let n = heartbeat_number(&line).context("heartbeat number")?;
-    ensure!(
-        n > last,
-        "heartbeat {n} after resume, {last} before the pause"
-    );
-    agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
+        // Pause: heartbeats stop; resume: they continue where they left off.
+        agent.command("heartbeat 200", COMMAND_TIMEOUT)?;
+        let hb = |l: &str| l.starts_with("HB ");
+        agent.wait_for("first heartbeat", COMMAND_TIMEOUT, hb)?;
+        api.pause()?;
+        ensure!(api.status()?.state == ferry_vmm::vmm::RunState::Paused);
+        // A heartbeat already in the UART FIFO or socket may still arrive; then nothing.
+        let mut last = 0;
+        while let Ok(line) = agent.wait_for("in-flight heartbeat", Duration::from_secs(1), hb) {
+            last = heartbeat_number(&line).unwrap_or(last);
+        }
+        let silent = agent.wait_for("heartbeat while paused", Duration::from_secs(3), hb);
+        ensure!(silent.is_err(), "heartbeat while paused: {silent:?}");
+        api.resume()?;
+        let line = agent.wait_for("heartbeat after resume", COMMAND_TIMEOUT, hb)?;
+        let n = heartbeat_number(&line).context("heartbeat number")?;
+        ensure!(
+            n > last,
+            "heartbeat {n} after resume, {last} before the pause"
+        );
+        agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
 
-    // The agent exits, the guest powers off through ACPI, the VMM exits cleanly.
-    agent.command("shutdown", COMMAND_TIMEOUT)?;
-    let status = guest.wait_exit(COMMAND_TIMEOUT)?;
-    ensure!(
-        status.success(),
-        "VMM exit status {status}\n{}",
-        guest.vmm_log()
-    );
-    let errors = guest.agent().kernel_errors();
-    ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
-    let transcript = guest.agent().transcript();
-    eprintln!("console (last 15 lines):");
-    for line in &transcript[transcript.len().saturating_sub(15)..] {
-        eprintln!("  {line}");
+        // The agent exits, the guest powers off through ACPI, the VMM exits cleanly.
+        agent.command("shutdown", COMMAND_TIMEOUT)?;
+        let status = guest.wait_exit(COMMAND_TIMEOUT)?;
+        ensure!(
+            status.success(),
+            "VMM exit status {status}\n{}",
+            guest.vmm_log()
+        );
+        let errors = guest.agent().kernel_errors();
+        ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
+        let transcript = guest.agent().transcript();
+        eprintln!("console (last 15 lines):");
+        for line in &transcript[transcript.len().saturating_sub(15)..] {
+            eprintln!("  {line}");
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        bail!("{e:#}\nVMM log:\n{}", guest.vmm_log());
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
