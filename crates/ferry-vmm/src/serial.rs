@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,15 +61,42 @@ pub enum SerialError {
     Thread(#[source] io::Error),
 }
 
-/// Raises an interrupt by writing an eventfd registered with KVM as an irqfd.
+/// 16550 interrupt identification (IIR) bits vm-superio sets for a raised interrupt.
+const IIR_THR_EMPTY: u8 = 0x02;
+const IIR_DATA_READY: u8 = 0x04;
+
+/// Raises an interrupt by writing an eventfd registered with KVM as an irqfd, once armed.
+///
+/// A restored UART starts disarmed: vm-superio raises a pending interrupt while it is rebuilt
+/// from its state, which is before the VMM restored the interrupt controller, and that state
+/// would overwrite the edge. vm-superio raises THR-empty and received-data interrupts only when
+/// their IIR bit goes from clear to set, so a lost edge with the bit still set stops the
+/// guest's transmit (or receive) path for good. [`SerialConsole::resume`] arms the trigger and
+/// raises what is pending.
 #[derive(Debug)]
-pub struct EventFdTrigger(pub EventFd);
+pub struct EventFdTrigger {
+    fd: EventFd,
+    armed: AtomicBool,
+}
+
+impl EventFdTrigger {
+    fn new(fd: EventFd, armed: bool) -> Self {
+        Self {
+            fd,
+            armed: AtomicBool::new(armed),
+        }
+    }
+}
 
 impl Trigger for EventFdTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        if self.armed.load(Ordering::SeqCst) {
+            self.fd.write(1)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -237,19 +265,40 @@ impl SerialConsole {
     /// A UART raising `irq` and printing to `out`.
     pub fn new(irq: EventFd, out: impl Into<ConsoleOut>) -> Self {
         Self {
-            uart: Serial::new(EventFdTrigger(irq), out.into()),
+            uart: Serial::new(EventFdTrigger::new(irq, true), out.into()),
         }
     }
 
-    /// A UART continuing from `snapshot` (re-raising its pending interrupt).
+    /// A UART continuing from `snapshot`. Its interrupt stays quiet until
+    /// [`SerialConsole::resume`], which raises the one pending at save time.
     pub fn restore(
         irq: EventFd,
         out: impl Into<ConsoleOut>,
         snapshot: &SerialSnapshot,
     ) -> Result<Self, SerialError> {
-        let uart = Serial::from_state(&snapshot.into(), EventFdTrigger(irq), NoEvents, out.into())
+        let trigger = EventFdTrigger::new(irq, false);
+        let uart = Serial::from_state(&snapshot.into(), trigger, NoEvents, out.into())
             .map_err(|e| SerialError::State(format!("{e:?}")))?;
         Ok(Self { uart })
+    }
+
+    /// Call when the VM (re)starts running, after its interrupt controller state is in place:
+    /// arms a restored UART's interrupt and raises it if the guest had not taken one when the
+    /// state was saved (THR-empty or received-data set in IIR). The guest's handler reads IIR,
+    /// which clears the bits, so the UART raises again on the next edge. That holds even when
+    /// the guest has the interrupt disabled at the moment (its console write path clears IER
+    /// while it polls): an extra interrupt is harmless, a bit left set is not. A no-op for a
+    /// UART that is armed already.
+    pub fn resume(&mut self) {
+        let trigger = self.uart.interrupt_evt();
+        if trigger.armed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.uart.state().interrupt_identification & (IIR_THR_EMPTY | IIR_DATA_READY) != 0 {
+            if let Err(e) = trigger.fd.write(1) {
+                tracing::warn!("cannot raise the restored serial interrupt: {e}");
+            }
+        }
     }
 
     /// Queues input bytes for the guest; returns how many fit in the FIFO.
@@ -453,14 +502,53 @@ mod tests {
         assert!(irq.read().unwrap() >= 1);
         let snap = c.snapshot();
         assert_eq!(snap.registers[2], 0x02);
+        // Restored with the THR-empty interrupt pending: nothing is raised until resume (the
+        // VMM has not restored the interrupt controller yet), then exactly once.
         let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let back = SerialConsole::restore(irq2, SerialOut::Sink, &snap).unwrap();
+        let mut back =
+            SerialConsole::restore(irq2.try_clone().unwrap(), SerialOut::Sink, &snap).unwrap();
         assert_eq!(back.snapshot(), snap);
+        assert!(irq2.read().is_err(), "raised before resume");
+        back.resume();
+        assert_eq!(irq2.read().unwrap(), 1);
+        back.resume();
+        assert!(irq2.read().is_err(), "a second resume raises nothing");
+        // From then on it behaves as before: the guest takes the interrupt (reads IIR), the
+        // next byte raises a new one.
+        let mut iir = [0u8];
+        back.read(2, &mut iir);
+        back.write(0, b"b");
+        assert_eq!(irq2.read().unwrap(), 1);
         let overfull = SerialSnapshot {
             in_buffer: vec![0; 65],
             ..snap
         };
         let irq3 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         assert!(SerialConsole::restore(irq3, SerialOut::Sink, &overfull).is_err());
+    }
+
+    #[test]
+    fn resume_raises_an_interrupt_the_guest_had_not_taken() {
+        let (mut c, irq) = console(SerialOut::Sink);
+        c.resume(); // a console that was never restored is armed already
+        assert!(irq.read().is_err());
+        // Received data raised its interrupt (IER bit 0, IIR bit 2), not taken yet; then the
+        // guest masks it (as its console write path does while polling): still pending.
+        c.write(1, &[0x01]);
+        assert_eq!(c.enqueue(b"x"), 1);
+        assert!(irq.read().unwrap() >= 1);
+        c.write(1, &[0x00]);
+        let pending = c.snapshot();
+        // The guest's handler read IIR: nothing left to raise.
+        let mut iir = [0u8];
+        c.read(2, &mut iir);
+        let taken = c.snapshot();
+        for (snap, raised) in [(&pending, true), (&taken, false)] {
+            let fd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut back =
+                SerialConsole::restore(fd.try_clone().unwrap(), SerialOut::Sink, snap).unwrap();
+            back.resume();
+            assert_eq!(fd.read().is_ok(), raised, "{snap:?}");
+        }
     }
 }

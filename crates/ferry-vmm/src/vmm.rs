@@ -168,8 +168,10 @@ impl Vmm {
         Ok(())
     }
 
-    /// Lets the guest run again; idempotent.
+    /// Lets the guest run again; idempotent. Devices raise what a restore left pending
+    /// first: by now the interrupt controller state is in place.
     pub fn resume(&self) {
+        lock(&self.serial).resume();
         if let Some(b) = &self.balloon {
             lock(b).resume();
         }

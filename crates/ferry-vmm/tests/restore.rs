@@ -94,7 +94,13 @@ fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
         bytes.len(),
         saved.vcpus.len()
     );
-    let state: MachineState = serde_json::from_slice(&bytes)?;
+    let mut state: MachineState = serde_json::from_slice(&bytes)?;
+    // As if the guest had not yet taken a THR-empty interrupt when it was paused (the UART
+    // raised it, the guest's handler had not read IIR). The destination must raise it again
+    // once its interrupt controller is restored: vm-superio raises a new one only when the
+    // bit goes from clear to set, so without it the guest's console would never transmit
+    // again and the heartbeats below would not come.
+    state.serial.registers[3] |= 0x02;
 
     let mut dest_config = config.clone();
     dest_config.serial = SerialTarget::Socket(dir.join("b.sock"));
