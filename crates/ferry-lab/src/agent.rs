@@ -44,8 +44,8 @@ pub const POWER_OFF_WARNINGS: &[(&str, &str, &str)] = &[(
     "virtballoon_free_page_report",
     // RAX holds virtqueue_add_inbuf's result: -EIO (0xfffffffb), the broken-queue error.
     "RAX: 00000000fffffffb",
-    "Linux 6.1.129+ (Debian's 6.1 included) breaks every virtqueue when it powers off \
-     (\"virtio: break and reset virtio devices on device_shutdown()\"); a free page report \
+    "Debian's 6.1.192 kernel breaks every virtqueue when it powers off (its stable update \
+     \"virtio: break and reset virtio devices on device_shutdown()\"); a free page report \
      the page_reporting worker starts after that gets -EIO and virtio_balloon warns once. \
      Nothing is lost: the guest is shutting down.",
 )];
