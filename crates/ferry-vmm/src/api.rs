@@ -14,6 +14,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,29 +132,71 @@ pub fn answer(handler: &dyn ApiHandler, line: &str) -> Reply {
     Reply::from_result(result)
 }
 
+/// The running API server: what a VMM needs to exit without cutting a reply short.
+#[derive(Debug, Clone, Default)]
+pub struct ApiServer {
+    /// Requests read and not yet fully answered.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ApiServer {
+    /// Waits until no request is being answered, at most `timeout`; returns whether it got
+    /// there. A VMM calls this before it exits: a reply it still owes (the statistics of the
+    /// migration that ended the VM here, the answer to `shutdown`) is then in the client's
+    /// socket, and survives the process.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight.load(SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+/// Counts a request as in flight until dropped (on every way out of answering it).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
 /// Binds `path` and serves requests on a background thread for the life of the process.
-pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<(), ApiError> {
+pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, ApiError> {
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: path.to_owned(),
         source,
     })?;
-    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = ApiServer::default();
+    let in_flight = server.in_flight.clone();
+    let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ferry-api".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                use std::sync::atomic::Ordering::SeqCst;
                 if clients.fetch_add(1, SeqCst) >= CLIENTS_MAX {
                     clients.fetch_sub(1, SeqCst);
                     let _ = writeln!(stream, r#"{{"ok":false,"error":"too many API clients"}}"#);
                     continue;
                 }
                 let (handler, clients) = (handler.clone(), clients.clone());
+                let in_flight = in_flight.clone();
                 let spawned = std::thread::Builder::new()
                     .name("ferry-api-client".into())
                     .spawn(move || {
-                        serve_client(stream, handler.as_ref());
+                        serve_client(stream, handler.as_ref(), &in_flight);
                         clients.fetch_sub(1, SeqCst);
                     });
                 if spawned.is_err() {
@@ -164,10 +208,10 @@ pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<(), ApiError> 
             path: path.to_owned(),
             source,
         })?;
-    Ok(())
+    Ok(server)
 }
 
-fn serve_client(stream: UnixStream, handler: &dyn ApiHandler) {
+fn serve_client(stream: UnixStream, handler: &dyn ApiHandler, in_flight: &Arc<AtomicUsize>) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -188,6 +232,7 @@ fn serve_client(stream: UnixStream, handler: &dyn ApiHandler) {
         if line.trim().is_empty() {
             continue;
         }
+        let _answering = InFlight::start(in_flight);
         let reply = answer(handler, line.trim());
         let Ok(text) = serde_json::to_string(&reply) else {
             return;
@@ -320,6 +365,48 @@ mod tests {
         assert!(!r.ok, "unknown fields are refused");
         let r = answer(&fake, "not json");
         assert!(!r.ok);
+    }
+
+    /// Answers `migrate` only once released, like a migration that is still running.
+    struct Slow(Mutex<std::sync::mpsc::Receiver<()>>);
+
+    impl ApiHandler for Slow {
+        fn handle(&self, _request: Request) -> Result<Value, String> {
+            let _ = self.0.lock().unwrap().recv();
+            Ok(serde_json::json!("done"))
+        }
+    }
+
+    #[test]
+    fn the_server_is_idle_only_once_every_reply_is_written() {
+        let dir = std::env::temp_dir().join(format!("ferry-api-idle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let (release, wait) = std::sync::mpsc::channel();
+        let server = serve(&path, Arc::new(Slow(Mutex::new(wait)))).unwrap();
+        assert!(server.wait_idle(Duration::ZERO), "idle before any request");
+        let mut c = ApiClient::connect(&path).unwrap();
+        let asked = std::thread::spawn(move || {
+            c.request(&Request::Migrate {
+                to: "x".into(),
+                options: Value::Null,
+            })
+        });
+        // The request is being answered: a stopping VMM must wait for it.
+        let started = std::time::Instant::now();
+        while server.wait_idle(Duration::ZERO) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "request never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!server.wait_idle(Duration::from_millis(50)));
+        release.send(()).unwrap();
+        assert!(server.wait_idle(Duration::from_secs(5)));
+        assert_eq!(asked.join().unwrap().unwrap(), serde_json::json!("done"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod state_format;
 pub mod vmm;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -55,23 +56,40 @@ pub enum ExitReason {
 pub fn run(config: VmConfig) -> Result<ExitReason, Error> {
     let api_socket = config.api_socket.clone();
     let vmm = Vmm::boot(config)?;
+    let mut server = None;
     if let Some(path) = &api_socket {
-        if let Err(e) = api::serve(
-            path,
-            Arc::new(ApiVmm(vmm.clone(), migration::Supervisor::default())),
-        ) {
-            vmm.request_exit(ExitReason::Shutdown);
-            vmm.stop();
-            return Err(Error::Api(e));
+        let handler = Arc::new(ApiVmm(vmm.clone(), migration::Supervisor::default()));
+        match api::serve(path, handler) {
+            Ok(s) => server = Some(s),
+            Err(e) => {
+                vmm.request_exit(ExitReason::Shutdown);
+                vmm.stop();
+                return Err(Error::Api(e));
+            }
         }
     }
     let reason = vmm.wait_exit();
     tracing::info!("VM stopped: {reason:?}");
     vmm.stop();
+    finish_replies(server.as_ref());
     if let Some(path) = &api_socket {
         let _ = std::fs::remove_file(path);
     }
     Ok(reason)
+}
+
+/// Longest a stopping VMM waits for the API replies it still owes.
+const API_DRAIN: Duration = Duration::from_secs(10);
+
+/// Lets the API finish the replies it owes before the process exits (the statistics of the
+/// migration that moved the guest away, the answer to `shutdown`): a client must not read
+/// end-of-file instead of its answer.
+pub(crate) fn finish_replies(server: Option<&api::ApiServer>) {
+    if let Some(s) = server {
+        if !s.wait_idle(API_DRAIN) {
+            tracing::warn!("exiting with an API request still unanswered after {API_DRAIN:?}");
+        }
+    }
 }
 
 /// The VMM as the API sees it, with its migration (if any).

@@ -577,11 +577,15 @@ pub fn receive(
         e
     };
     let socket = SocketFile(api_socket.clone());
+    let mut server = None;
     if let Some(path) = &api_socket {
         let handler = Arc::new(crate::ApiVmm(vmm.clone(), Supervisor::default()));
-        if let Err(e) = api::serve(path, handler) {
-            received.reject(&format!("the destination cannot serve its API: {e}"));
-            return Err(discard(e.into()));
+        match api::serve(path, handler) {
+            Ok(s) => server = Some(s),
+            Err(e) => {
+                received.reject(&format!("the destination cannot serve its API: {e}"));
+                return Err(discard(e.into()));
+            }
         }
     }
     let stats = received.stats.clone();
@@ -600,6 +604,7 @@ pub fn receive(
     let reason = vmm.wait_exit();
     tracing::info!("VM stopped: {reason:?}");
     vmm.stop();
+    crate::finish_replies(server.as_ref());
     drop(socket);
     Ok(reason)
 }

@@ -383,8 +383,15 @@ fn hop(
     options: &MigrateOptions,
 ) -> Result<(Node, MigrationStats)> {
     let pending = spawn_destination(dir, name)?;
-    let stats = request_migration(&source.api, &pending.endpoint, options)
-        .with_context(|| format!("{} -> {name}", source.name))?;
+    let stats = match request_migration(&source.api, &pending.endpoint, options) {
+        Ok(stats) => stats,
+        Err(e) => bail!(
+            "{} -> {name}: {e}\nsource process: {:?}\nsource VMM log:\n{}",
+            source.name,
+            source.child.try_wait(),
+            source.log()
+        ),
+    };
     let mut dest = pending.attach()?;
     let status = source.wait_exit()?;
     ensure!(
