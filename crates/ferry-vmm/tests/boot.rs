@@ -177,7 +177,13 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
         Ok(())
     })();
     if let Err(e) = result {
-        bail!("{e:#}\nVMM log:\n{}", guest.vmm_log());
+        let transcript = guest.agent().transcript();
+        let tail = &transcript[transcript.len().saturating_sub(40)..];
+        bail!(
+            "{e:#}\nVMM log:\n{}\nconsole (last 40 lines):\n{}",
+            guest.vmm_log(),
+            tail.join("\n")
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
