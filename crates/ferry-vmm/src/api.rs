@@ -367,6 +367,15 @@ mod tests {
         assert!(!r.ok);
     }
 
+    /// A fresh directory for a test's API socket, and the socket's path in it.
+    fn socket_dir(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        (dir, path)
+    }
+
     /// Answers `migrate` only once released, like a migration that is still running.
     struct Slow(Mutex<std::sync::mpsc::Receiver<()>>);
 
@@ -379,10 +388,7 @@ mod tests {
 
     #[test]
     fn the_server_is_idle_only_once_every_reply_is_written() {
-        let dir = std::env::temp_dir().join(format!("ferry-api-idle-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
+        let (dir, path) = socket_dir("ferry-api-idle");
         let (release, wait) = std::sync::mpsc::channel();
         let server = serve(&path, Arc::new(Slow(Mutex::new(wait)))).unwrap();
         assert!(server.wait_idle(Duration::ZERO), "idle before any request");
@@ -411,10 +417,7 @@ mod tests {
 
     #[test]
     fn client_and_server_talk_over_a_socket() {
-        let dir = std::env::temp_dir().join(format!("ferry-api-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("api.sock");
+        let (_, path) = socket_dir("ferry-api");
         let fake = Arc::new(Fake(Mutex::new(Vec::new())));
         serve(&path, fake.clone()).unwrap();
         let mut c = ApiClient::connect(&path).unwrap();

@@ -10,10 +10,12 @@
 //! ```
 
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use ferry_balloon::Balloon;
 use ferry_lab::{AgentClient, GuestConfig, GuestImage};
 use ferry_vmm::{ExitReason, IncomingVm, MachineState, SerialTarget, VmConfig, Vmm};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -55,6 +57,27 @@ fn copy_ram(
     Ok(())
 }
 
+/// The lab guest both tests boot (2 vCPUs, a balloon with hints, reports and statistics) and
+/// a fresh directory for its sockets; fails outside the lab.
+fn lab_vm(name: &str, memory_bytes: u64) -> Result<(PathBuf, VmConfig)> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let image = GuestImage::locate().context("the guest image (run lab/build)")?;
+    let dir = std::env::temp_dir().join(format!("ferry-vmm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut config = VmConfig::new(&image.kernel);
+    config.initrd = Some(image.initrd.clone());
+    config.cmdline = GuestConfig::DEFAULT_CMDLINE.to_owned();
+    config.memory_bytes = memory_bytes;
+    config.vcpus = 2;
+    config.balloon = "hint,report,stats".parse()?;
+    config.xsave = false;
+    Ok((dir, config))
+}
+
 fn is_heartbeat(line: &str) -> bool {
     line.starts_with("HB ")
 }
@@ -62,22 +85,8 @@ fn is_heartbeat(line: &str) -> bool {
 #[test]
 #[ignore = "needs hardware KVM: run through lab/run"]
 fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
-    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    let image = GuestImage::locate().context("the guest image (run lab/build)")?;
-    let dir = std::env::temp_dir().join(format!("ferry-vmm-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut config = VmConfig::new(&image.kernel);
-    config.initrd = Some(image.initrd.clone());
-    config.cmdline = GuestConfig::DEFAULT_CMDLINE.to_owned();
-    config.memory_bytes = 512 << 20;
-    config.vcpus = 2;
-    config.balloon = "hint,report,stats".parse()?;
+    let (dir, mut config) = lab_vm("restore", 512 << 20)?;
     config.serial = SerialTarget::Socket(dir.join("a.sock"));
-    config.xsave = false;
 
     let source = Vmm::boot(config.clone())?;
     let mut a = agent(&dir.join("a.sock"))?;
@@ -152,27 +161,28 @@ fn hop_delay(hop: u32) -> Duration {
     Duration::from_micros(u64::from(hop.wrapping_mul(7919) % 10_000))
 }
 
+/// The VM's balloon device, locked (a poisoned lock still gives the device: these are
+/// read-only checks).
+fn balloon(vmm: &Vmm) -> Option<MutexGuard<'_, Balloon>> {
+    let b = vmm.balloon_device()?;
+    Some(b.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// A ring index (little-endian u16) from guest memory.
+fn ring_index(vmm: &Vmm, gpa: u64) -> Result<u16> {
+    let raw: u16 = vmm.memory().read_obj(vm_memory::GuestAddress(gpa))?;
+    Ok(u16::from_le(raw))
+}
+
 /// Ranges the VM's balloon received on its reporting queue.
 fn reported_ranges(vmm: &Vmm) -> u64 {
-    vmm.balloon_device().map_or(0, |b| {
-        b.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .counters()
-            .reported_ranges
-    })
+    balloon(vmm).map_or(0, |b| b.counters().reported_ranges)
 }
 
 /// The reporting queue's available index as the guest last published it.
 fn reports_published(vmm: &Vmm) -> Option<u16> {
-    let avail = {
-        let b = vmm.balloon_device()?;
-        let b = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        b.save().queues.last()?.avail_ring
-    };
-    vmm.memory()
-        .read_obj::<u16>(vm_memory::GuestAddress(avail + 2))
-        .ok()
-        .map(u16::from_le)
+    let avail = balloon(vmm)?.save().queues.last()?.avail_ring;
+    ring_index(vmm, avail + 2).ok()
 }
 
 /// Where in the driver's handling of a free page report a hop pauses.
@@ -205,31 +215,19 @@ fn wait_for_report(vmm: &Vmm, point: PausePoint, timeout: Duration) -> bool {
 
 /// The reporting queue as the device and the guest's rings see it, for a failure message.
 fn describe_reporting_queue(vmm: &Vmm) -> String {
-    let Some(balloon) = vmm.balloon_device() else {
+    let Some((state, counters)) = balloon(vmm).map(|b| (b.save(), b.counters().clone())) else {
         return "no balloon".into();
-    };
-    let (state, counters) = {
-        let b = balloon
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (b.save(), b.counters().clone())
     };
     // Queue order follows the features: inflate, deflate, stats, free page, reporting.
     let Some(q) = state.queues.last() else {
         return format!("no queues (device status {:#x})", state.status);
     };
-    let read16 = |gpa: u64| {
-        vmm.memory()
-            .read_obj::<u16>(vm_memory::GuestAddress(gpa))
-            .map(u16::from_le)
-            .ok()
-    };
     format!(
         "device next_avail={} next_used={}, guest avail.idx={:?} used.idx={:?}, {counters:?}",
         q.next_avail,
         q.next_used,
-        read16(q.avail_ring + 2),
-        read16(q.used_ring + 2)
+        ring_index(vmm, q.avail_ring + 2).ok(),
+        ring_index(vmm, q.used_ring + 2).ok()
     )
 }
 
@@ -239,20 +237,12 @@ fn describe_reporting_queue(vmm: &Vmm) -> String {
 /// breaks one of these. Holds the device lock, so only the driver can move meanwhile (it
 /// only publishes: the used index is read first).
 fn check_rings(vmm: &Vmm, when: &str) -> Result<()> {
-    let Some(balloon) = vmm.balloon_device() else {
+    let Some(b) = balloon(vmm) else {
         return Ok(());
     };
-    let b = balloon
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for (index, q) in b.save().queues.iter().enumerate().filter(|(_, q)| q.ready) {
-        let read16 = |gpa: u64| -> Result<u16> {
-            Ok(u16::from_le(
-                vmm.memory().read_obj(vm_memory::GuestAddress(gpa))?,
-            ))
-        };
-        let used = read16(q.used_ring + 2)?;
-        let avail = read16(q.avail_ring + 2)?;
+        let used = ring_index(vmm, q.used_ring + 2)?;
+        let avail = ring_index(vmm, q.avail_ring + 2)?;
         ensure!(
             used == q.next_used
                 && avail.wrapping_sub(used) <= q.size
@@ -290,26 +280,12 @@ fn check_guest(agent: &AgentClient, vmm: &Vmm, when: &str) -> Result<()> {
 #[test]
 #[ignore = "needs hardware KVM: run through lab/run"]
 fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
-    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
     let hops: u32 = std::env::var("FERRY_PAUSE_HOPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
-    let image = GuestImage::locate().context("the guest image (run lab/build)")?;
-    let dir = std::env::temp_dir().join(format!("ferry-vmm-hops-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut config = VmConfig::new(&image.kernel);
-    config.initrd = Some(image.initrd.clone());
-    config.cmdline = GuestConfig::DEFAULT_CMDLINE.to_owned();
-    config.memory_bytes = 256 << 20;
-    config.vcpus = 2;
-    config.balloon = "hint,report,stats".parse()?;
+    let (dir, mut config) = lab_vm("hops", 256 << 20)?;
     config.serial = SerialTarget::Socket(dir.join("vm0.sock"));
-    config.xsave = false;
 
     let mut vmm = Vmm::boot(config.clone())?;
     let mut agent = agent(&dir.join("vm0.sock"))?;
