@@ -26,6 +26,8 @@ pub enum WorkloadCommand {
     Idle,
     Freed { mib: u64 },
     Dirty { mib: u64, mib_per_s: u64 },
+    Check { mib: u64, mib_per_s: u64 },
+    Status,
     Churn { mib: u64 },
     Stop,
 }
@@ -83,11 +85,16 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
 }
 
 fn parse_workload(words: &[&str]) -> Result<WorkloadCommand, ParseError> {
-    const USAGE: &str = "workload idle | freed <MiB> | dirty <MiB> <MiB/s> | churn <MiB> | stop";
+    const USAGE: &str = "workload idle | freed <MiB> | dirty <MiB> <MiB/s> | check <MiB> <MiB/s> | churn <MiB> | status | stop";
     let mib = |s: &str| number("workload", s, 1, MIB_MAX);
     match words {
         ["idle"] => Ok(WorkloadCommand::Idle),
         ["stop"] => Ok(WorkloadCommand::Stop),
+        ["status"] => Ok(WorkloadCommand::Status),
+        ["check", m, rate] => Ok(WorkloadCommand::Check {
+            mib: mib(m)?,
+            mib_per_s: mib(rate)?,
+        }),
         ["freed", m] => Ok(WorkloadCommand::Freed { mib: mib(m)? }),
         ["dirty", m, rate] => Ok(WorkloadCommand::Dirty {
             mib: mib(m)?,
@@ -148,6 +155,17 @@ mod tests {
         assert_eq!(
             parse("workload idle"),
             Ok(Command::Workload(WorkloadCommand::Idle))
+        );
+        assert_eq!(
+            parse("workload check 64 32"),
+            Ok(Command::Workload(WorkloadCommand::Check {
+                mib: 64,
+                mib_per_s: 32
+            }))
+        );
+        assert_eq!(
+            parse("workload status"),
+            Ok(Command::Workload(WorkloadCommand::Status))
         );
         assert_eq!(
             parse("workload stop"),

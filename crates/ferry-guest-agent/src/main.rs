@@ -19,8 +19,10 @@
 //! | `workload idle` | stops any background workload: `OK workload idle` |
 //! | `workload freed <MiB>` | touches MiB of RAM with non-zero data, frees it to the kernel: `OK workload freed mib=N` |
 //! | `workload dirty <MiB> <MiB/s>` | starts writing MiB/s over a working set of MiB in the background: `OK workload dirty started` |
+//! | `workload check <MiB> <MiB/s>` | starts rewriting MiB/s over a working set of MiB in the background, checking each page against its last write before rewriting it: `OK workload check started` |
 //! | `workload churn <MiB>` | starts an allocate/touch/free loop of MiB in the background: `OK workload churn started` |
-//! | `workload stop` | stops the background workload: `OK workload stop kind=dirty pages=N`, `kind=churn cycles=N` or `kind=none` |
+//! | `workload status` | what the background workloads did so far, without stopping them (format of `stop`) |
+//! | `workload stop` | stops every background workload: `OK workload stop` and, per workload in start order, `kind=dirty pages=N`, `kind=check pages=N mismatches=M first=<page or ->`, `kind=churn cycles=N`; or `kind=none` |
 //! | `dataset <MiB>` | allocates the integrity data set (replacing any previous one): `OK dataset pages=N generation=G` |
 //! | `verify` | checks every data set page: `OK verify pages=N` or `ERR verify mismatches=N first=<page index>` |
 //! | `bump` | increments the generation and rewrites every page: `OK bump pages=N generation=G` |
@@ -140,6 +142,16 @@ impl Agent {
                     Err(e) => format!("ERR workload dirty: {e}"),
                 }
             }
+            WorkloadCommand::Check { mib, mib_per_s } => {
+                match self.workloads.start_check(mib, mib_per_s) {
+                    Ok(()) => "OK workload check started".to_string(),
+                    Err(e) => format!("ERR workload check: {e}"),
+                }
+            }
+            WorkloadCommand::Status => match self.workloads.status() {
+                Ok(summary) => format!("OK workload status {summary}"),
+                Err(e) => format!("ERR workload status: {e}"),
+            },
             WorkloadCommand::Churn { mib } => match self.workloads.start_churn(mib) {
                 Ok(()) => "OK workload churn started".to_string(),
                 Err(e) => format!("ERR workload churn: {e}"),

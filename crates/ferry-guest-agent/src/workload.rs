@@ -1,5 +1,6 @@
-//! Memory workloads: `freed` runs in the foreground; `dirty` and `churn` run on a background
-//! thread until stopped. At most one background workload runs at a time.
+//! Memory workloads: `freed` runs in the foreground; `dirty`, `check` and `churn` run on
+//! background threads until stopped. Background workloads of different kinds run side by side
+//! (a soak test writes and checks pages while churning memory); at most one of each kind.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,17 +38,58 @@ pub fn freed(mib: u64) -> Result<(), WorkloadError> {
     Ok(())
 }
 
+/// What a background workload has done so far; shared with its thread.
+#[derive(Default)]
+struct Progress {
+    /// Pages written (dirty, check) or allocate/free cycles completed (churn).
+    done: AtomicU64,
+    /// check: pages whose content was not what the workload last wrote there.
+    mismatches: AtomicU64,
+    /// check: the first such page, or `u64::MAX`.
+    first_mismatch: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            first_mismatch: AtomicU64::new(u64::MAX),
+            ..Self::default()
+        }
+    }
+
+    /// `kind=K pages=N` (or `cycles=N`), and for `check` the mismatches.
+    fn describe(&self, kind: &str) -> String {
+        let done = self.done.load(Ordering::Relaxed);
+        match kind {
+            "churn" => format!("kind=churn cycles={done}"),
+            "check" => {
+                let first = self.first_mismatch.load(Ordering::Relaxed);
+                let first = if first == u64::MAX {
+                    "-".to_string()
+                } else {
+                    first.to_string()
+                };
+                format!(
+                    "kind=check pages={done} mismatches={} first={first}",
+                    self.mismatches.load(Ordering::Relaxed)
+                )
+            }
+            _ => format!("kind={kind} pages={done}"),
+        }
+    }
+}
+
 struct Background {
     kind: &'static str,
     stop: Arc<AtomicBool>,
-    /// Pages written (dirty) or allocate/free cycles completed (churn).
-    progress: Arc<AtomicU64>,
+    progress: Arc<Progress>,
     handle: JoinHandle<Result<(), AllocError>>,
 }
 
 #[derive(Default)]
 pub struct Workloads {
-    running: Option<Background>,
+    /// In the order they were started.
+    running: Vec<Background>,
 }
 
 impl Workloads {
@@ -57,7 +99,19 @@ impl Workloads {
         let set = mem::reserve::<u8>(mib)?;
         let pages_per_s = mib_per_s.saturating_mul(MIB / PAGE_SIZE as u64);
         self.start("dirty", move |stop, progress| {
-            dirty(set, mib, pages_per_s, &stop, &progress)
+            dirty(set, mib, pages_per_s, &stop, &progress.done)
+        })
+    }
+
+    /// Starts rewriting `mib_per_s` MiB per second over a working set of `mib` MiB, page by
+    /// page in a cycle; before each rewrite the whole page is checked against what was last
+    /// written to it. A page the VMM lost (or restored from an older copy) during a migration
+    /// is counted as a mismatch, whenever in the migration the write happened.
+    pub fn start_check(&mut self, mib: u64, mib_per_s: u64) -> Result<(), WorkloadError> {
+        let set = mem::reserve::<u64>(mib)?;
+        let pages_per_s = mib_per_s.saturating_mul(MIB / PAGE_SIZE as u64);
+        self.start("check", move |stop, progress| {
+            check(set, mib, pages_per_s, &stop, &progress)
         })
     }
 
@@ -65,24 +119,26 @@ impl Workloads {
     pub fn start_churn(&mut self, mib: u64) -> Result<(), WorkloadError> {
         // Fail now, not in the thread, if the size cannot be allocated at all.
         drop(mem::reserve::<u8>(mib)?);
-        self.start("churn", move |stop, progress| churn(mib, &stop, &progress))
+        self.start("churn", move |stop, progress| {
+            churn(mib, &stop, &progress.done)
+        })
     }
 
     fn start<F>(&mut self, kind: &'static str, work: F) -> Result<(), WorkloadError>
     where
-        F: FnOnce(Arc<AtomicBool>, Arc<AtomicU64>) -> Result<(), AllocError> + Send + 'static,
+        F: FnOnce(Arc<AtomicBool>, Arc<Progress>) -> Result<(), AllocError> + Send + 'static,
     {
-        if let Some(running) = &self.running {
-            return Err(WorkloadError::Busy(running.kind));
+        if self.running.iter().any(|b| b.kind == kind) {
+            return Err(WorkloadError::Busy(kind));
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(AtomicU64::new(0));
+        let progress = Arc::new(Progress::new());
         let (s, p) = (Arc::clone(&stop), Arc::clone(&progress));
         let handle = thread::Builder::new()
             .name(format!("workload-{kind}"))
             .spawn(move || work(s, p))
             .map_err(WorkloadError::Spawn)?;
-        self.running = Some(Background {
+        self.running.push(Background {
             kind,
             stop,
             progress,
@@ -91,23 +147,54 @@ impl Workloads {
         Ok(())
     }
 
-    /// Stops the background workload, if any, and describes what it did.
+    /// What every running background workload has done so far (`kind=none` if none runs),
+    /// without stopping them; a workload whose thread ended with an error is reported as one.
+    pub fn status(&self) -> Result<String, WorkloadError> {
+        if let Some(dead) = self.running.iter().find(|b| b.handle.is_finished()) {
+            return Err(WorkloadError::Died(dead.kind));
+        }
+        Ok(self.describe())
+    }
+
+    fn describe(&self) -> String {
+        if self.running.is_empty() {
+            return "kind=none".to_string();
+        }
+        let parts: Vec<String> = self
+            .running
+            .iter()
+            .map(|b| b.progress.describe(b.kind))
+            .collect();
+        parts.join(" ")
+    }
+
+    /// Stops every background workload and describes what each did, in the order they were
+    /// started (`kind=none` if none ran). All are stopped even when one of them failed.
     pub fn stop(&mut self) -> Result<String, WorkloadError> {
-        let Some(running) = self.running.take() else {
+        if self.running.is_empty() {
             return Ok("kind=none".to_string());
-        };
-        running.stop.store(true, Ordering::Relaxed);
-        let kind = running.kind;
-        let outcome = running
-            .handle
-            .join()
-            .map_err(|_| WorkloadError::Died(kind))?;
-        outcome.map_err(|source| WorkloadError::Failed { kind, source })?;
-        let unit = if kind == "dirty" { "pages" } else { "cycles" };
-        Ok(format!(
-            "kind={kind} {unit}={}",
-            running.progress.load(Ordering::Relaxed)
-        ))
+        }
+        for b in &self.running {
+            b.stop.store(true, Ordering::Relaxed);
+        }
+        let mut failure = None;
+        let mut parts = Vec::new();
+        for b in self.running.drain(..) {
+            let kind = b.kind;
+            let outcome = match b.handle.join() {
+                Ok(r) => r.map_err(|source| WorkloadError::Failed { kind, source }),
+                Err(_) => Err(WorkloadError::Died(kind)),
+            };
+            if let Err(e) = outcome {
+                failure.get_or_insert(e);
+            }
+            // Read after the thread ended: the numbers are final.
+            parts.push(b.progress.describe(kind));
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(parts.join(" ")),
+        }
     }
 }
 
@@ -137,6 +224,66 @@ fn dirty(
     Ok(())
 }
 
+/// The value of word `word` of page `page` after the page was written `writes` times; a page
+/// never written is all zero. Every word differs from page to page and from write to write.
+fn check_word(page: u64, writes: u64, word: u64) -> u64 {
+    if writes == 0 {
+        return 0;
+    }
+    ((writes << 32) | page) ^ word.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+const CHECK_WORDS: usize = PAGE_SIZE / 8;
+
+fn check(
+    mut set: Vec<u64>,
+    mib: u64,
+    pages_per_s: u64,
+    stop: &AtomicBool,
+    progress: &Progress,
+) -> Result<(), AllocError> {
+    set.resize(mem::elements_in::<u64>(mib)?, 0);
+    let start = Instant::now();
+    let mut done: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let due = (start.elapsed().as_secs_f64() * pages_per_s as f64) as u64;
+        while done < due && !stop.load(Ordering::Relaxed) {
+            check_and_rewrite(&mut set, done, progress);
+            done += 1;
+            progress.done.store(done, Ordering::Relaxed);
+        }
+        thread::sleep(DIRTY_TICK);
+    }
+    Ok(())
+}
+
+/// The `done`-th write of the check cycle over `set`: checks the page it falls on against
+/// what the earlier writes left there (counting a mismatch in `progress`), then rewrites it.
+fn check_and_rewrite(set: &mut [u64], done: u64, progress: &Progress) {
+    let pages = (set.len() / CHECK_WORDS) as u64;
+    let page = done % pages;
+    // Writes so far to this page: the cycle visits each page once per `pages` writes.
+    let writes = done / pages;
+    let at = page as usize * CHECK_WORDS;
+    let words = &mut set[at..at + CHECK_WORDS];
+    let intact = words
+        .iter()
+        .zip(0u64..)
+        .all(|(&v, w)| v == check_word(page, writes, w));
+    if !intact {
+        progress.mismatches.fetch_add(1, Ordering::Relaxed);
+        let _ = progress.first_mismatch.compare_exchange(
+            u64::MAX,
+            page,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for (v, w) in words.iter_mut().zip(0u64..) {
+        *v = check_word(page, writes + 1, w);
+    }
+}
+
 fn churn(mib: u64, stop: &AtomicBool, cycles: &AtomicU64) -> Result<(), AllocError> {
     let mut fill: u8 = 1;
     while !stop.load(Ordering::Relaxed) {
@@ -158,7 +305,7 @@ mod tests {
         let started = std::time::Instant::now();
         w.start_dirty(1, 4).unwrap();
         assert!(matches!(
-            w.start_churn(1),
+            w.start_dirty(1, 4),
             Err(WorkloadError::Busy("dirty"))
         ));
         thread::sleep(Duration::from_millis(300));
@@ -187,6 +334,56 @@ mod tests {
         let summary = w.stop().unwrap();
         assert!(summary.starts_with("kind=churn cycles="), "{summary}");
         assert_ne!(summary, "kind=churn cycles=0");
+    }
+
+    #[test]
+    fn check_finds_no_mismatch_in_memory_nobody_else_touches() {
+        let mut w = Workloads::default();
+        // 1 MiB at 64 MiB/s: every page is rewritten (and so checked) many times over.
+        w.start_check(1, 64).unwrap();
+        w.start_churn(1).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        let status = w.status().unwrap();
+        assert!(status.starts_with("kind=check pages="), "{status}");
+        assert!(status.contains(" kind=churn cycles="), "{status}");
+        let summary = w.stop().unwrap();
+        let pages: u64 = summary
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("pages="))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(pages > 256, "{summary}");
+        assert!(summary.contains("mismatches=0 first=-"), "{summary}");
+    }
+
+    #[test]
+    fn check_counts_a_page_that_lost_a_write() {
+        let progress = Progress::new();
+        let mut set = vec![0u64; 2 * CHECK_WORDS];
+        // Two full cycles over two pages: every check passes.
+        for done in 0..4 {
+            check_and_rewrite(&mut set, done, &progress);
+        }
+        assert_eq!(progress.mismatches.load(Ordering::Relaxed), 0);
+        // Page 1 goes back to its content after its first write, as if a migration had sent
+        // that copy and lost the second write: the next visit finds it.
+        let old: Vec<u64> = (0..CHECK_WORDS as u64)
+            .map(|w| check_word(1, 1, w))
+            .collect();
+        set[CHECK_WORDS..].copy_from_slice(&old);
+        for done in 4..6 {
+            check_and_rewrite(&mut set, done, &progress);
+        }
+        assert_eq!(progress.mismatches.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.first_mismatch.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            progress.describe("check"),
+            "kind=check pages=0 mismatches=1 first=1"
+        );
+        // A page that was zeroed (lost entirely) is found as well.
+        set[..CHECK_WORDS].fill(0);
+        check_and_rewrite(&mut set, 6, &progress);
+        assert_eq!(progress.mismatches.load(Ordering::Relaxed), 2);
     }
 
     #[test]

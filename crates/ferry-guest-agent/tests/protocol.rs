@@ -64,7 +64,7 @@ fn workloads_and_heartbeats_run_and_stop() -> Result<()> {
     ensure!(agent.command("workload stop", T)? == "workload stop kind=none");
 
     ensure!(agent.command("workload dirty 4 64", T)? == "workload dirty started");
-    let busy = refused(&mut agent, "workload churn 4")?;
+    let busy = refused(&mut agent, "workload dirty 4 8")?;
     ensure!(busy.contains("already running"), "{busy}");
     std::thread::sleep(Duration::from_millis(200));
     let dirty = agent.command("workload stop", T)?;
@@ -74,7 +74,17 @@ fn workloads_and_heartbeats_run_and_stop() -> Result<()> {
     );
     ensure!(dirty != "workload stop kind=dirty pages=0", "{dirty}");
 
+    // Different kinds run side by side; status reports them without stopping them.
+    ensure!(agent.command("workload check 2 64", T)? == "workload check started");
     ensure!(agent.command("workload churn 2", T)? == "workload churn started");
+    std::thread::sleep(Duration::from_millis(200));
+    let status = agent.command("workload status", T)?;
+    ensure!(
+        status.starts_with("workload status kind=check pages=")
+            && status.contains(" kind=churn cycles="),
+        "{status}"
+    );
+    ensure!(status.contains("mismatches=0 first=-"), "{status}");
     ensure!(agent.command("workload idle", T)? == "workload idle");
     ensure!(agent.command("workload stop", T)? == "workload stop kind=none");
 
