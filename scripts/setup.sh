@@ -52,6 +52,45 @@ if ((${#missing[@]})); then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The lab host needs QEMU 10 or later. Debian 12's QEMU 7.2 emulates nested SVM with bugs that
+# lose the lab (measured with lab/soak: an interrupt taken with GIF clear crashes the lab host
+# kernel in __svm_vcpu_run, both lab vCPUs soft-lock inside KVM_RUN for minutes, a guest's
+# serial interrupt goes missing); Debian's backport of QEMU 10 ran the same soak clean.
+# docs/lab.md, "Which QEMU".
+readonly QEMU_MAJOR_MIN=10
+qemu_major() {
+    local v
+    v="$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null)" || v=0
+    v="${v#*:}"
+    v="${v%%.*}"
+    printf '%s\n' "${v:-0}"
+}
+backports=''
+if [[ "$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")" == bookworm ]]; then
+    backports=bookworm-backports
+fi
+if (($(qemu_major) < QEMU_MAJOR_MIN)) && [[ -n "$backports" ]]; then
+    # Same mirror as the machine's own bookworm entry, backports suite.
+    list=/etc/apt/sources.list.d/ferry-backports.list
+    if ! apt-get indextargets --format '$(CODENAME)' 2>/dev/null | grep -qx "$backports"; then
+        site="$(apt-get indextargets --format '$(SITE) $(CODENAME)' 2>/dev/null |
+            awk '$2 == "bookworm" { print $1; exit }')"
+        [[ -n "$site" ]] || {
+            log "error: no bookworm entry in apt's sources to add $backports next to"
+            exit 1
+        }
+        log "adding $backports ($site) for QEMU $QEMU_MAJOR_MIN"
+        printf 'deb %s %s main\n' "$site" "$backports" | as_root tee "$list" >/dev/null
+    fi
+    as_root apt-get update -q
+    log "installing qemu-system-x86 from $backports"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        -t "$backports" qemu-system-x86
+fi
+if (($(qemu_major) < QEMU_MAJOR_MIN)); then
+    log "warning: qemu-system-x86 $(qemu_major) is older than $QEMU_MAJOR_MIN: the lab will be unreliable"
+fi
+
 command -v cargo >/dev/null || {
     log "error: cargo not found: install the Rust toolchain (rustup), then run this again"
     exit 1
