@@ -413,6 +413,13 @@ fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
 /// Logs what the vCPU looked like when the guest triple-faulted (KVM_EXIT_SHUTDOWN), which
 /// a guest-requested reset does not produce: enough to tell a corrupted page table or stack
 /// (CR2, CR3, RSP) from an exception lost while it was being delivered (the events).
+///
+/// On AMD the registers cannot tell that: the VMCB is undefined after a shutdown intercept,
+/// so KVM's SVM code clears it and INITs the vCPU before returning KVM_EXIT_SHUTDOWN (Linux
+/// arch/x86/kvm/svm/svm.c, `shutdown_interception`). What is read back then is the INIT state
+/// (RIP 0xfff0, CS base 0xffff0000, CR0 0x10), not the state at the fault; only the vector
+/// numbers of the last exception and interrupt survive in the events. The log says so rather
+/// than send a reader looking for who sent an INIT (docs/migration.md).
 fn log_fault_state(id: u8, fd: &VcpuFd) {
     let (Ok(r), Ok(s)) = (fd.get_regs(), fd.get_sregs()) else {
         tracing::error!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN); registers unreadable");
@@ -436,8 +443,14 @@ fn log_fault_state(id: u8, fd: &VcpuFd) {
             )
         })
         .unwrap_or_else(|e| format!("events unreadable: {e}"));
+    let reset = if r.rip == 0xfff0 && s.cs.base == 0xffff_0000 {
+        " (INIT state: KVM reset the vCPU at the shutdown intercept, as on AMD; the state at the \
+         fault is lost)"
+    } else {
+        ""
+    };
     tracing::error!(
-        "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN): rip={:#x} rsp={:#x} rflags={:#x} \
+        "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN){reset}: rip={:#x} rsp={:#x} rflags={:#x} \
          cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x} \
          cs={:#x} ss={:#x}; {events}",
         r.rip,
