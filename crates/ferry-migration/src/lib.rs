@@ -30,6 +30,7 @@ pub mod stats;
 pub mod transport;
 pub mod unpopulated;
 pub mod vm;
+pub mod watchdog;
 pub mod wire;
 pub mod zero;
 

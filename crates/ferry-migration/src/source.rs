@@ -5,9 +5,12 @@
 //!       ─▶ device state ─▶ Complete on every connection ─▶ wait for the destination's Ack
 //! ```
 //!
-//! Every failure before the Ack leaves the VM running here: hint sources are told
-//! `finish(Failed)` (or `Cancelled`), dirty logging is stopped, the throttle is lifted, a
-//! paused VM is resumed, and the connections are shut down.
+//! Every failure before every Complete was written leaves the VM running here: hint sources
+//! are told `finish(Failed)` (or `Cancelled`), dirty logging is stopped, the throttle is
+//! lifted, a paused VM is resumed, and the connections are shut down. After that the
+//! destination may resume the guest at any moment, so only its explicit refusal resumes the
+//! VM here; a lost acknowledgement (timeout, closed or cut connection) ends the migration
+//! with [`MigrationError::OutcomeUnknown`] and the VM paused: never two running copies.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,7 @@ use crate::progress::{Event, Observer};
 use crate::stats::{MigrationStats, RoundStats};
 use crate::transport::{Closer, Connection, RateLimiter, CONNECTIONS_MAX};
 use crate::vm::{VmControl, VmControlError};
+use crate::watchdog::{Trip, Watchdog};
 use crate::wire::{
     self, Decoder, Encoder, Hello, Record, WireError, DEVICE_STATE_BYTES_MAX, MAGIC_DEST,
     MAGIC_SOURCE,
@@ -64,6 +68,9 @@ pub struct MigrationConfig {
     pub cancel: Arc<AtomicBool>,
     /// How long the destination may take to answer the handshake.
     pub handshake_timeout: Duration,
+    /// A write to the destination that makes no progress for this long fails the migration
+    /// (a peer that stopped reading must not stall it until the overall timeout).
+    pub stall_timeout: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -76,6 +83,7 @@ impl Default for MigrationConfig {
             hints: true,
             cancel: Arc::new(AtomicBool::new(false)),
             handshake_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -119,9 +127,24 @@ pub enum MigrationError {
     /// The overall timeout expired.
     #[error("migration timed out after {0:?}")]
     Timeout(Duration),
+    /// The source handed the VM over (every byte, Complete included, was sent) but got
+    /// neither the destination's acknowledgement nor its refusal. The destination may be
+    /// running the guest, so the VM stays paused here: resuming it could give two running
+    /// copies. The operator finds out which side runs and resumes or discards this one.
+    #[error(
+        "the VM was handed over to the destination but the outcome is unknown ({0}); it \
+         stays paused here: resume it only once the destination is known not to run it"
+    )]
+    OutcomeUnknown(String),
     /// Cancelled by the user.
     #[error("migration cancelled")]
     Cancelled,
+    /// The guest stayed paused longer than the downtime limit plus the watchdog's margin
+    /// without the switchover completing; it was resumed here.
+    #[error(
+        "the switchover did not complete within {0:?} of pausing the guest; it runs here again"
+    )]
+    PauseTooLong(Duration),
 }
 
 /// The destination's replies, read on connection 0 by a helper thread.
@@ -133,6 +156,10 @@ enum Phase {
     Setup,
     Precopy,
     Paused,
+    /// Everything, Complete included, was written: the destination may resume the guest at
+    /// any moment now. Only its acknowledgement (success) or its explicit refusal (resume
+    /// here) decides; anything else leaves the VM paused here with the outcome unknown.
+    HandedOver,
 }
 
 /// A migration of one VM's RAM to one destination.
@@ -150,6 +177,8 @@ pub struct Migration<'a, M: GuestMemoryBackend> {
 struct Run {
     lanes: Vec<Lane>,
     closers: Vec<Closer>,
+    /// Cuts the connections on cancel, timeout or an overlong pause (see [`crate::watchdog`]).
+    watchdog: Watchdog,
     replies: Receiver<PeerReply>,
     inbox: HintInbox,
     to_send: PageBitmap,
@@ -205,12 +234,21 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let result = self.drive(&mut run);
         match result {
             Ok(()) => {
+                run.watchdog.stand_down();
                 run.stats.total_ms = ms(run.started.elapsed());
                 run.stats.sources = run.inbox.stats();
                 self.observer.event(&Event::Completed(&run.stats));
                 Ok(run.stats)
             }
             Err(e) => {
+                // A wait the watchdog cut short fails with an I/O error; say why instead.
+                let e = match (run.watchdog.tripped(), e) {
+                    (_, e @ MigrationError::OutcomeUnknown(_)) => e,
+                    (Some(Trip::Cancelled), _) => MigrationError::Cancelled,
+                    (Some(Trip::Timeout), _) => MigrationError::Timeout(self.config.timeout),
+                    (Some(Trip::PauseTooLong(d)), _) => MigrationError::PauseTooLong(d),
+                    (None, e) => e,
+                };
                 self.fail(&mut run, &e);
                 Err(e)
             }
@@ -268,6 +306,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let mut lanes = Vec::with_capacity(n);
         for (i, c) in conns.into_iter().enumerate() {
             c.set_read_timeout(None)
+                .and_then(|()| c.set_write_timeout(Some(self.config.stall_timeout)))
                 .map_err(|e| shut(WireError::Io(e).into()))?;
             readers.push(c.reader);
             lanes.push(Lane::spawn(i, c.writer).map_err(|e| shut(WireError::Io(e).into()))?);
@@ -280,6 +319,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             s.start(sink);
         }
         let started = Instant::now();
+        let deadline = started + self.config.timeout;
+        let watchdog = Watchdog::start(closers.clone(), self.config.cancel.clone(), deadline)
+            .map_err(|e| shut(WireError::Io(e).into()))?;
         self.observer.event(&Event::Connected {
             pages,
             connections: n as u16,
@@ -287,6 +329,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         Ok(Run {
             lanes,
             closers,
+            watchdog,
             replies,
             inbox,
             to_send: PageBitmap::full(pages),
@@ -303,7 +346,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 ..Default::default()
             },
             started,
-            deadline: started + self.config.timeout,
+            deadline,
             phase: Phase::Setup,
             sources_finished: false,
             dirty_started: false,
@@ -557,6 +600,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
     /// Pause, final round without hints, device state, completion, acknowledgement.
     fn switch_over(&mut self, run: &mut Run, round: u32) -> Result<(), MigrationError> {
         let paused_at = Instant::now();
+        run.watchdog
+            .paused(paused_at, self.config.policy.downtime_max);
         self.vm.pause()?;
         run.phase = Phase::Paused;
         self.observer.event(&Event::Paused);
@@ -577,17 +622,36 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             )));
         }
         run.lanes[0].device_state(&state);
+        // Until every Complete is written the destination cannot resume the guest: a failure
+        // up to here resumes it here.
         for lane in &mut run.lanes {
             stats.bytes += lane.complete()?;
         }
+        run.phase = Phase::HandedOver;
+        if !run.watchdog.handed_over() {
+            // Cut while the last records were in flight: they may still arrive.
+            return Err(MigrationError::OutcomeUnknown(
+                "the connections were cut right after the last record was written".into(),
+            ));
+        }
         stats.duration_ms = ms(t.elapsed());
         self.finish_round(run, stats);
-        let ack = run.replies.recv_timeout(ACK_TIMEOUT).map_err(|_| {
-            MigrationError::Protocol(format!("no acknowledgement within {ACK_TIMEOUT:?}"))
-        })??;
+        let ack = match run.replies.recv_timeout(ACK_TIMEOUT) {
+            Ok(Ok(ack)) => ack,
+            // An explicit refusal: the destination discarded its copy.
+            Ok(Err(e @ MigrationError::Destination(_))) => return Err(e),
+            Ok(Err(e)) => return Err(MigrationError::OutcomeUnknown(e.to_string())),
+            Err(_) => {
+                return Err(MigrationError::OutcomeUnknown(format!(
+                    "no acknowledgement within {ACK_TIMEOUT:?}"
+                )))
+            }
+        };
         let sent: u64 = run.lanes.iter().map(|l| l.summary.pages).sum();
         if ack.pages != sent {
-            return Err(MigrationError::Protocol(format!(
+            // The destination runs the guest, but did not count what was sent: a bug on one
+            // side. Its copy is the one that runs; this one stays paused.
+            return Err(MigrationError::OutcomeUnknown(format!(
                 "destination acknowledged {} pages, {sent} were sent",
                 ack.pages
             )));
@@ -617,9 +681,16 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         }
     }
 
-    /// Leaves the VM running here after a failure.
+    /// Leaves the VM running here after a failure, unless it was handed over and the
+    /// destination did not refuse it (then it stays paused: see [`Phase::HandedOver`]).
     fn fail(&mut self, run: &mut Run, e: &MigrationError) {
-        tracing::warn!(error = %e, "migration failed; the VM keeps running on the source");
+        run.watchdog.stand_down();
+        let keep_paused = matches!(e, MigrationError::OutcomeUnknown(_));
+        if keep_paused {
+            tracing::error!(error = %e, "migration outcome unknown; the VM stays paused here");
+        } else {
+            tracing::warn!(error = %e, "migration failed; the VM keeps running on the source");
+        }
         let outcome = if matches!(e, MigrationError::Cancelled) {
             Outcome::Cancelled
         } else {
@@ -633,12 +704,14 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         self.vm.set_throttle(0);
         // Tell the destination why, best effort, then cut the connections so that no
         // writer stays blocked on a peer that stopped reading.
-        if let Some(lane) = run.lanes.first_mut() {
-            lane.send_error(&e.to_string(), ERROR_DRAIN);
+        if run.phase != Phase::HandedOver {
+            if let Some(lane) = run.lanes.first_mut() {
+                lane.send_error(&e.to_string(), ERROR_DRAIN);
+            }
         }
         run.closers.iter().for_each(Closer::shutdown);
         run.lanes.iter_mut().for_each(Lane::abort);
-        if run.phase == Phase::Paused {
+        if matches!(run.phase, Phase::Paused | Phase::HandedOver) && !keep_paused {
             if let Err(re) = self.vm.resume() {
                 tracing::error!(error = %re, "could not resume the VM after a failed migration");
             }
@@ -680,8 +753,10 @@ fn spawn_reply_reader(r: Box<dyn std::io::Read + Send>) -> Receiver<PeerReply> {
                 Ok(r) => Err(MigrationError::Protocol(format!(
                     "unexpected {r:?} from the destination"
                 ))),
-                Err(WireError::Closed) => Err(MigrationError::Destination(
-                    "closed the connection without a reason".into(),
+                // Not a refusal: a destination that acknowledged and then lost the
+                // connection looks the same from here.
+                Err(WireError::Closed) => Err(MigrationError::Protocol(
+                    "the destination closed the connection without a reply".into(),
                 )),
                 Err(e) => Err(e.into()),
             };

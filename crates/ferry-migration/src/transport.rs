@@ -61,6 +61,7 @@ pub struct Connection {
     pub writer: Box<dyn Write + Send>,
     closer: Closer,
     read_timeout: Box<dyn Fn(Option<Duration>) -> io::Result<()> + Send + Sync>,
+    write_timeout: Box<dyn Fn(Option<Duration>) -> io::Result<()> + Send + Sync>,
 }
 
 /// Shuts a connection down from any thread, unblocking its reader and writer.
@@ -106,8 +107,10 @@ impl Connection {
 
     fn wrap<S: Socket>(s: S) -> io::Result<Self> {
         let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
+        let w = s.try_clone()?;
         Ok(Self {
             read_timeout: Box::new(move |d| t.set_read_timeout(d)),
+            write_timeout: Box::new(move |d| w.set_write_timeout(d)),
             reader: Box::new(r),
             writer: Box::new(s),
             closer: Closer(std::sync::Arc::new(move |how| {
@@ -132,6 +135,12 @@ impl Connection {
         (self.read_timeout)(timeout)
     }
 
+    /// Makes a write that cannot make progress fail after `timeout` (`None`: block forever):
+    /// a peer that stops reading then fails the migration instead of stalling it.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        (self.write_timeout)(timeout)
+    }
+
     /// A handle that shuts this connection down from anywhere.
     pub fn closer(&self) -> Closer {
         self.closer.clone()
@@ -143,6 +152,7 @@ trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
 }
 
 macro_rules! impl_socket {
@@ -156,6 +166,9 @@ macro_rules! impl_socket {
             }
             fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
                 <$t>::set_read_timeout(self, d)
+            }
+            fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+                <$t>::set_write_timeout(self, d)
             }
         }
     };

@@ -54,8 +54,11 @@ pub enum Fault {
     CutAfter(u64),
     /// One byte of connection 0 is flipped at this offset of the source's stream.
     FlipAt(u64),
-    /// The destination drops the received VM instead of acknowledging it.
+    /// The destination drops the received VM instead of acknowledging it (a lost
+    /// acknowledgement looks the same to the source).
     NoAck,
+    /// The destination refuses the received VM with a reason.
+    Refuse,
     /// The destination has a different memory size.
     OtherLayout,
 }
@@ -150,6 +153,10 @@ pub fn run_faulty(
         let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).expect("layout");
         let mismatches = states.map(|st| verify(&st, &dst, &layout));
         match mismatches {
+            Some(_) if fault == Fault::Refuse => {
+                received.reject("refused after receiving everything, on purpose");
+                Err(ReceiveError::Source("refused on purpose".into()))
+            }
             Some(_) if fault == Fault::NoAck => {
                 drop(received);
                 Err(ReceiveError::Source(

@@ -67,7 +67,7 @@ fn connection_cut_mid_round() {
     assert!(
         matches!(
             src,
-            MigrationError::Lane(_) | MigrationError::Wire(_) | MigrationError::Destination(_)
+            MigrationError::Lane(_) | MigrationError::Wire(_) | MigrationError::Protocol(_)
         ),
         "{src}"
     );
@@ -88,10 +88,34 @@ fn corrupt_stream_is_refused() {
     );
 }
 
+/// A destination that received everything and then closed without a word may be running
+/// the guest (its acknowledgement may have been lost on the way): the source must stay
+/// paused, never resume a second copy.
 #[test]
-fn no_acknowledgement_resumes_the_paused_source() {
-    let (src, _) = fail_then_retry(Fault::NoAck);
+fn no_acknowledgement_leaves_the_source_paused_with_the_outcome_unknown() {
+    let s = scenario();
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+    let Err((err, _)) = run_faulty(&s, &vm, &mem, Fault::NoAck) else {
+        panic!("a migration without acknowledgement must not succeed");
+    };
+    assert!(matches!(err, MigrationError::OutcomeUnknown(_)), "{err}");
+    assert!(err.to_string().contains("stays paused"), "{err}");
+    let st = vm.lock();
+    assert!(
+        st.paused,
+        "the source resumed without the destination's refusal"
+    );
+    assert!(st.hinting_done);
+}
+
+/// A destination that refuses the VM after receiving everything (its state did not
+/// restore) says so: the source resumes.
+#[test]
+fn an_explicit_refusal_after_complete_resumes_the_source() {
+    let (src, dst) = fail_then_retry(Fault::Refuse);
     assert!(matches!(src, MigrationError::Destination(_)), "{src}");
+    assert!(dst.is_some());
 }
 
 #[test]
@@ -148,4 +172,74 @@ fn a_peer_that_never_answers_the_handshake_fails_the_migration() {
         "{err}"
     );
     assert!(!vm.lock().paused);
+}
+
+/// A destination that answers the handshake and then never reads again: the source's
+/// writers block on a full socket. Returns the peer (keep it alive: a closed peer would fail
+/// the writes at once) and the source's result with how long it took.
+fn against_a_peer_that_stops_reading(
+    config: MigrationConfig,
+    vm: &SimVm,
+    mem: &ferry_sim::SimMemory,
+) -> (
+    ferry_migration::Connection,
+    Result<ferry_migration::MigrationStats, MigrationError>,
+    std::time::Duration,
+) {
+    use ferry_migration::wire::{self, Decoder, Encoder, HelloReply, MAGIC_DEST, MAGIC_SOURCE};
+    use std::io::Write;
+    let (conn, mut peer) = ferry_migration::Connection::pair().unwrap();
+    let hello = std::thread::spawn(move || {
+        wire::read_preamble(&mut peer.reader, MAGIC_SOURCE).unwrap();
+        Decoder::new(&mut peer.reader).next_record().unwrap();
+        wire::write_preamble(&mut peer.writer, MAGIC_DEST).unwrap();
+        let mut enc = Encoder::new();
+        enc.hello_reply(HelloReply { zeroed: true });
+        peer.writer.write_all(enc.bytes()).unwrap();
+        peer
+    });
+    let mut dirty = ferry_migration::BitmapDirtyLog::new(mem.clone());
+    let (mut control, mut driver) = (vm.clone(), ferry_sim::SimDriver(vm.clone()));
+    let m = ferry_migration::Migration::new(mem, &mut dirty, &mut control, &mut driver, config)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let result = m.run(vec![conn]);
+    (hello.join().unwrap(), result, started.elapsed())
+}
+
+#[test]
+fn a_destination_that_stops_reading_cannot_stall_the_source() {
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), 1), scenario().sim);
+    let config = MigrationConfig {
+        stall_timeout: std::time::Duration::from_millis(300),
+        ..MigrationConfig::default()
+    };
+    let (_peer, result, took) = against_a_peer_that_stops_reading(config, &vm, &mem);
+    let err = result.expect_err("nothing was read: no migration");
+    assert!(matches!(err, MigrationError::Lane(_)), "{err}");
+    // The stall bound plus the time to fill the socket buffer, not the 30-minute timeout.
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    assert!(!vm.lock().paused, "the source VM keeps running");
+}
+
+#[test]
+fn cancel_ends_a_migration_blocked_on_a_destination_that_stopped_reading() {
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), 1), scenario().sim);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let config = MigrationConfig {
+        cancel: cancel.clone(),
+        ..MigrationConfig::default()
+    };
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (_peer, result, took) = against_a_peer_that_stops_reading(config, &vm, &mem);
+    canceller.join().unwrap();
+    let err = result.expect_err("cancelled");
+    assert!(matches!(err, MigrationError::Cancelled), "{err}");
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    assert!(!vm.lock().paused, "the source VM keeps running");
 }
