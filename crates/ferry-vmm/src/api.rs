@@ -77,14 +77,17 @@ pub enum Request {
     BalloonStats,
     /// Stop the VM; the VMM process exits.
     Shutdown,
-    /// Live-migrate to a destination (reserved; issue 6).
+    /// Live-migrate to a destination; answers when the migration ended, with its statistics.
     Migrate {
         /// Destination address.
         to: String,
-        /// Extra options, passed through.
+        /// Migration options (`ferry_vmm::migration::MigrateOptions`); defaults when absent.
         #[serde(default)]
         options: Value,
     },
+    /// Cancel the running migration: the guest keeps running here, the destination discards
+    /// what it received. Refused when no migration runs, or once the guest was handed over.
+    MigrateCancel,
 }
 
 /// A reply line.
@@ -321,6 +324,12 @@ impl ApiClient {
     /// `balloon-stats` (raw JSON: the guest's statistics or null).
     pub fn balloon_stats(&mut self) -> Result<Value, ApiError> {
         self.request(&Request::BalloonStats)
+    }
+
+    /// `migrate-cancel`: cancels the running migration (its `migrate` request then fails
+    /// with "migration cancelled").
+    pub fn migrate_cancel(&mut self) -> Result<(), ApiError> {
+        self.request(&Request::MigrateCancel).map(drop)
     }
 
     /// `shutdown`.

@@ -103,24 +103,31 @@ impl api::ApiHandler for ApiVmm {
     fn handle(&self, request: Request) -> Result<Value, String> {
         let vmm = &self.0;
         let err = |e: Error| e.to_string();
+        let migration = &self.1;
         match request {
-            Request::Status => Ok(self.1.annotate(json(vmm.status())?)),
-            Request::Pause => vmm.pause().map(|()| Value::Null).map_err(err),
-            Request::Resume => {
+            Request::Status => Ok(migration.annotate(json(vmm.status())?)),
+            // Run-state and memory changes are refused while a migration owns the VM.
+            Request::Pause => migration
+                .unless_migrating("pause", || vmm.pause().map(|()| Value::Null).map_err(err)),
+            Request::Resume => migration.unless_migrating("resume", || {
                 vmm.resume();
                 Ok(Value::Null)
+            }),
+            Request::BalloonSet { target_bytes } => {
+                migration.unless_migrating("balloon-set", || {
+                    vmm.balloon_set_target(target_bytes)
+                        .map(|()| Value::Null)
+                        .map_err(err)
+                })
             }
-            Request::BalloonSet { target_bytes } => vmm
-                .balloon_set_target(target_bytes)
-                .map(|()| Value::Null)
-                .map_err(err),
             Request::BalloonGet => json(vmm.balloon_info().map_err(err)?),
             Request::BalloonStats => json(vmm.balloon_stats().map_err(err)?),
             Request::Shutdown => {
                 vmm.request_exit(ExitReason::Shutdown);
                 Ok(Value::Null)
             }
-            Request::Migrate { to, options } => self.1.handle(vmm, &to, options),
+            Request::Migrate { to, options } => migration.handle(vmm, &to, options),
+            Request::MigrateCancel => migration.cancel().map(|()| Value::Null),
         }
     }
 }

@@ -102,6 +102,16 @@ pub enum MigrateError {
     Api(#[from] ApiError),
 }
 
+impl MigrateError {
+    /// Whether the guest was handed over without an answer: it stays paused here.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::Engine(ferry_migration::MigrationError::OutcomeUnknown(_))
+        )
+    }
+}
+
 /// Migration settings, as given to `ferry migrate` and in the API's `options` object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +200,11 @@ pub enum MigrationPhase {
     Completed,
     /// The migration failed: the guest keeps running here.
     Failed,
+    /// The source handed the guest over but got neither an acknowledgement nor a refusal:
+    /// the destination may be running it, so it stays paused here. The operator checks the
+    /// destination and then either resumes it here (`resume`, only if the destination does
+    /// not run it) or shuts this copy down (docs/migration.md, "After a migration").
+    OutcomeUnknown,
 }
 
 /// A migration's progress, reported by `status` under `migration`.
@@ -365,6 +380,8 @@ pub fn migrate(
 #[derive(Debug, Default)]
 pub struct Supervisor {
     current: Mutex<Option<Arc<Mutex<MigrationProgress>>>>,
+    /// The running migration's cancel flag (the engine and its watchdog watch it).
+    cancel: Mutex<Arc<AtomicBool>>,
 }
 
 impl Supervisor {
@@ -397,6 +414,7 @@ impl Supervisor {
             .parse()
             .map_err(|e: String| MigrateError::Options(e).to_string())?;
         let progress = self.claim(to, options.hints).map_err(|e| e.to_string())?;
+        let cancel = lock(&self.cancel).clone();
         let (tx, rx) = mpsc::channel();
         let vmm = vmm.clone();
         let spawned = std::thread::Builder::new()
@@ -404,9 +422,9 @@ impl Supervisor {
             .spawn(move || {
                 let mut none = ferry_migration::NoObserver;
                 let mut tracker = ProgressTracker::new(progress.clone(), &mut none);
-                let cancel = Arc::new(AtomicBool::new(false));
                 let result = migrate(&vmm, &endpoint, &options, &mut tracker, cancel);
                 let ok = result.is_ok();
+                let unknown = result.as_ref().is_err_and(MigrateError::outcome_unknown);
                 {
                     let mut p = lock(&progress);
                     match &result {
@@ -415,7 +433,11 @@ impl Supervisor {
                             p.stats = Some(stats.clone());
                         }
                         Err(e) => {
-                            p.phase = MigrationPhase::Failed;
+                            p.phase = if e.outcome_unknown() {
+                                MigrationPhase::OutcomeUnknown
+                            } else {
+                                MigrationPhase::Failed
+                            };
                             p.error = Some(e.to_string());
                         }
                     }
@@ -425,6 +447,11 @@ impl Supervisor {
                     tracing::info!("migrated to {endpoint}: the guest runs there now; exiting");
                     std::thread::sleep(EXIT_LINGER);
                     vmm.request_exit(ExitReason::Shutdown);
+                } else if unknown {
+                    tracing::error!(
+                        "migration to {endpoint}: outcome unknown; the guest stays paused here \
+                         until the operator resumes or shuts it down"
+                    );
                 } else {
                     tracing::warn!("migration to {endpoint} failed; the guest keeps running here");
                 }
@@ -445,6 +472,51 @@ impl Supervisor {
         }
     }
 
+    /// Runs `change` (an API request that changes the VM's run state or memory: pause,
+    /// resume, balloon target) unless a migration owns the VM, which it does from the moment
+    /// it is claimed until it fails: a `resume` after the final dirty-log fetch would let the
+    /// guest write pages that are never sent, and after a success the guest runs at the
+    /// destination. The check and the change happen under the lock that [`Supervisor::claim`]
+    /// takes, so no migration can start in between.
+    pub fn unless_migrating<T>(
+        &self,
+        what: &str,
+        change: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        let current = lock(&self.current);
+        if let Some(p) = current.as_ref() {
+            let mut p = lock(p);
+            match p.phase {
+                MigrationPhase::Failed => {}
+                // The operator decides; resuming here ends the wait for an outcome.
+                MigrationPhase::OutcomeUnknown => {
+                    let result = change();
+                    if result.is_ok() && what == "resume" {
+                        tracing::warn!(
+                            "the operator resumed the guest here after a migration with an \
+                             unknown outcome"
+                        );
+                        p.phase = MigrationPhase::Failed;
+                    }
+                    return result;
+                }
+                MigrationPhase::Completed => {
+                    return Err(format!(
+                        "{what} refused: the VM was migrated to {} and runs there now",
+                        p.to
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "{what} refused: a migration to {} owns the VM until it ends",
+                        p.to
+                    ))
+                }
+            }
+        }
+        change()
+    }
+
     /// Registers a new migration unless one is running.
     fn claim(&self, to: &str, hints: bool) -> Result<Arc<Mutex<MigrationProgress>>, MigrateError> {
         let mut current = lock(&self.current);
@@ -456,7 +528,36 @@ impl Supervisor {
         }
         let progress = Arc::new(Mutex::new(MigrationProgress::new(to, hints)));
         *current = Some(progress.clone());
+        *lock(&self.cancel) = Arc::new(AtomicBool::new(false));
         Ok(progress)
+    }
+
+    /// Handles the API's `migrate-cancel`: asks the running migration to stop. The engine
+    /// then fails it (the guest keeps running here, resumed if it was paused for the
+    /// switchover) and the `migrate` request answers with "migration cancelled". Too late
+    /// once the guest was handed over: the destination may run it already.
+    pub fn cancel(&self) -> Result<(), String> {
+        let current = lock(&self.current);
+        let Some(p) = current.as_ref() else {
+            return Err("no migration to cancel".into());
+        };
+        let p = lock(p);
+        match p.phase {
+            MigrationPhase::Connecting | MigrationPhase::Precopy | MigrationPhase::Switchover => {
+                lock(&self.cancel).store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::info!("cancelling the migration to {}", p.to);
+                Ok(())
+            }
+            MigrationPhase::Completed => Err(format!(
+                "too late to cancel: the VM was migrated to {} and runs there",
+                p.to
+            )),
+            MigrationPhase::OutcomeUnknown => Err(format!(
+                "too late to cancel: the VM was handed over to {} (outcome unknown; see status)",
+                p.to
+            )),
+            MigrationPhase::Failed => Err("no migration to cancel (the last one failed)".into()),
+        }
     }
 }
 
@@ -655,6 +756,61 @@ mod tests {
         .unwrap();
         assert_eq!(c.policy.downtime_max, Duration::from_millis(50));
         assert!(!c.hints);
+    }
+
+    #[test]
+    fn state_changes_are_refused_while_a_migration_owns_the_vm() {
+        let s = Supervisor::default();
+        let mut ran = 0;
+        let mut change = |s: &Supervisor| {
+            s.unless_migrating("resume", || {
+                ran += 1;
+                Ok(())
+            })
+        };
+        change(&s).unwrap();
+        let p = s.claim("tcp:h:1", true).unwrap();
+        for phase in [
+            MigrationPhase::Connecting,
+            MigrationPhase::Precopy,
+            MigrationPhase::Switchover,
+        ] {
+            lock(&p).phase = phase;
+            let e = change(&s).unwrap_err();
+            assert!(
+                e.contains("resume refused: a migration to tcp:h:1 owns"),
+                "{e}"
+            );
+        }
+        lock(&p).phase = MigrationPhase::Completed;
+        let e = change(&s).unwrap_err();
+        assert!(e.contains("runs there now"), "{e}");
+        // With the outcome unknown the operator decides: a resume here is accepted, and
+        // ends the wait (a new migration may be claimed after it, not before).
+        lock(&p).phase = MigrationPhase::OutcomeUnknown;
+        assert!(s.claim("tcp:h:2", true).is_err());
+        change(&s).unwrap();
+        assert_eq!(lock(&p).phase, MigrationPhase::Failed);
+        // A failed migration hands the VM back.
+        change(&s).unwrap();
+        assert_eq!(ran, 3, "the change ran only when no migration owned the VM");
+    }
+
+    #[test]
+    fn cancel_sets_the_running_migrations_flag_only() {
+        let s = Supervisor::default();
+        assert!(s.cancel().unwrap_err().contains("no migration"));
+        let p = s.claim("tcp:h:1", true).unwrap();
+        let flag = lock(&s.cancel).clone();
+        lock(&p).phase = MigrationPhase::Precopy;
+        s.cancel().unwrap();
+        assert!(flag.load(std::sync::atomic::Ordering::SeqCst));
+        lock(&p).phase = MigrationPhase::OutcomeUnknown;
+        assert!(s.cancel().unwrap_err().contains("too late"));
+        lock(&p).phase = MigrationPhase::Failed;
+        // The next migration starts with a fresh flag.
+        s.claim("tcp:h:2", true).unwrap();
+        assert!(!lock(&s.cancel).load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! to a destination started with `ferry receive`, with a progress bar, then print the
 //! statistics as a table (or JSON).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -95,17 +96,52 @@ fn show(bar: &mut Bar, last: &mut Option<(u32, bool)>, p: &MigrationProgress) {
     });
 }
 
-/// Runs `ferry migrate`.
+/// Ctrl-C presses seen by `ferry migrate` (set by the signal handler).
+static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn on_interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Asks the VMM behind `api` to cancel its running migration.
+pub fn cancel(api: &Path) -> Result<()> {
+    ApiClient::connect(api)
+        .and_then(|mut c| c.migrate_cancel())
+        .with_context(|| format!("cancelling the migration of the VMM at {}", api.display()))
+}
+
+/// Runs `ferry migrate`. Ctrl-C cancels the migration (the guest keeps running on the
+/// source); a second Ctrl-C stops waiting for the source to confirm.
 pub fn run(args: &MigrateArgs) -> Result<()> {
     // Fail early, with the VMM's own words, if it cannot be reached.
     ApiClient::connect(&args.api)
         .and_then(|mut c| c.status())
         .with_context(|| format!("the source VMM at {}", args.api.display()))?;
+    if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_interrupt) {
+        tracing::warn!("Ctrl-C will not cancel the migration: {e}");
+    }
     let (api, to, options) = (args.api.clone(), args.to.to_string(), args.options());
     let migration = std::thread::spawn(move || request_migration(&api, &to, &options));
     let mut bar = Bar::new("migrate");
     let mut last = None;
+    let mut cancelled = 0;
     while !migration.is_finished() {
+        let presses = INTERRUPTS.load(Ordering::SeqCst);
+        if presses > cancelled {
+            if cancelled > 0 {
+                bar.finish();
+                anyhow::bail!(
+                    "interrupted again: stopped waiting; see `status` on {} for the outcome",
+                    args.api.display()
+                );
+            }
+            cancelled = presses;
+            eprintln!("ferry: cancelling the migration (Ctrl-C again to stop waiting)");
+            if let Err(e) = cancel(&args.api) {
+                eprintln!("ferry: {e:#}");
+            }
+        }
         if let Ok(Some(p)) = query_progress(&args.api) {
             show(&mut bar, &mut last, &p);
         }
