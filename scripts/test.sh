@@ -6,7 +6,7 @@
 #   FERRY_SIM_SEEDS=N          seeds per workload and hint behaviour in the simulation (default 12)
 #   FERRY_FUZZ_SECONDS=N       seconds per fuzz target (default 20; 0 skips fuzzing)
 #   FERRY_SKIP_LAB=1           skip the lab tests (for quick local runs; CI never sets it)
-#   FERRY_LAB_QUARANTINE=run   also run the quarantined lab tests (see below)
+#   FERRY_LAB_SOAK=1           also run the quarantined soak (see below)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,25 +34,18 @@ step "lint" cargo clippy --workspace --all-targets -- -D warnings
 step "dependency rules" scripts/check-deps.sh
 step "unit, simulation and CLI tests" env FERRY_SIM_SEEDS="${FERRY_SIM_SEEDS:-12}" cargo test --workspace
 step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
-# Quarantined real-guest tests: known open bugs that make them fail at random, each tracked in
-# an open issue. They are still built and can be run with FERRY_LAB_QUARANTINE=run; remove an
-# entry together with the fix.
-#   boots_with_ram_above_the_32_bit_mmio_window: the 4 GiB guest boot hung once in a full run
-#   (passed in the others); not understood yet (issue 5 follow-up).
-# (migrates_every_workload_with_hints_off_and_on left the list with lazy dirty-log arming: the
-# soft lockups came from write faults on the blocks the guest clears before hinting them.)
-quarantine=(boots_with_ram_above_the_32_bit_mmio_window)
-skip_args=()
-if [[ "${FERRY_LAB_QUARANTINE:-}" != run ]]; then
-    for t in "${quarantine[@]}"; do
-        printf 'QUARANTINED (not run, known open bug): %s\n' "$t"
-        skip_args+=(--skip "$t")
-    done
-fi
+# The 4 GiB boot test, once quarantined for a hang, runs again since the lab moved to QEMU 10
+# (docs/lab.md). QUARANTINED, known open bug (issue 11, "Every migrated guest survives"): the
+# soak (lab/soak) still finds a destination guest that hangs right after its restore, about one
+# hop in 30 under QEMU 10 (docs/migration.md, known issues); it does not gate CI until that is
+# fixed. Run it with `lab/soak` or FERRY_LAB_SOAK=1 here.
+lab_args=(-- --skip soak_)
+[[ "${FERRY_LAB_SOAK:-}" != 1 ]] || lab_args=()
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
 else
-    step "lab tests (real guests under KVM)" lab/test -- "${skip_args[@]}"
+    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, known open bug, issue 11): the soak\n'
+    step "lab tests (real guests under KVM)" lab/test "${lab_args[@]}"
 fi
 
 printf '\nsuite finished in %ss\n' $(($(date +%s) - started))

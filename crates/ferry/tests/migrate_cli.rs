@@ -70,3 +70,15 @@ fn receive_fails_cleanly_when_no_vm_can_be_created() {
     assert!(err.contains("/nonexistent/kvm"), "{err}");
     assert!(!err.contains("waiting for a migration"), "{err}");
 }
+
+#[test]
+fn cancel_without_a_reachable_vmm_says_so() {
+    let (ok, err) = ferry(&["cancel", "--api", "/nonexistent/ferry.api"]);
+    assert!(!ok);
+    assert!(
+        err.contains("cancelling the migration of the VMM at /nonexistent/ferry.api"),
+        "{err}"
+    );
+    let (ok, err) = ferry(&["cancel"]);
+    assert!(!ok && err.contains("--api"), "{err}");
+}
