@@ -197,16 +197,18 @@ mod tests {
         (closer, b, t)
     }
 
+    /// A watchdog over `closer` with an hour's deadline, and its cancel flag.
+    fn watch_for_an_hour(closer: Closer) -> (Watchdog, Arc<AtomicBool>) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let w = Watchdog::start(vec![closer], cancel.clone(), deadline).unwrap();
+        (w, cancel)
+    }
+
     #[test]
     fn cancel_unblocks_a_writer_whose_peer_stopped_reading() {
         let (closer, _peer, t) = blocked_writer();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let w = Watchdog::start(
-            vec![closer],
-            cancel.clone(),
-            Instant::now() + Duration::from_secs(3600),
-        )
-        .unwrap();
+        let (w, cancel) = watch_for_an_hour(closer);
         thread::sleep(Duration::from_millis(50));
         assert!(!t.is_finished(), "the writer blocks while nobody reads");
         let cancelled = Instant::now();
@@ -223,12 +225,7 @@ mod tests {
     #[test]
     fn a_pause_longer_than_the_limit_plus_the_margin_cuts_the_connections() {
         let (closer, _peer, t) = blocked_writer();
-        let w = Watchdog::start(
-            vec![closer],
-            Arc::new(AtomicBool::new(false)),
-            Instant::now() + Duration::from_secs(3600),
-        )
-        .unwrap();
+        let (w, _) = watch_for_an_hour(closer);
         // Paused long ago: the bound has passed already.
         let at = Instant::now() - PAUSE_MARGIN - Duration::from_secs(1);
         w.paused(at, Duration::from_millis(300));
@@ -244,13 +241,7 @@ mod tests {
     #[test]
     fn nothing_is_cut_once_the_engine_stood_down() {
         let (closer, _peer, t) = blocked_writer();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let w = Watchdog::start(
-            vec![closer],
-            cancel.clone(),
-            Instant::now() + Duration::from_secs(3600),
-        )
-        .unwrap();
+        let (w, cancel) = watch_for_an_hour(closer);
         cancel.store(true, Ordering::Relaxed);
         w.stand_down();
         thread::sleep(GRACE + Duration::from_millis(200));
@@ -267,13 +258,7 @@ mod tests {
     #[test]
     fn nothing_is_cut_after_the_handover_or_before_any_reason() {
         let (a, mut b) = Connection::pair().unwrap();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let w = Watchdog::start(
-            vec![a.closer()],
-            cancel.clone(),
-            Instant::now() + Duration::from_secs(3600),
-        )
-        .unwrap();
+        let (w, cancel) = watch_for_an_hour(a.closer());
         w.paused(Instant::now(), Duration::from_millis(300));
         thread::sleep(Duration::from_millis(50));
         assert!(w.handed_over());
