@@ -36,9 +36,9 @@ step "unit, simulation and CLI tests" env FERRY_SIM_SEEDS="${FERRY_SIM_SEEDS:-12
 step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
 # The 4 GiB boot test, once quarantined for a hang, runs again since the lab moved to QEMU 10
 # (docs/lab.md). QUARANTINED, known open bug (issue 11, "Every migrated guest survives"): the
-# soak (lab/soak) still finds a destination guest that hangs right after its restore, about one
-# hop in 30 under QEMU 10 (docs/migration.md, known issues); it does not gate CI until that is
-# fixed. Run it with `lab/soak` or FERRY_LAB_SOAK=1 here.
+# soak (lab/soak) still loses a 2-vCPU guest that was itself migrated (a hang after restore, a
+# triple fault), about one hop in 30 under QEMU 10 (docs/migration.md, known issues); it does
+# not gate CI until that is fixed. Run it with `lab/soak` or FERRY_LAB_SOAK=1 here.
 lab_args=(-- --skip soak_)
 [[ "${FERRY_LAB_SOAK:-}" != 1 ]] || lab_args=()
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
