@@ -198,6 +198,22 @@ impl Workloads {
     }
 }
 
+/// Calls `write(n)` for n = 0, 1, 2, ... at `pages_per_s` a second (catching up every
+/// [`DIRTY_TICK`]) until `stop`, publishing the count in `done`.
+fn paced(pages_per_s: u64, stop: &AtomicBool, done: &AtomicU64, mut write: impl FnMut(u64)) {
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let due = (start.elapsed().as_secs_f64() * pages_per_s as f64) as u64;
+        while n < due && !stop.load(Ordering::Relaxed) {
+            write(n);
+            n += 1;
+            done.store(n, Ordering::Relaxed);
+        }
+        thread::sleep(DIRTY_TICK);
+    }
+}
+
 fn dirty(
     mut set: Vec<u8>,
     mib: u64,
@@ -208,19 +224,10 @@ fn dirty(
     // Untouched zero pages: the first pass faults them in, later passes only dirty them.
     set.resize(mem::elements_in::<u8>(mib)?, 0);
     let pages = set.len() / PAGE_SIZE;
-    let start = Instant::now();
-    let mut done: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let due = (start.elapsed().as_secs_f64() * pages_per_s as f64) as u64;
-        while done < due && !stop.load(Ordering::Relaxed) {
-            let page = (done % pages as u64) as usize;
-            let at = page * PAGE_SIZE;
-            set[at..at + 8].copy_from_slice(&(done + 1).to_le_bytes());
-            done += 1;
-            written.store(done, Ordering::Relaxed);
-        }
-        thread::sleep(DIRTY_TICK);
-    }
+    paced(pages_per_s, stop, written, |n| {
+        let at = (n % pages as u64) as usize * PAGE_SIZE;
+        set[at..at + 8].copy_from_slice(&(n + 1).to_le_bytes());
+    });
     Ok(())
 }
 
@@ -243,17 +250,9 @@ fn check(
     progress: &Progress,
 ) -> Result<(), AllocError> {
     set.resize(mem::elements_in::<u64>(mib)?, 0);
-    let start = Instant::now();
-    let mut done: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let due = (start.elapsed().as_secs_f64() * pages_per_s as f64) as u64;
-        while done < due && !stop.load(Ordering::Relaxed) {
-            check_and_rewrite(&mut set, done, progress);
-            done += 1;
-            progress.done.store(done, Ordering::Relaxed);
-        }
-        thread::sleep(DIRTY_TICK);
-    }
+    paced(pages_per_s, stop, &progress.done, |n| {
+        check_and_rewrite(&mut set, n, progress)
+    });
     Ok(())
 }
 

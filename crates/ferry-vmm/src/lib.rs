@@ -103,18 +103,20 @@ impl api::ApiHandler for ApiVmm {
     fn handle(&self, request: Request) -> Result<Value, String> {
         let vmm = &self.0;
         let err = |e: Error| e.to_string();
+        use migration::StateChange;
         let migration = &self.1;
         match request {
             Request::Status => Ok(migration.annotate(json(vmm.status())?)),
             // Run-state and memory changes are refused while a migration owns the VM.
-            Request::Pause => migration
-                .unless_migrating("pause", || vmm.pause().map(|()| Value::Null).map_err(err)),
-            Request::Resume => migration.unless_migrating("resume", || {
+            Request::Pause => migration.unless_migrating(StateChange::Pause, || {
+                vmm.pause().map(|()| Value::Null).map_err(err)
+            }),
+            Request::Resume => migration.unless_migrating(StateChange::Resume, || {
                 vmm.resume();
                 Ok(Value::Null)
             }),
             Request::BalloonSet { target_bytes } => {
-                migration.unless_migrating("balloon-set", || {
+                migration.unless_migrating(StateChange::BalloonSet, || {
                     vmm.balloon_set_target(target_bytes)
                         .map(|()| Value::Null)
                         .map_err(err)

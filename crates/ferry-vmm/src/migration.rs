@@ -480,7 +480,7 @@ impl Supervisor {
     /// takes, so no migration can start in between.
     pub fn unless_migrating<T>(
         &self,
-        what: &str,
+        what: StateChange,
         change: impl FnOnce() -> Result<T, String>,
     ) -> Result<T, String> {
         let current = lock(&self.current);
@@ -491,7 +491,7 @@ impl Supervisor {
                 // The operator decides; resuming here ends the wait for an outcome.
                 MigrationPhase::OutcomeUnknown => {
                     let result = change();
-                    if result.is_ok() && what == "resume" {
+                    if result.is_ok() && what == StateChange::Resume {
                         tracing::warn!(
                             "the operator resumed the guest here after a migration with an \
                              unknown outcome"
@@ -558,6 +558,28 @@ impl Supervisor {
             )),
             MigrationPhase::Failed => Err("no migration to cancel (the last one failed)".into()),
         }
+    }
+}
+
+/// An API request that changes the VM's run state or memory (see
+/// [`Supervisor::unless_migrating`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    /// `pause`.
+    Pause,
+    /// `resume`.
+    Resume,
+    /// `balloon-set`.
+    BalloonSet,
+}
+
+impl std::fmt::Display for StateChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::BalloonSet => "balloon-set",
+        })
     }
 }
 
@@ -763,7 +785,7 @@ mod tests {
         let s = Supervisor::default();
         let mut ran = 0;
         let mut change = |s: &Supervisor| {
-            s.unless_migrating("resume", || {
+            s.unless_migrating(StateChange::Resume, || {
                 ran += 1;
                 Ok(())
             })
