@@ -7,6 +7,7 @@
 //! `lab/run`); `ferry bench-vm` drives it.
 //!
 //! - [`runner`]: boots the guests (through `ferry-lab`) and runs the matrix.
+//! - [`soak`]: many hops per VMM setting with the guest checking its pages, failures by kind.
 //! - [`sessions`]: a guest hopping between VMM processes (ferry: control API; QEMU: QMP).
 //! - [`qmp`]: the few QMP commands the QEMU baseline needs.
 //! - [`results`]: what was measured, as JSON.
@@ -21,6 +22,7 @@ pub mod report;
 pub mod results;
 pub mod runner;
 pub mod sessions;
+pub mod soak;
 
 pub use results::{Results, Variant, Workload};
 pub use runner::{BenchConfig, BenchError};

@@ -137,7 +137,7 @@ impl BenchConfig {
 
 /// A VMM setting: one booted guest migrated for each of `variants`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Group {
+pub(crate) enum Group {
     Ferry,
     QemuOff,
     QemuHint,
@@ -152,7 +152,7 @@ impl Group {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Ferry => "ferry",
             Self::QemuOff => "qemu-off",
@@ -227,7 +227,7 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
 /// The VMM settings of repetition `run` (1-based) and their variants, in the order to run
 /// them: the order rotates from one repetition to the next (and ferry's hints off/on swap), so
 /// that a machine whose load drifts during the run does not always favour the same setting.
-fn schedule(config: &BenchConfig, run: u32) -> Vec<(Group, Vec<Variant>)> {
+pub(crate) fn schedule(config: &BenchConfig, run: u32) -> Vec<(Group, Vec<Variant>)> {
     let mut groups = vec![Group::Ferry, Group::QemuOff, Group::QemuHint];
     let shift = (run.saturating_sub(1) as usize) % groups.len();
     groups.rotate_left(shift);

@@ -72,6 +72,32 @@ impl WarningBlock {
     }
 }
 
+/// Whether a console line is one of the agent's heartbeats (`HB <n>`, see `heartbeat MS`).
+pub fn is_heartbeat(line: &str) -> bool {
+    line.starts_with("HB ")
+}
+
+/// The pages the guest's page checker (`workload check`) has checked so far, from the answer
+/// of `workload status` or `workload stop`; an error when it found a page that lost a write,
+/// or when the answer has no checker.
+pub fn checker_pages(status: &str) -> Result<u64, String> {
+    let field = |name: &str| {
+        status
+            .split_whitespace()
+            .skip_while(|f| *f != "kind=check")
+            .find_map(|f| f.strip_prefix(name))
+            .ok_or_else(|| format!("no {name} of the page checker in {status:?}"))
+    };
+    if field("mismatches=")? != "0" {
+        return Err(format!(
+            "the guest's page checker found pages that lost a write: {status}"
+        ));
+    }
+    field("pages=")?
+        .parse()
+        .map_err(|e| format!("the page checker's count in {status:?}: {e}"))
+}
+
 /// Splits console lines into kernel errors and expected power-off warnings (see
 /// [`POWER_OFF_WARNINGS`]).
 fn classify(lines: &[String]) -> (Vec<String>, Vec<String>) {
@@ -391,6 +417,17 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn the_page_checker_count_is_read_and_a_lost_write_is_an_error() {
+        let status =
+            "workload status kind=churn cycles=3 kind=check pages=512 mismatches=0 first=-";
+        assert_eq!(checker_pages(status), Ok(512));
+        let lost = "workload status kind=check pages=512 mismatches=2 first=17";
+        assert!(checker_pages(lost).unwrap_err().contains("lost a write"));
+        assert!(checker_pages("workload status kind=none").is_err());
+        assert!(is_heartbeat("HB 12") && !is_heartbeat("OK HB"));
+    }
 
     #[test]
     fn waits_for_the_answer_past_noise_and_heartbeats() {

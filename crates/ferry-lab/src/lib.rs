@@ -24,8 +24,8 @@ mod kvm;
 mod vmm;
 
 pub use agent::{
-    AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS, POWER_OFF_WARNINGS,
-    READY_LINE,
+    checker_pages, is_heartbeat, AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS,
+    POWER_OFF_WARNINGS, READY_LINE,
 };
 pub use guest::{Guest, GuestError};
 pub use image::{GuestImage, ImageError};

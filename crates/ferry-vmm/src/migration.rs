@@ -66,6 +66,19 @@ pub enum MigrateError {
     /// The engine failed; on the source the VM keeps running.
     #[error("migration failed (the VM keeps running here): {0}")]
     Engine(#[from] ferry_migration::MigrationError),
+    /// The guest stopped here while it was being migrated (it reset, e.g. on a triple
+    /// fault, or powered off): the migration failed and nothing runs on either side.
+    #[error(
+        "migration failed because the guest stopped here during it ({reason:?}); it runs \
+         neither here nor at the destination: {source}"
+    )]
+    GuestStopped {
+        /// Why the guest stopped.
+        reason: ExitReason,
+        /// What the engine reported.
+        #[source]
+        source: ferry_migration::MigrationError,
+    },
     /// Listening for the source failed.
     #[error("cannot listen on {endpoint}: {source}")]
     Listen {
@@ -373,7 +386,22 @@ pub fn migrate(
         if options.hints { "on" } else { "off" },
         options.connections
     );
-    Ok(engine.run(connections)?)
+    engine
+        .run(connections)
+        .map_err(|source| stopped_or_engine(vmm.exit_reason(), source))
+}
+
+/// The error of a failed migration: the engine's, unless the guest stopped meanwhile (a vCPU
+/// that triple-faults takes the VM down and fails the migration with it), which the operator
+/// must not read as "the VM keeps running here".
+fn stopped_or_engine(
+    stopped: Option<ExitReason>,
+    source: ferry_migration::MigrationError,
+) -> MigrateError {
+    match stopped {
+        Some(reason) => MigrateError::GuestStopped { reason, source },
+        None => MigrateError::Engine(source),
+    }
 }
 
 /// The running or last migration of one VMM, for the control API.
@@ -425,6 +453,7 @@ impl Supervisor {
                 let result = migrate(&vmm, &endpoint, &options, &mut tracker, cancel);
                 let ok = result.is_ok();
                 let unknown = result.as_ref().is_err_and(MigrateError::outcome_unknown);
+                let stopped = matches!(result, Err(MigrateError::GuestStopped { .. }));
                 {
                     let mut p = lock(&progress);
                     match &result {
@@ -451,6 +480,10 @@ impl Supervisor {
                     tracing::error!(
                         "migration to {endpoint}: outcome unknown; the guest stays paused here \
                          until the operator resumes or shuts it down"
+                    );
+                } else if stopped {
+                    tracing::error!(
+                        "migration to {endpoint} failed: the guest stopped here during it"
                     );
                 } else {
                     tracing::warn!("migration to {endpoint} failed; the guest keeps running here");
@@ -735,6 +768,22 @@ pub fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_that_stopped_during_the_migration_is_not_said_to_keep_running() {
+        let engine = || ferry_migration::MigrationError::Config("vCPU 0 has exited".into());
+        let e = stopped_or_engine(None, engine()).to_string();
+        assert!(e.contains("keeps running here"), "{e}");
+        let e = stopped_or_engine(Some(ExitReason::GuestReset), engine());
+        assert!(!e.outcome_unknown());
+        let e = e.to_string();
+        assert!(!e.contains("keeps running"), "{e}");
+        assert!(
+            e.contains("GuestReset") && e.contains("runs neither here"),
+            "{e}"
+        );
+        assert!(e.contains("vCPU 0 has exited"), "{e}");
+    }
 
     #[test]
     fn options_have_defaults_and_refuse_unknown_fields() {

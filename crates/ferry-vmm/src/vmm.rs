@@ -270,6 +270,11 @@ impl Vmm {
         self.control.request_exit(reason);
     }
 
+    /// Why the VM stopped, if something asked it to (the guest, a vCPU error or the API).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.control.exit_reason()
+    }
+
     /// Blocks until the guest or the API stops the VM.
     pub fn wait_exit(&self) -> ExitReason {
         self.control.wait_exit()

@@ -119,18 +119,7 @@ fn env_u64(name: &str, default: u64) -> Result<u64> {
 
 /// The checker's page count from `workload status`/`stop`, failing on any mismatch.
 fn checked_pages(status: &str) -> Result<u64> {
-    let field = |name: &str| {
-        status
-            .split_whitespace()
-            .skip_while(|f| *f != "kind=check")
-            .find_map(|f| f.strip_prefix(name))
-            .with_context(|| format!("no {name} of the checker in {status:?}"))
-    };
-    ensure!(
-        field("mismatches=")? == "0",
-        "the guest's page checker found pages that lost a write: {status}"
-    );
-    Ok(field("pages=")?.parse()?)
+    ferry_lab::checker_pages(status).map_err(anyhow::Error::msg)
 }
 
 /// Boots a guest and starts its workloads.

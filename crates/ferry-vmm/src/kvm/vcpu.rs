@@ -130,6 +130,11 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
+    /// Why the VM should stop, if some thread asked for it.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.ctl).exit.clone()
+    }
+
     /// Blocks until some thread requested the VM to stop; returns why.
     pub fn wait_exit(&self) -> ExitReason {
         let mut c = lock(&self.ctl);

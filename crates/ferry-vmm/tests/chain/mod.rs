@@ -342,9 +342,7 @@ pub fn kernel_stacks(pid: u32) -> String {
     out
 }
 
-pub fn is_heartbeat(line: &str) -> bool {
-    line.starts_with("HB ")
-}
+pub use ferry_lab::is_heartbeat;
 
 pub fn skipped(s: &MigrationStats, source: &str) -> u64 {
     s.pages_skipped

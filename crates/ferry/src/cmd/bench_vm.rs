@@ -68,6 +68,16 @@ pub struct BenchVmArgs {
     /// Print the table and draw the charts of an existing results.json; run nothing.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render: Option<PathBuf>,
+    /// Soak instead of the matrix: each VMM setting's guest hops HOPS times along a chain of
+    /// fresh VMM processes while it checks its pages; prints failures by kind per setting.
+    #[arg(long, value_name = "HOPS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub soak: Option<u32>,
+    /// The soak's longest random gap between two hops, ms.
+    #[arg(long, default_value_t = 10_000, requires = "soak")]
+    pub soak_gap_ms: u64,
+    /// The soak's seed for the gaps [default: the time; printed].
+    #[arg(long, requires = "soak")]
+    pub soak_seed: Option<u64>,
     /// Run the matrix here and only write results.json (how the lab copy is started).
     #[arg(long, hide = true)]
     pub in_lab: bool,
@@ -122,6 +132,12 @@ pub fn run(args: &BenchVmArgs) -> Result<()> {
              `cargo build --release -p ferry`"
         );
     }
+    if let Some(hops) = args.soak {
+        if args.in_lab || ferry_lab::hw_kvm_usable() {
+            return soak(args, hops);
+        }
+        return run_in_lab(args, None);
+    }
     if args.in_lab || ferry_lab::hw_kvm_usable() {
         let results = runner::run_matrix(&args.config()?, &mut |line| eprintln!("bench: {line}"))?;
         results.save(&json)?;
@@ -130,24 +146,55 @@ pub fn run(args: &BenchVmArgs) -> Result<()> {
             return Ok(());
         }
     } else {
-        run_in_lab(args, &json)?;
+        run_in_lab(args, Some(&json))?;
     }
     render(&Results::load(&json)?, &out)
 }
 
-/// Re-executes this command inside the lab (`lab/run`), which writes `json` on the share.
-fn run_in_lab(args: &BenchVmArgs, json: &Path) -> Result<()> {
+/// Runs the soak here and prints its table; fails if a hop failed.
+fn soak(args: &BenchVmArgs, hops: u32) -> Result<()> {
+    let seed = args.soak_seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let mut soak = ferry_bench::soak::SoakConfig::new(hops, seed);
+    soak.gap_ms = args.soak_gap_ms;
+    let config = args.config()?;
+    eprintln!(
+        "soak: {hops} hops per setting, {} MiB, {} vCPUs, gaps 0-{} ms, --soak-seed {seed}",
+        config.memory_mib, config.vcpus, soak.gap_ms
+    );
+    let tallies =
+        ferry_bench::soak::run_soak(&config, &soak, &mut |line| eprintln!("soak: {line}"))?;
+    println!(
+        "soak summary ({}, --soak-seed {seed}):\n{}",
+        config.command,
+        ferry_bench::soak::table(&tallies)
+    );
+    let failed: u32 = tallies.iter().map(|t| t.failed() + t.boot_failures).sum();
+    if failed > 0 {
+        bail!("{failed} hop(s) or boot(s) failed: see the log above");
+    }
+    Ok(())
+}
+
+/// Re-executes this command inside the lab (`lab/run`); the benchmark there writes `json` on
+/// the share.
+fn run_in_lab(args: &BenchVmArgs, json: Option<&Path>) -> Result<()> {
     ferry_lab::GuestImage::locate().context("the guest image")?;
     let lab_run = ferry_bench::workspace_root().join("lab/run");
     if !lab_run.is_file() {
         bail!("no hardware KVM here and no {}", lab_run.display());
     }
     // A stale file must not pass for this run's results.
-    match std::fs::remove_file(json) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", json.display()))
+    if let Some(json) = json {
+        match std::fs::remove_file(json) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", json.display()))
+            }
+            _ => {}
         }
-        _ => {}
     }
     eprintln!("ferry: no hardware KVM here: running the benchmark inside the lab (lab/run)");
     let exe = std::env::current_exe().context("locating the ferry binary")?;
@@ -162,7 +209,7 @@ fn run_in_lab(args: &BenchVmArgs, json: &Path) -> Result<()> {
         Some(0) => Ok(()),
         Some(124) => bail!("the lab run timed out after {} s", args.lab_timeout),
         Some(125) => bail!("the lab host crashed (an infrastructure failure, not a result)"),
-        _ => bail!("the benchmark failed inside the lab ({status})"),
+        _ => bail!("the benchmark failed inside the lab ({status}): see its log above"),
     }
 }
 
