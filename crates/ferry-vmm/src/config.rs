@@ -59,11 +59,6 @@ pub enum ConfigError {
         /// The requested size.
         bytes: u64,
     },
-    /// A size string that does not parse.
-    #[error(
-        "cannot parse the size {0:?}: use a number with an optional K, M or G suffix (default MiB)"
-    )]
-    Size(String),
     /// vCPU count out of range.
     #[error("{0} vCPUs requested: give between 1 and {VCPUS_MAX}")]
     Vcpus(u8),
@@ -180,21 +175,6 @@ impl FromStr for BalloonConfig {
     }
 }
 
-/// Parses `2G`, `512M`, `65536K` or a plain number of MiB into bytes.
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::Size(s.to_owned());
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        Some(_) => (t, 20),
-        None => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
 /// The command-line arguments of `ferry run`; flatten into a clap subcommand and convert with
 /// [`RunArgs::into_config`].
 #[derive(Debug, Clone, clap::Args)]
@@ -208,8 +188,8 @@ pub struct RunArgs {
     /// Kernel command line; ferry adds nothing to it.
     #[arg(long, default_value = VmConfig::DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Guest RAM: a number with K, M or G suffix (plain numbers are MiB).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    /// Guest RAM, e.g. 512M or 4G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_parser = crate::units::parse_size)]
     pub memory: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
@@ -455,17 +435,6 @@ mod tests {
             .unwrap()
             .write_all(&img)
             .unwrap();
-    }
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("512").unwrap(), 512 << 20);
-        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
-        assert!(parse_size("").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999999G").is_err());
     }
 
     #[test]

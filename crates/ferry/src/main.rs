@@ -26,9 +26,8 @@ enum Command {
     Receive(cmd::receive::ReceiveArgs),
     /// Live-migrate a running VM (ask its VMM through --api) to a `ferry receive`.
     Migrate(cmd::migrate::MigrateArgs),
-    /// Cancel the running migration of the VMM at --api: the guest keeps running there and
-    /// the destination discards what it received (too late once the guest was handed over).
-    Cancel(ApiArg),
+    #[command(flatten)]
+    Control(cmd::control::ControlCommand),
     /// The demo: boot the Debian guest image under ferry's VMM (in the lab without hardware
     /// KVM), free most of its memory, live-migrate it with hints off, then on, and compare.
     Demo(cmd::vmdemo::VmDemoArgs),
@@ -48,14 +47,6 @@ enum Command {
     SimReceive(cmd::sim::ReceiveArgs),
 }
 
-/// A VMM's control socket.
-#[derive(Debug, Clone, clap::Args)]
-struct ApiArg {
-    /// The VMM's control socket (its --api-socket).
-    #[arg(long)]
-    api: std::path::PathBuf,
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -69,9 +60,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a.clone()),
         Command::Receive(a) => cmd::receive::run(a.clone()),
         Command::Migrate(a) => cmd::migrate::run(a),
-        Command::Cancel(a) => cmd::migrate::cancel(&a.api).map(|()| {
-            eprintln!("cancel requested: the migration stops, the guest keeps running here");
-        }),
+        Command::Control(c) => cmd::control::run(c),
         Command::Demo(a) => cmd::vmdemo::run(a),
         Command::Sim(a) => cmd::sim::run(a),
         Command::SimDemo => {

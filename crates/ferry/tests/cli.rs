@@ -70,8 +70,11 @@ fn sim_json_output_is_machine_readable() {
 fn bad_arguments_get_clear_errors() {
     let (ok, _, err) = ferry(&["sim", "--memory", "lots"]);
     assert!(!ok && err.contains("is not a size"), "{err}");
-    let (ok, _, err) = ferry(&["sim", "--memory", "12345"]);
+    let (ok, _, err) = ferry(&["sim", "--memory", "12345B"]);
     assert!(!ok && err.contains("not a multiple of 8 KiB"), "{err}");
+    // One set of units: a rate without a unit is refused with the units there are.
+    let (ok, _, err) = ferry(&["sim", "--bandwidth", "512"]);
+    assert!(!ok && err.contains("give a unit") && err.contains("Gbit"), "{err}");
     let (ok, _, err) = ferry(&["sim", "--connections", "99"]);
     assert!(!ok && err.contains("99"), "{err}");
 }

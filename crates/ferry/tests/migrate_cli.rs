@@ -76,7 +76,7 @@ fn cancel_without_a_reachable_vmm_says_so() {
     let (ok, err) = ferry(&["cancel", "--api", "/nonexistent/ferry.api"]);
     assert!(!ok);
     assert!(
-        err.contains("cancelling the migration of the VMM at /nonexistent/ferry.api"),
+        err.contains("the VMM at /nonexistent/ferry.api"),
         "{err}"
     );
     let (ok, err) = ferry(&["cancel"]);

@@ -78,6 +78,11 @@ pub struct BenchVmArgs {
     /// The soak's seed for the gaps [default: the time; printed].
     #[arg(long, requires = "soak")]
     pub soak_seed: Option<u64>,
+    /// In the soak, ferry digests guest RAM at every switchover and each hop compares the
+    /// source's with the destination's (finds lost writes the guest does not notice; adds a
+    /// read of all RAM to the downtime).
+    #[arg(long, requires = "soak")]
+    pub soak_ram_digests: bool,
     /// Run the matrix here and only write results.json (how the lab copy is started).
     #[arg(long, hide = true)]
     pub in_lab: bool,
@@ -160,6 +165,7 @@ fn soak(args: &BenchVmArgs, hops: u32) -> Result<()> {
     });
     let mut soak = ferry_bench::soak::SoakConfig::new(hops, seed);
     soak.gap_ms = args.soak_gap_ms;
+    soak.ram_digests = args.soak_ram_digests;
     let config = args.config()?;
     eprintln!(
         "soak: {hops} hops per setting, {} MiB, {} vCPUs, gaps 0-{} ms, --soak-seed {seed}",

@@ -15,7 +15,7 @@ use ferry_vmm::ApiClient;
 
 use crate::progress::Bar;
 use crate::report;
-use crate::units::{mib, parse_size};
+use crate::units::{mib, parse_rate};
 
 /// How often the progress bar asks the VMM where the migration is.
 const POLL: Duration = Duration::from_millis(200);
@@ -53,8 +53,8 @@ pub struct MigrateArgs {
     /// Longest acceptable pause of the guest, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
-    /// Bandwidth limit per second (e.g. 100M); none by default.
-    #[arg(long, value_parser = parse_size)]
+    /// Bandwidth limit, e.g. 100M (MiB/s) or 1Gbit (10^9 bit/s); none by default.
+    #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
     /// Parallel connections.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
@@ -105,7 +105,7 @@ extern "C" fn on_interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 /// Asks the VMM behind `api` to cancel its running migration.
-pub fn cancel(api: &Path) -> Result<()> {
+fn cancel(api: &Path) -> Result<()> {
     ApiClient::connect(api)
         .and_then(|mut c| c.migrate_cancel())
         .with_context(|| format!("cancelling the migration of the VMM at {}", api.display()))

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_vm;
+pub mod control;
 pub mod migrate;
 pub mod receive;
 pub mod run;

@@ -18,7 +18,7 @@ use ferry_sim::{create_memory, verify, Guest, HintBehavior, SimConfig, SimVm, Wo
 
 use crate::progress::Bar;
 use crate::report;
-use crate::units::{mib, parse_size};
+use crate::units::{mib, parse_rate, parse_size};
 
 /// What the simulated guest does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,14 +59,14 @@ pub struct SimArgs {
     /// Share of RAM in use with data, percent.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub used_percent: u8,
-    /// Rate at which the dirty and churn workloads write, per second (e.g. 64M).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    /// Rate at which the dirty and churn workloads write, e.g. 64M (MiB/s).
+    #[arg(long, default_value = "64M", value_parser = parse_rate)]
     pub dirty_rate: u64,
     /// Parallel connections.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub connections: u16,
-    /// Bandwidth limit per second (e.g. 100M); none by default.
-    #[arg(long, value_parser = parse_size)]
+    /// Bandwidth limit, e.g. 100M (MiB/s) or 1Gbit (10^9 bit/s); none by default.
+    #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
     /// Downtime target in milliseconds.
     #[arg(long, default_value_t = 300)]
@@ -162,7 +162,7 @@ fn spawn_receiver(memory: u64) -> Result<(Child, Endpoint)> {
             "--listen",
             "127.0.0.1:0",
             "--memory",
-            &memory.to_string(),
+            &format!("{memory}B"),
         ])
         .stdout(Stdio::piped())
         .spawn()
