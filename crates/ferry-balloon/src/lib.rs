@@ -16,14 +16,40 @@
 //!
 //! # Wiring (VMM side)
 //!
-//! ```text
-//! let dev = Balloon::new(BalloonConfig::default(), guest_mem.clone(), irqfd_trigger);
-//! // MMIO exit in [base, base + MMIO_WINDOW_LEN): dev.mmio_read(off, data) / mmio_write(off, data)
-//! // (a write to QueueNotify processes the queue; or call dev.process_queue(i) from an ioeventfd)
-//! engine.add_source(Box::new(dev.hint_source()));
-//! engine.add_source(Box::new(dev.report_source()));
-//! // VM pause -> dev.pause(); VM resume -> dev.resume(); resize -> dev.set_target(pages)
-//! // switchover: sources' finish(), then dev.save(); destination: Balloon::restore(...), resume()
+//! ```
+//! use std::sync::Arc;
+//! use ferry_balloon::{memfd_guest_memory, Balloon, BalloonConfig, IrqTrigger, MmioDevice};
+//! use ferry_migration::HintSource;
+//!
+//! /// The VMM's interrupt line (an irqfd in ferry-vmm).
+//! struct Line;
+//! impl IrqTrigger for Line {
+//!     fn trigger(&self) -> std::io::Result<()> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! // Guest RAM on a memfd, so that discarded pages read back as zero.
+//! let (mem, _file) = memfd_guest_memory("guest-ram", &[(0, 64 << 20)])?;
+//! let mut dev = Balloon::new(BalloonConfig::default(), mem, Arc::new(Line));
+//! // An MMIO exit in [base, base + MMIO_WINDOW_LEN) goes to the device; a write to
+//! // QueueNotify processes that queue.
+//! let mut magic = [0u8; 4];
+//! dev.mmio_read(0, &mut magic);
+//! assert_eq!(&magic, b"virt");
+//! // The migration engine learns free pages from the device's two sources.
+//! let sources: Vec<Box<dyn HintSource>> =
+//!     vec![Box::new(dev.hint_source()), Box::new(dev.report_source())];
+//! assert_eq!(sources.len(), 2);
+//! // The VMM's pause/resume and resize requests.
+//! dev.pause();
+//! dev.resume();
+//! dev.set_target(1024); // 4 MiB of 4 KiB pages
+//! assert_eq!(dev.target(), 1024);
+//! // At the switchover the state is saved (after the sources finished); a destination
+//! // restores it with `Balloon::restore` and resumes.
+//! let _state = dev.save();
+//! # Ok::<(), std::io::Error>(())
 //! ```
 //!
 //! Guest input is never trusted: malformed chains are logged (rate-limited) and returned

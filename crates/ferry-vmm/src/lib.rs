@@ -25,6 +25,7 @@ pub mod memory;
 pub mod migration;
 pub mod serial;
 pub mod state_format;
+pub mod units;
 pub mod vmm;
 
 use std::sync::Arc;
@@ -131,31 +132,5 @@ impl api::ApiHandler for ApiVmm {
             Request::Migrate { to, options } => migration.handle(vmm, &to, options),
             Request::MigrateCancel => migration.cancel().map(|()| Value::Null),
         }
-    }
-}
-
-/// The VMM as the migration engine controls it.
-#[derive(Debug, Clone)]
-pub struct MigrationControl(pub Arc<Vmm>);
-
-impl ferry_migration::VmControl for MigrationControl {
-    fn pause(&mut self) -> Result<(), ferry_migration::VmControlError> {
-        self.0
-            .pause()
-            .map_err(|e| ferry_migration::VmControlError::new("pausing the VM", e))
-    }
-
-    fn resume(&mut self) -> Result<(), ferry_migration::VmControlError> {
-        self.0.resume();
-        Ok(())
-    }
-
-    fn save_state(&mut self) -> Result<Vec<u8>, ferry_migration::VmControlError> {
-        let state = self
-            .0
-            .save_state()
-            .map_err(|e| ferry_migration::VmControlError::new("saving the VM state", e))?;
-        serde_json::to_vec(&state)
-            .map_err(|e| ferry_migration::VmControlError::new("encoding the VM state", e))
     }
 }

@@ -22,7 +22,7 @@ use crate::{acpi, boot, ExitReason};
 /// Version of [`MachineState`]'s layout.
 pub const MACHINE_STATE_VERSION: u32 = 1;
 /// Balloon page size (virtio-balloon counts 4 KiB pages).
-pub const BALLOON_PAGE_BYTES: u64 = 4096;
+use ferry_balloon::memory::BALLOON_PAGE_SIZE as BALLOON_PAGE_BYTES;
 
 /// Everything that can go wrong building or controlling the VM.
 #[derive(Debug, thiserror::Error)]
