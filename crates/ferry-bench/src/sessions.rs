@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_lab::{AgentClient, Guest, GuestConfig, QemuMicrovm, Vmm};
+use ferry_vmm::memory::DEBUG_DIGEST_ENV;
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use serde_json::json;
 
@@ -40,6 +41,12 @@ pub trait Session {
     fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError>;
     /// What the current VMM process printed.
     fn vmm_log(&self) -> String;
+    /// After a migration: how the destination's RAM differs from the source's at the
+    /// switchover, if this VMM can tell (ferry with RAM digests on); `None` if equal or
+    /// unknown.
+    fn ram_differences(&self) -> Option<String> {
+        None
+    }
 }
 
 /// ferry's VMM as a [`Vmm`] for `ferry-lab`: `ferry run`, or `ferry receive` when `listen` is
@@ -139,6 +146,7 @@ impl FerryNode {
         hop: u32,
         listen: Option<&str>,
         config: &GuestConfig,
+        digests: bool,
     ) -> Result<Self, BenchError> {
         let (serial, api, log) = (
             dir.join(format!("vm{hop}.serial")),
@@ -156,8 +164,11 @@ impl FerryNode {
         };
         let out = File::create(&log).map_err(|e| io("creating", e))?;
         let err = out.try_clone().map_err(|e| io("opening", e))?;
-        let child = vmm
-            .command(config, &serial)
+        let mut command = vmm.command(config, &serial);
+        if digests {
+            command.env(DEBUG_DIGEST_ENV, dir.join(format!("vm{hop}")));
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -232,12 +243,26 @@ pub struct FerrySession {
     config: GuestConfig,
     node: FerryNode,
     hops: u32,
+    digests: bool,
+    differences: Option<String>,
 }
 
 impl FerrySession {
     /// Boots the guest under `ferry run`; sockets and logs go to `dir`.
     pub fn boot(binary: &Path, dir: &Path, config: &GuestConfig) -> Result<Self, BenchError> {
-        let mut node = FerryNode::spawn(binary, dir, 0, None, config)?;
+        Self::boot_with(binary, dir, config, false)
+    }
+
+    /// [`FerrySession::boot`], with RAM digests at every switchover when `digests` is set
+    /// (`FERRY_DEBUG_RAM_DIGEST`): [`Session::ram_differences`] then compares the source's
+    /// RAM with the destination's after each migration.
+    pub fn boot_with(
+        binary: &Path,
+        dir: &Path,
+        config: &GuestConfig,
+        digests: bool,
+    ) -> Result<Self, BenchError> {
+        let mut node = FerryNode::spawn(binary, dir, 0, None, config, digests)?;
         node.attach()?;
         Ok(Self {
             binary: binary.to_path_buf(),
@@ -245,11 +270,70 @@ impl FerrySession {
             config: config.clone(),
             node,
             hops: 0,
+            digests,
+            differences: None,
         })
+    }
+
+    /// Compares the digests of the last hop (`hops - 1` sent, `hops` received).
+    fn compare_digests(&self) -> Option<String> {
+        let sent = self.dir.join(format!("vm{}.sent.crc", self.hops - 1));
+        let received = self.dir.join(format!("vm{}.received.crc", self.hops));
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let (sent, received) = match (read(&sent), read(&received)) {
+            (Ok(s), Ok(r)) => (s, r),
+            (Err(e), _) | (_, Err(e)) => return Some(format!("no RAM digest: {e}")),
+        };
+        digest_differences(&sent, &received)
     }
 }
 
+/// How two RAM digests ([`ferry_vmm::memory::GuestRam::write_digest`]) differ: the number
+/// of pages and the first few, each with whether it is zero on either side.
+pub fn digest_differences(sent: &[u8], received: &[u8]) -> Option<String> {
+    const SHOWN: usize = 16;
+    if sent.len() != received.len() {
+        return Some(format!(
+            "RAM digests of different sizes: {} and {} pages",
+            sent.len() / 4,
+            received.len() / 4
+        ));
+    }
+    let zero = crc32fast::hash(&[0u8; 4096]).to_le_bytes();
+    let pages: Vec<(usize, &[u8], &[u8])> = sent
+        .chunks(4)
+        .zip(received.chunks(4))
+        .enumerate()
+        .filter(|(_, (s, r))| s != r)
+        .map(|(i, (s, r))| (i, s, r))
+        .collect();
+    if pages.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = pages
+        .iter()
+        .take(SHOWN)
+        .map(|(i, s, r)| {
+            let what = match (*s == zero, *r == zero) {
+                (true, _) => "zero at the source",
+                (_, true) => "zero at the destination",
+                _ => "different data",
+            };
+            format!("page {i} ({:#x} in RAM order): {what}", *i as u64 * 4096)
+        })
+        .collect();
+    Some(format!(
+        "{} page(s) of the destination's RAM differ from the source's at the switchover:\n{}",
+        pages.len(),
+        shown.join("\n")
+    ))
+}
+
 impl Session for FerrySession {
+    fn ram_differences(&self) -> Option<String> {
+        self.differences.clone()
+    }
+
     fn agent(&mut self) -> &mut AgentClient {
         self.node
             .agent
@@ -268,6 +352,7 @@ impl Session for FerrySession {
             self.hops,
             Some("127.0.0.1:0"),
             &self.config,
+            self.digests,
         )?;
         const MARK: &str = "waiting for a migration on ";
         let endpoint = poll("ferry receive to listen", START_TIMEOUT, || {
@@ -309,6 +394,11 @@ impl Session for FerrySession {
         }
         let kernel_errors = source.kernel_errors();
         self.node = dest;
+        self.differences = if self.digests {
+            self.compare_digests()
+        } else {
+            None
+        };
         Ok(Sample {
             total_ms: stats.total_ms,
             downtime_ms: stats.downtime_ms,
@@ -460,6 +550,22 @@ impl Session for QemuSession {
 mod tests {
     use super::*;
     use ferry_lab::GuestImage;
+
+    #[test]
+    fn digests_that_differ_name_the_pages_and_what_each_side_has() {
+        let zero = crc32fast::hash(&[0u8; 4096]).to_le_bytes();
+        let data = 7u32.to_le_bytes();
+        let other = 9u32.to_le_bytes();
+        let sent: Vec<u8> = [zero, data, data, zero].concat();
+        assert_eq!(digest_differences(&sent, &sent), None);
+        let received: Vec<u8> = [zero, zero, other, data].concat();
+        let d = digest_differences(&sent, &received).unwrap();
+        assert!(d.starts_with("3 page(s)"), "{d}");
+        assert!(d.contains("page 1 (0x1000 in RAM order): zero at the destination"), "{d}");
+        assert!(d.contains("page 2 (0x2000 in RAM order): different data"), "{d}");
+        assert!(d.contains("page 3 (0x3000 in RAM order): zero at the source"), "{d}");
+        assert!(digest_differences(&sent, &sent[..8]).unwrap().contains("different sizes"));
+    }
 
     #[test]
     fn ferry_command_lines_for_the_source_and_a_destination() {

@@ -33,8 +33,9 @@ use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
 
-/// Guest memory with a write bitmap, as every part of ferry sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory with a write bitmap, as every part of ferry sees it (one definition, the
+/// balloon's, so that the VMM hands the device the very type it expects).
+pub use ferry_balloon::GuestMemory;
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -154,10 +155,59 @@ impl GuestRam {
             .collect()
     }
 
+    /// Writes a CRC-32 of every 4 KiB page of RAM, in the order of the memfd (= the
+    /// engine's page index), as little-endian `u32`s to `path`. Reads the memfd rather than
+    /// the mapping, so that never-populated pages read as zero without being allocated. A
+    /// debugging aid for lost writes (see [`debug_digest`]).
+    pub fn write_digest(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let total = self.memfd.metadata()?.len();
+        let mut out = std::io::BufWriter::new(File::create(path)?);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0;
+        while offset < total {
+            let len = buf.len().min((total - offset) as usize);
+            self.memfd.read_exact_at(&mut buf[..len], offset)?;
+            for page in buf[..len].chunks(ferry_migration::PAGE_SIZE as usize) {
+                out.write_all(&crc32fast::hash(page).to_le_bytes())?;
+            }
+            offset += len as u64;
+        }
+        out.flush()
+    }
+
     /// The engine's view of this RAM.
     pub fn layout(&self) -> MemoryLayout {
         // Regions come from `ram_regions`, which are page aligned and sorted.
         MemoryLayout::from_guest_memory(&self.mem).expect("guest RAM regions form a valid layout")
+    }
+}
+
+/// With `FERRY_DEBUG_RAM_DIGEST=PREFIX` in its environment, a VMM writes a digest of guest
+/// RAM ([`GuestRam::write_digest`]) at every switchover: a source to `PREFIX.sent.crc` once
+/// its guest is paused for good, a destination to `PREFIX.received.crc` once it has restored
+/// the guest and before it runs it. The two files of one migration must be equal; a page
+/// that differs is a write the migration lost (the soak compares them, docs/migration.md).
+/// Costs a read of all RAM inside the downtime: for debugging only.
+pub const DEBUG_DIGEST_ENV: &str = "FERRY_DEBUG_RAM_DIGEST";
+
+/// Writes the switchover digest `PREFIX.{role}.crc` if [`DEBUG_DIGEST_ENV`] asks for it.
+pub fn debug_digest(ram: &GuestRam, role: &str) {
+    let Some(prefix) = std::env::var_os(DEBUG_DIGEST_ENV) else {
+        return;
+    };
+    let mut path = prefix;
+    path.push(format!(".{role}.crc"));
+    let path = std::path::PathBuf::from(path);
+    let started = std::time::Instant::now();
+    match ram.write_digest(&path) {
+        Ok(()) => tracing::info!(
+            "wrote the RAM digest {} in {:?}",
+            path.display(),
+            started.elapsed()
+        ),
+        Err(e) => tracing::warn!("cannot write the RAM digest {}: {e}", path.display()),
     }
 }
 
@@ -448,6 +498,26 @@ mod tests {
         assert!(MmapRegion::bitmap(region).is_bit_set(2));
         let layout = ram.layout();
         assert_eq!(layout.pages(), 512);
+    }
+
+    #[test]
+    fn the_digest_has_one_crc_per_page_in_memfd_order() {
+        let ram = GuestRam::new(&[(0, 2 << 20), (4 << 20, 1 << 20)]).unwrap();
+        ram.memory().write_slice(&[7; 4], GuestAddress(4 << 20)).unwrap();
+        let path = std::env::temp_dir().join(format!("ferry-digest-{}", std::process::id()));
+        ram.write_digest(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let crcs: Vec<u32> = bytes
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(crcs.len(), 768);
+        let zero = crc32fast::hash(&[0; 4096]);
+        let mut page = [0u8; 4096];
+        page[..4].copy_from_slice(&[7; 4]);
+        assert_eq!(crcs[512], crc32fast::hash(&page), "the second region follows the first");
+        assert!(crcs.iter().enumerate().all(|(i, &c)| i == 512 || c == zero));
     }
 
     #[test]

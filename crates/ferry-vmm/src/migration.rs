@@ -340,6 +340,7 @@ impl VmControl for SealedControl {
             .0
             .save_state()
             .map_err(|e| VmControlError::new("saving the VM state", e))?;
+        crate::memory::debug_digest(&self.0.ram, "sent");
         state_format::encode(&state).map_err(|e| VmControlError::new("encoding the VM state", e))
     }
 }
@@ -726,6 +727,7 @@ pub fn receive(
             });
         }
     };
+    crate::memory::debug_digest(&vmm.ram, "received");
     // From here on a failure must stop the restored (still paused) VM before returning.
     let discard = |e: MigrateError| {
         vmm.request_exit(ExitReason::Shutdown);
