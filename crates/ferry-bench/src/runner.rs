@@ -104,6 +104,8 @@ pub struct BenchConfig {
     pub downtime_limit_ms: u64,
     /// QEMU's balloon also offers free page reporting, as ferry's does.
     pub qemu_reporting: bool,
+    /// ferry arms KVM's dirty log lazily (`ferry migrate --lazy-dirty-log`).
+    pub lazy_dirty_log: bool,
     /// Workloads to run.
     pub workloads: Vec<Workload>,
     /// Variants to run.
@@ -128,6 +130,7 @@ impl BenchConfig {
             repeat: 1,
             downtime_limit_ms: 300,
             qemu_reporting: true,
+            lazy_dirty_log: true,
             workloads: Workload::ALL.to_vec(),
             variants: Variant::ALL.to_vec(),
             command: String::new(),
@@ -278,7 +281,11 @@ fn run_setting(
     log(&format!("run {run}, {}: booting the guest", group.name()));
     let outcome = (|| {
         let mut session: Box<dyn Session> = match group {
-            Group::Ferry => Box::new(FerrySession::boot(&config.ferry_binary, &dir, &guest)?),
+            Group::Ferry => {
+                let mut s = FerrySession::boot(&config.ferry_binary, &dir, &guest)?;
+                s.set_lazy_dirty_log(config.lazy_dirty_log);
+                Box::new(s)
+            }
             _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),
         };
         let outcome = run_group(

@@ -245,6 +245,7 @@ pub struct FerrySession {
     hops: u32,
     digests: bool,
     differences: Option<String>,
+    lazy_dirty_log: bool,
 }
 
 impl FerrySession {
@@ -272,7 +273,14 @@ impl FerrySession {
             hops: 0,
             digests,
             differences: None,
+            lazy_dirty_log: true,
         })
+    }
+
+    /// Whether migrations arm KVM's dirty log lazily (the default, `ferry migrate
+    /// --lazy-dirty-log`).
+    pub fn set_lazy_dirty_log(&mut self, lazy: bool) {
+        self.lazy_dirty_log = lazy;
     }
 
     /// Compares the digests of the last hop (`hops - 1` sent, `hops` received).
@@ -373,6 +381,7 @@ impl Session for FerrySession {
         let options = MigrateOptions {
             hints,
             downtime_ms,
+            lazy_dirty_log: self.lazy_dirty_log,
             ..MigrateOptions::default()
         };
         let started = Instant::now();
@@ -423,13 +432,19 @@ pub struct QemuSession {
     guest: Guest,
     qmp: Qmp,
     hops: u32,
+    digests: bool,
+    differences: Option<String>,
 }
 
-fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>) -> QemuMicrovm {
+fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>, held: bool) -> QemuMicrovm {
     let mut qmp_arg = OsString::from("unix:");
     qmp_arg.push(qmp);
     qmp_arg.push(",server=on,wait=off");
     let mut extra_args = vec!["-qmp".into(), qmp_arg];
+    if held {
+        // The guest does not run after the migration until `cont`.
+        extra_args.push("-S".into());
+    }
     if let Some(port) = incoming {
         extra_args.push("-incoming".into());
         extra_args.push(format!("tcp:127.0.0.1:{port}").into());
@@ -459,8 +474,20 @@ impl QemuSession {
     /// Boots the guest under QEMU; `config.free_page_hint` selects the balloon's
     /// `free-page-hint` (on: QEMU hints during every migration). Sockets go to `dir`.
     pub fn boot(binary: &Path, dir: &Path, config: &GuestConfig) -> Result<Self, BenchError> {
+        Self::boot_with(binary, dir, config, false)
+    }
+
+    /// [`QemuSession::boot`], comparing guest RAM at every switchover when `digests` is set,
+    /// as [`FerrySession::boot_with`] does: each destination starts held (`-S`), both sides
+    /// save RAM (`pmemsave`) once the migration completed, then the destination runs.
+    pub fn boot_with(
+        binary: &Path,
+        dir: &Path,
+        config: &GuestConfig,
+        digests: bool,
+    ) -> Result<Self, BenchError> {
         let path = dir.join("q0.qmp");
-        let guest = Guest::spawn(&qemu(binary, &path, None), config)?;
+        let guest = Guest::spawn(&qemu(binary, &path, None, false), config)?;
         let qmp = Qmp::connect(&path, START_TIMEOUT)?;
         Ok(Self {
             binary: binary.to_path_buf(),
@@ -469,11 +496,40 @@ impl QemuSession {
             guest,
             qmp,
             hops: 0,
+            digests,
+            differences: None,
         })
     }
 }
 
+/// CRC-32 of every 4 KiB page of a RAM image, as [`ferry_vmm::memory::GuestRam::write_digest`]
+/// writes them.
+fn digest_of_image(path: &Path) -> Result<Vec<u8>, BenchError> {
+    let bytes = std::fs::read(path).map_err(|source| BenchError::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    })?;
+    let _ = std::fs::remove_file(path);
+    Ok(bytes
+        .chunks(4096)
+        .flat_map(|p| crc32fast::hash(p).to_le_bytes())
+        .collect())
+}
+
+/// Saves guest RAM (`[0, bytes)`) of the QEMU behind `qmp` to `path`.
+fn pmemsave(qmp: &mut Qmp, bytes: u64, path: &Path) -> Result<(), BenchError> {
+    qmp.execute(
+        "pmemsave",
+        Some(json!({ "val": 0, "size": bytes, "filename": path.to_string_lossy() })),
+    )?;
+    Ok(())
+}
+
 impl Session for QemuSession {
+    fn ram_differences(&self) -> Option<String> {
+        self.differences.clone()
+    }
+
     fn agent(&mut self) -> &mut AgentClient {
         self.guest.agent()
     }
@@ -487,7 +543,10 @@ impl Session for QemuSession {
         self.hops += 1;
         let path = self.dir.join(format!("q{}.qmp", self.hops));
         let port = free_port()?;
-        let dest = Guest::spawn(&qemu(&self.binary, &path, Some(port)), &self.config)?;
+        let dest = Guest::spawn(
+            &qemu(&self.binary, &path, Some(port), self.digests),
+            &self.config,
+        )?;
         // QMP is served from QEMU's main loop, which starts after -incoming is listening.
         let mut dest_qmp = Qmp::connect(&path, START_TIMEOUT)?;
         let state = dest_qmp.run_state()?;
@@ -521,6 +580,23 @@ impl Session for QemuSession {
             }
         })?;
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.differences = None;
+        if self.digests {
+            // Held by -S: the destination has the guest's RAM and does not run it yet.
+            poll("the destination QEMU to have the guest", START_TIMEOUT, || {
+                Ok((dest_qmp.run_state()? != "inmigrate").then_some(()))
+            })?;
+            let bytes = u64::from(self.config.mem_mib) << 20;
+            let (sent, received) = (
+                self.dir.join(format!("q{}.sent.mem", self.hops - 1)),
+                self.dir.join(format!("q{}.received.mem", self.hops)),
+            );
+            pmemsave(&mut self.qmp, bytes, &sent)?;
+            pmemsave(&mut dest_qmp, bytes, &received)?;
+            self.differences =
+                digest_differences(&digest_of_image(&sent)?, &digest_of_image(&received)?);
+            dest_qmp.execute("cont", None)?;
+        }
         poll("the destination QEMU to run", START_TIMEOUT, || {
             Ok((dest_qmp.run_state()? == "running").then_some(()))
         })?;

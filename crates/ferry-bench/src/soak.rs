@@ -48,9 +48,10 @@ pub struct SoakConfig {
     pub check_mib_per_s: u64,
     /// The churn workload's size, MiB.
     pub churn_mib: u64,
-    /// ferry writes RAM digests at every switchover and each hop compares them
-    /// (`FERRY_DEBUG_RAM_DIGEST`): a lost write is found even where the guest does not
-    /// notice it. Adds a read of all RAM to each downtime.
+    /// Each hop compares the source's RAM with the destination's at the switchover (ferry:
+    /// `FERRY_DEBUG_RAM_DIGEST`, adding a read of all RAM to each downtime; QEMU: the
+    /// destination is held with `-S` and both sides `pmemsave`): a lost write is found even
+    /// where the guest does not notice it.
     pub ram_digests: bool,
 }
 
@@ -203,12 +204,16 @@ fn start_guest(
     guest.free_page_hint = group != Group::QemuOff;
     guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
     let mut session: Box<dyn Session> = match group {
-        Group::Ferry => Box::new(
-            FerrySession::boot_with(&config.ferry_binary, dir, &guest, soak.ram_digests)
-                .map_err(|e| e.to_string())?,
-        ),
+        Group::Ferry => {
+            let mut s =
+                FerrySession::boot_with(&config.ferry_binary, dir, &guest, soak.ram_digests)
+                    .map_err(|e| e.to_string())?;
+            s.set_lazy_dirty_log(config.lazy_dirty_log);
+            Box::new(s)
+        }
         _ => Box::new(
-            QemuSession::boot(&config.qemu_binary, dir, &guest).map_err(|e| e.to_string())?,
+            QemuSession::boot_with(&config.qemu_binary, dir, &guest, soak.ram_digests)
+                .map_err(|e| e.to_string())?,
         ),
     };
     session

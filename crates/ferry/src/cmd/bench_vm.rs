@@ -59,6 +59,9 @@ pub struct BenchVmArgs {
     /// QEMU's balloon offers free page reporting too, as ferry's does (true or false).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub qemu_reporting: bool,
+    /// ferry arms KVM's dirty log lazily (as `ferry migrate --lazy-dirty-log`).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub lazy_dirty_log: bool,
     /// Output directory [default: build/bench in the workspace].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -108,6 +111,7 @@ impl BenchVmArgs {
         config.repeat = self.repeat;
         config.downtime_limit_ms = self.downtime_ms;
         config.qemu_reporting = self.qemu_reporting;
+        config.lazy_dirty_log = self.lazy_dirty_log;
         config.workloads = self.workloads.clone();
         config.variants = self.variants.clone();
         config.command = command_line();
