@@ -35,16 +35,16 @@ step "dependency rules" scripts/check-deps.sh
 step "unit, simulation and CLI tests" env FERRY_SIM_SEEDS="${FERRY_SIM_SEEDS:-12}" cargo test --workspace
 step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
 # The 4 GiB boot test, once quarantined for a hang, runs again since the lab moved to QEMU 10
-# (docs/lab.md). QUARANTINED, known open bug (issue 11, "Every migrated guest survives"): the
-# soak (lab/soak) still loses a 2-vCPU guest that was itself migrated (a hang after restore, a
-# triple fault), about one hop in 30 under QEMU 10 (docs/migration.md, known issues); it does
-# not gate CI until that is fixed. Run it with `lab/soak` or FERRY_LAB_SOAK=1 here.
+# (docs/lab.md). QUARANTINED (issue 11, "Every migrated guest survives"): the soak (lab/soak)
+# loses about one guest in 30 hops because the lab itself loses guest writes during every live
+# migration, under Debian's QEMU as under ferry (RAM digests, docs/migration.md known issues);
+# it cannot gate CI until it runs on hardware KVM. Run it with `lab/soak` or FERRY_LAB_SOAK=1.
 lab_args=(-- --skip soak_)
 [[ "${FERRY_LAB_SOAK:-}" != 1 ]] || lab_args=()
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
 else
-    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, known open bug, issue 11): the soak\n'
+    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, issue 11: the lab loses guest writes): the soak\n'
     step "lab tests (real guests under KVM)" lab/test "${lab_args[@]}"
 fi
 

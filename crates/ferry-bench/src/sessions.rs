@@ -583,9 +583,11 @@ impl Session for QemuSession {
         self.differences = None;
         if self.digests {
             // Held by -S: the destination has the guest's RAM and does not run it yet.
-            poll("the destination QEMU to have the guest", START_TIMEOUT, || {
-                Ok((dest_qmp.run_state()? != "inmigrate").then_some(()))
-            })?;
+            poll(
+                "the destination QEMU to have the guest",
+                START_TIMEOUT,
+                || Ok((dest_qmp.run_state()? != "inmigrate").then_some(())),
+            )?;
             let bytes = u64::from(self.config.mem_mib) << 20;
             let (sent, received) = (
                 self.dir.join(format!("q{}.sent.mem", self.hops - 1)),
@@ -637,10 +639,21 @@ mod tests {
         let received: Vec<u8> = [zero, zero, other, data].concat();
         let d = digest_differences(&sent, &received).unwrap();
         assert!(d.starts_with("3 page(s)"), "{d}");
-        assert!(d.contains("page 1 (0x1000 in RAM order): zero at the destination"), "{d}");
-        assert!(d.contains("page 2 (0x2000 in RAM order): different data"), "{d}");
-        assert!(d.contains("page 3 (0x3000 in RAM order): zero at the source"), "{d}");
-        assert!(digest_differences(&sent, &sent[..8]).unwrap().contains("different sizes"));
+        assert!(
+            d.contains("page 1 (0x1000 in RAM order): zero at the destination"),
+            "{d}"
+        );
+        assert!(
+            d.contains("page 2 (0x2000 in RAM order): different data"),
+            "{d}"
+        );
+        assert!(
+            d.contains("page 3 (0x3000 in RAM order): zero at the source"),
+            "{d}"
+        );
+        assert!(digest_differences(&sent, &sent[..8])
+            .unwrap()
+            .contains("different sizes"));
     }
 
     #[test]

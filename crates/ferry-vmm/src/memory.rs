@@ -503,7 +503,9 @@ mod tests {
     #[test]
     fn the_digest_has_one_crc_per_page_in_memfd_order() {
         let ram = GuestRam::new(&[(0, 2 << 20), (4 << 20, 1 << 20)]).unwrap();
-        ram.memory().write_slice(&[7; 4], GuestAddress(4 << 20)).unwrap();
+        ram.memory()
+            .write_slice(&[7; 4], GuestAddress(4 << 20))
+            .unwrap();
         let path = std::env::temp_dir().join(format!("ferry-digest-{}", std::process::id()));
         ram.write_digest(&path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -516,7 +518,11 @@ mod tests {
         let zero = crc32fast::hash(&[0; 4096]);
         let mut page = [0u8; 4096];
         page[..4].copy_from_slice(&[7; 4]);
-        assert_eq!(crcs[512], crc32fast::hash(&page), "the second region follows the first");
+        assert_eq!(
+            crcs[512],
+            crc32fast::hash(&page),
+            "the second region follows the first"
+        );
         assert!(crcs.iter().enumerate().all(|(i, &c)| i == 512 || c == zero));
     }
 

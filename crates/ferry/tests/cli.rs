@@ -74,7 +74,10 @@ fn bad_arguments_get_clear_errors() {
     assert!(!ok && err.contains("not a multiple of 8 KiB"), "{err}");
     // One set of units: a rate without a unit is refused with the units there are.
     let (ok, _, err) = ferry(&["sim", "--bandwidth", "512"]);
-    assert!(!ok && err.contains("give a unit") && err.contains("Gbit"), "{err}");
+    assert!(
+        !ok && err.contains("give a unit") && err.contains("Gbit"),
+        "{err}"
+    );
     let (ok, _, err) = ferry(&["sim", "--connections", "99"]);
     assert!(!ok && err.contains("99"), "{err}");
 }

@@ -75,10 +75,7 @@ fn receive_fails_cleanly_when_no_vm_can_be_created() {
 fn cancel_without_a_reachable_vmm_says_so() {
     let (ok, err) = ferry(&["cancel", "--api", "/nonexistent/ferry.api"]);
     assert!(!ok);
-    assert!(
-        err.contains("the VMM at /nonexistent/ferry.api"),
-        "{err}"
-    );
+    assert!(err.contains("the VMM at /nonexistent/ferry.api"), "{err}");
     let (ok, err) = ferry(&["cancel"]);
     assert!(!ok && err.contains("--api"), "{err}");
 }

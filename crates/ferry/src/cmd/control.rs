@@ -224,7 +224,11 @@ pub fn balloon_text(all: &Value) -> String {
         all["balloon"]["actual_bytes"].as_u64(),
     );
     if let (Some(ram), Some(actual)) = (ram, actual) {
-        out += &format!("guest has  {} of {}\n", mib(ram.saturating_sub(actual)), mib(ram));
+        out += &format!(
+            "guest has  {} of {}\n",
+            mib(ram.saturating_sub(actual)),
+            mib(ram)
+        );
     }
     let s = &all["stats"];
     if !s.is_object() {
@@ -270,11 +274,15 @@ mod tests {
         assert!(t.contains("memory     1024.0 MiB\n"), "{t}");
         assert!(t.contains("uptime     1h 02m 03s\n"), "{t}");
         assert!(
-            t.contains("balloon    128.0 MiB (target 256.0 MiB); guest driver uses free page hints\n"),
+            t.contains(
+                "balloon    128.0 MiB (target 256.0 MiB); guest driver uses free page hints\n"
+            ),
             "{t}"
         );
         assert!(
-            t.contains("migration  precopy to 10.0.0.2:4444: round 2, 40/100 pages, 3.0 MiB sent, 1.5 s"),
+            t.contains(
+                "migration  precopy to 10.0.0.2:4444: round 2, 40/100 pages, 3.0 MiB sent, 1.5 s"
+            ),
             "{t}"
         );
     }
