@@ -335,6 +335,13 @@ impl VmControl for SealedControl {
         Ok(())
     }
 
+    fn set_throttle(&mut self, percent: u8) {
+        if percent > 0 {
+            tracing::info!("throttling the guest's vCPUs to {}%", 100 - percent);
+        }
+        self.0.set_throttle(percent);
+    }
+
     fn save_state(&mut self) -> Result<Vec<u8>, VmControlError> {
         let state = self
             .0

@@ -95,6 +95,9 @@ pub struct Status {
     pub memory_bytes: u64,
     /// Milliseconds since the VM was started.
     pub uptime_ms: u64,
+    /// The vCPU throttle in force (auto-converge during a migration), percent.
+    #[serde(default)]
+    pub throttle_percent: u8,
     /// Balloon summary, if there is a balloon.
     pub balloon: Option<BalloonInfo>,
 }
@@ -179,6 +182,11 @@ impl Vmm {
         self.gate.open();
     }
 
+    /// Auto-converge: limits the vCPUs to `100 - percent`% of the time; 0 lifts it.
+    pub fn set_throttle(&self, percent: u8) {
+        lock(&self.vcpus).set_throttle(percent);
+    }
+
     /// Current status.
     pub fn status(&self) -> Status {
         Status {
@@ -190,6 +198,7 @@ impl Vmm {
             vcpus: self.config.vcpus,
             memory_bytes: self.config.memory_bytes,
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            throttle_percent: self.control.throttle(),
             balloon: self.balloon_info().ok(),
         }
     }

@@ -174,3 +174,67 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+#[ignore = "needs hardware KVM: run through lab/run"]
+fn a_guest_that_dirties_faster_than_the_link_is_throttled_until_it_converges() -> Result<()> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let dir = test_dir("throttle")?;
+    let mut node = boot_source(&dir, "vm0", 1)?;
+    // 64 MiB rewritten at up to 64 MiB/s against a 16 MiB/s link: each round leaves more than
+    // half of what it sent dirty again, so only throttling the vCPUs lets it converge.
+    node.command("workload dirty 64 64")?;
+    let options = MigrateOptions {
+        bandwidth: Some(16 << 20),
+        ..base_options()
+    };
+    let pending = spawn_destination(&dir, "throttled", 1)?;
+    let (api, to) = (node.api.clone(), pending.endpoint.clone());
+    let migration = std::thread::spawn(move || request_migration(&api, &to, &options));
+    // The source VMM itself must report the throttle while it is in force.
+    let mut reported = 0u8;
+    while !migration.is_finished() {
+        if let Ok(s) = ApiClient::connect(&node.api).and_then(|mut a| a.status()) {
+            reported = reported.max(s.throttle_percent);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stats = migration.join().expect("the migration thread panicked")?;
+    for r in &stats.rounds {
+        eprintln!(
+            "round {}: {} pages sent, {} dirtied ({:.0} pages/s), throttle {}%, {:.0} ms",
+            r.round,
+            r.pages_sent,
+            r.pages_dirtied,
+            r.dirty_rate_pages_per_s,
+            r.throttle_percent,
+            r.duration_ms
+        );
+    }
+    ensure!(
+        stats.rounds.iter().any(|r| r.throttle_percent > 0),
+        "the engine never throttled: {stats:?}"
+    );
+    ensure!(reported > 0, "the source VMM never reported a throttle");
+    let mut dest = pending.attach()?;
+    ensure!(node.wait_exit()?.success(), "{}", node.log());
+    dest.agent.wait_for(
+        "heartbeat on the destination",
+        HEARTBEAT_TIMEOUT,
+        is_heartbeat,
+    )?;
+    let verify = dest.command("verify")?;
+    ensure!(
+        verify == format!("verify pages={}", DATASET_MIB * 256),
+        "{verify}"
+    );
+    // The destination runs unthrottled, and the workload carried on there.
+    ensure!(ApiClient::connect(&dest.api)?.status()?.throttle_percent == 0);
+    ensure!(dest.command("workload stop")?.contains("kind=dirty"));
+    dest.command("shutdown")?;
+    ensure!(dest.wait_exit()?.success(), "{}", dest.log());
+    node.check_kernel()?;
+    dest.check_kernel()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -7,8 +7,17 @@
 //! thread's `kvm_run`, so a kick that lands just before `KVM_RUN` still makes it return at once
 //! (EINTR); a kick during `KVM_RUN` interrupts it. A parked thread serves requests (state
 //! save) and returns to `KVM_RUN` only after [`Vcpus::resume`].
+//!
+//! # Throttle (auto-converge)
+//! [`Vcpus::set_throttle`] limits every vCPU to `100 - percent`% of the time, the way QEMU's
+//! cpu-throttle does: a ticker thread kicks the vCPU threads every [`THROTTLE_TIMESLICE`], and
+//! a kicked thread that ran at least a timeslice since its last throttle sleeps
+//! `timeslice * percent / (100 - percent)` before it enters `KVM_RUN` again. The sleep ends
+//! early when the VM is paused or stopped, so it never delays a pause.
 
 use std::cell::Cell;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +37,11 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 /// Exits served while completing a pending access before a pause, at most.
 const COMPLETION_EXITS_MAX: usize = 16;
+/// How long a throttled vCPU runs between two throttle sleeps (QEMU's cpu-throttle uses the
+/// same 10 ms).
+pub const THROTTLE_TIMESLICE: Duration = Duration::from_millis(10);
+/// The highest throttle accepted, percent.
+pub const THROTTLE_MAX: u8 = 99;
 
 /// Errors from vCPU threads and their control.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +121,8 @@ struct Ctl {
 pub struct VcpuControl {
     ctl: Mutex<Ctl>,
     changed: Condvar,
+    /// The throttle, percent of the time the vCPUs must not run.
+    throttle: AtomicU8,
 }
 
 impl Default for VcpuControl {
@@ -118,8 +134,15 @@ impl Default for VcpuControl {
                 exit: None,
             }),
             changed: Condvar::new(),
+            throttle: AtomicU8::new(0),
         }
     }
+}
+
+/// How long a vCPU throttled to `percent` sleeps after each [`THROTTLE_TIMESLICE`] it ran.
+pub fn throttle_sleep(percent: u8) -> Duration {
+    let p = u32::from(percent.min(THROTTLE_MAX));
+    THROTTLE_TIMESLICE * p / (100 - p)
 }
 
 impl VcpuControl {
@@ -157,6 +180,28 @@ impl VcpuControl {
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         lock(&self.ctl).state == RunState::Paused
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Relaxed)
+    }
+
+    /// The throttle sleep of a vCPU thread that last slept (or started) at `since`: if a
+    /// throttle is set and the thread ran a timeslice since then, sleeps [`throttle_sleep`]
+    /// (less if the VM stops running meanwhile: a pause or stop ends it) and returns
+    /// `Some(when it woke)`; `None` if it did not sleep.
+    pub fn throttle_point(&self, since: Instant) -> Option<Instant> {
+        let percent = self.throttle();
+        if percent == 0 || since.elapsed() < THROTTLE_TIMESLICE {
+            return None;
+        }
+        let c = lock(&self.ctl);
+        let _ = self
+            .changed
+            .wait_timeout_while(c, throttle_sleep(percent), |c| c.state == RunState::Running)
+            .unwrap_or_else(|p| p.into_inner());
+        Some(Instant::now())
     }
 }
 
@@ -210,12 +255,70 @@ pub fn spawn(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuErr
 pub struct Vcpus {
     handles: Vec<VcpuHandle>,
     control: Arc<VcpuControl>,
+    ticker: Option<Ticker>,
+}
+
+/// The thread that kicks throttled vCPUs every [`THROTTLE_TIMESLICE`].
+#[derive(Debug)]
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
 }
 
 impl Vcpus {
     /// Wraps running vCPU threads.
     pub fn new(handles: Vec<VcpuHandle>, control: Arc<VcpuControl>) -> Self {
-        Self { handles, control }
+        Self {
+            handles,
+            control,
+            ticker: None,
+        }
+    }
+
+    /// Limits every vCPU to running `100 - percent`% of the time (at most
+    /// [`THROTTLE_MAX`]); 0 lifts the throttle.
+    pub fn set_throttle(&mut self, percent: u8) {
+        let percent = percent.min(THROTTLE_MAX);
+        self.control.throttle.store(percent, Ordering::Relaxed);
+        if percent == 0 {
+            self.stop_ticker();
+            return;
+        }
+        if self.ticker.is_some() {
+            return;
+        }
+        let threads: Vec<libc::pthread_t> = self
+            .handles
+            .iter()
+            .filter_map(|h| h.thread.as_ref().map(|t| t.as_pthread_t()))
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ferry-throttle".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    for &t in &threads {
+                        // SAFETY: `t` names a vCPU thread of this `Vcpus`, which joins this
+                        // ticker (`stop_ticker`) before it joins or drops any vCPU thread,
+                        // so the thread is alive; the kick signal has a handler installed
+                        // before the vCPU threads start.
+                        unsafe { libc::pthread_kill(t, kick_signal()) };
+                    }
+                    std::thread::sleep(THROTTLE_TIMESLICE);
+                }
+            });
+        match spawned {
+            Ok(thread) => self.ticker = Some(Ticker { stop, thread }),
+            Err(e) => tracing::warn!("cannot start the throttle thread ({e}); not throttling"),
+        }
+    }
+
+    fn stop_ticker(&mut self) {
+        if let Some(t) = self.ticker.take() {
+            t.stop.store(true, Ordering::Relaxed);
+            let _ = t.thread.join();
+        }
     }
 
     fn kick_all(&self) {
@@ -230,6 +333,8 @@ impl Vcpus {
     pub fn pause(&self) -> Result<(), VcpuError> {
         let total = self.handles.len();
         lock(&self.control.ctl).state = RunState::Paused;
+        // Ends throttle sleeps at once.
+        self.control.changed.notify_all();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         loop {
             self.kick_all();
@@ -283,6 +388,7 @@ impl Vcpus {
 
     /// Stops and joins every vCPU thread.
     pub fn stop(&mut self) {
+        self.set_throttle(0);
         lock(&self.control.ctl).state = RunState::Stopping;
         self.control.changed.notify_all();
         for h in &mut self.handles {
@@ -378,9 +484,15 @@ fn park(id: u8, fd: &mut VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) -> b
 
 fn run_loop(id: u8, mut fd: VcpuFd, ctx: &VcpuContext, rx: &Receiver<Request>) {
     KVM_RUN.with(|p| p.set(fd.get_kvm_run() as *mut kvm_run));
+    let mut throttled_at = Instant::now();
     let reason = loop {
         if !park(id, &mut fd, ctx, rx) {
             break None;
+        }
+        if let Some(woke) = ctx.control.throttle_point(throttled_at) {
+            // Look at the run state again: the VM may have been paused meanwhile.
+            throttled_at = woke;
+            continue;
         }
         match fd.run() {
             Ok(exit) => {
@@ -517,4 +629,44 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<ExitReas
         other => tracing::debug!("vCPU {id}: ignored exit {other:?}"),
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throttled_vcpu_sleeps_in_proportion_and_never_stops_for_good() {
+        assert_eq!(throttle_sleep(0), Duration::ZERO);
+        assert_eq!(throttle_sleep(20), Duration::from_micros(2500));
+        assert_eq!(throttle_sleep(50), THROTTLE_TIMESLICE);
+        assert_eq!(throttle_sleep(90), THROTTLE_TIMESLICE * 9);
+        // 100% would never run the guest: capped.
+        assert_eq!(throttle_sleep(100), THROTTLE_TIMESLICE * 99);
+    }
+
+    #[test]
+    fn the_throttle_point_sleeps_only_after_a_timeslice_and_a_pause_ends_the_sleep() {
+        let c = Arc::new(VcpuControl::default());
+        let long_ago = Instant::now() - THROTTLE_TIMESLICE * 2;
+        assert_eq!(c.throttle_point(long_ago), None, "no throttle, no sleep");
+        c.throttle.store(50, Ordering::Relaxed);
+        assert_eq!(
+            c.throttle_point(Instant::now()),
+            None,
+            "a thread that just slept runs a timeslice first"
+        );
+        assert!(c.throttle_point(long_ago).is_some());
+        // At 99% the sleep is ~1 s; a pause must end it at once.
+        c.throttle.store(THROTTLE_MAX, Ordering::Relaxed);
+        let sleeper = {
+            let c = c.clone();
+            std::thread::spawn(move || c.throttle_point(long_ago))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        c.set_paused();
+        c.changed.notify_all();
+        let woke = sleeper.join().unwrap();
+        assert!(woke.is_some());
+    }
 }

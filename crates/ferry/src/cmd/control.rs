@@ -164,6 +164,12 @@ pub fn status_text(s: &Value) -> String {
     } else {
         line("balloon", "none".to_owned());
     }
+    if let Some(t) = s["throttle_percent"].as_u64().filter(|&t| t > 0) {
+        line(
+            "throttle",
+            format!("{t}% (the vCPUs run {}% of the time)", 100 - t.min(100)),
+        );
+    }
     let m = &s["migration"];
     if m.is_object() {
         line("migration", migration_line(m));
@@ -263,6 +269,7 @@ mod tests {
     fn status_shows_the_vm_its_balloon_and_a_running_migration() {
         let s = json!({
             "state": "running", "vcpus": 2, "memory_bytes": 1u64 << 30, "uptime_ms": 3_723_000,
+            "throttle_percent": 30,
             "balloon": {"target_bytes": 256u64 << 20, "actual_bytes": 128u64 << 20,
                         "acked_features": 0, "free_page_hint": true, "page_reporting": false},
             "migration": {"to": "10.0.0.2:4444", "hints": true, "phase": "precopy", "round": 2,
@@ -273,6 +280,10 @@ mod tests {
         assert!(t.contains("state      running\n"), "{t}");
         assert!(t.contains("memory     1024.0 MiB\n"), "{t}");
         assert!(t.contains("uptime     1h 02m 03s\n"), "{t}");
+        assert!(
+            t.contains("throttle   30% (the vCPUs run 70% of the time)\n"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "balloon    128.0 MiB (target 256.0 MiB); guest driver uses free page hints\n"
@@ -296,6 +307,7 @@ mod tests {
         });
         let t = status_text(&s);
         assert!(t.contains("balloon    none\n"), "{t}");
+        assert!(!t.contains("throttle"), "{t}");
         assert!(
             t.contains("migration  outcome_unknown (to h:1): no acknowledgement"),
             "{t}"
