@@ -2,7 +2,33 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::layout::PAGE_SIZE;
+
+/// What to do when `rounds_max` iterative rounds did not bring the expected downtime within
+/// the limit (a guest that dirties memory faster than the link, even throttled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoConvergence {
+    /// Switch over anyway: the migration ends, and the guest is paused longer than the limit.
+    #[default]
+    SwitchOver,
+    /// Fail the migration: the guest keeps running here, unpaused.
+    Cancel,
+}
+
+impl std::str::FromStr for OnNoConvergence {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "switch-over" => Ok(Self::SwitchOver),
+            "cancel" => Ok(Self::Cancel),
+            other => Err(format!("`{other}`: expected `switch-over` or `cancel`")),
+        }
+    }
+}
 
 /// The convergence policy's knobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +39,8 @@ pub struct Policy {
     pub rounds_max: u32,
     /// Throttle vCPUs when the guest dirties memory faster than we can send it.
     pub auto_converge: bool,
+    /// What happens after `rounds_max` rounds without convergence.
+    pub on_no_convergence: OnNoConvergence,
 }
 
 impl Default for Policy {
@@ -21,6 +49,7 @@ impl Default for Policy {
             downtime_max: Duration::from_millis(300),
             rounds_max: 30,
             auto_converge: true,
+            on_no_convergence: OnNoConvergence::SwitchOver,
         }
     }
 }
@@ -154,6 +183,20 @@ mod tests {
             assert_eq!(d == Decision::RoundLimit, round == 4, "round {round}");
         }
         assert_eq!(throttles, vec![0, 0, 20, 30, 30]);
+    }
+
+    #[test]
+    fn the_no_convergence_policy_parses_from_its_names() {
+        assert_eq!("switch-over".parse(), Ok(OnNoConvergence::SwitchOver));
+        assert_eq!("cancel".parse(), Ok(OnNoConvergence::Cancel));
+        assert!("abort"
+            .parse::<OnNoConvergence>()
+            .unwrap_err()
+            .contains("switch-over"));
+        assert_eq!(
+            Policy::default().on_no_convergence,
+            OnNoConvergence::SwitchOver
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub mod wire;
 pub mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
-pub use convergence::Policy;
+pub use convergence::{OnNoConvergence, Policy};
 pub use dest::{Destination, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
 pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};

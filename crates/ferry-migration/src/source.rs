@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::bitmap::PageBitmap;
-use crate::convergence::{Convergence, Decision, Policy};
+use crate::convergence::{Convergence, Decision, OnNoConvergence, Policy};
 use crate::dirty::{DirtyLog, DirtyLogError};
 use crate::hint::{Epoch, HintInbox, HintSource, HintTargets, Outcome};
 use crate::lane::{Lane, LaneError, CHUNK_PAGES};
@@ -139,6 +139,20 @@ pub enum MigrationError {
     /// Cancelled by the user.
     #[error("migration cancelled")]
     Cancelled,
+    /// `rounds_max` rounds did not converge and the policy says cancel.
+    #[error(
+        "the guest dirties memory faster than it can be sent: after {rounds} rounds the \
+         switchover would pause it for about {expected_ms} ms (limit {limit_ms} ms), and the \
+         policy is to cancel"
+    )]
+    NotConverged {
+        /// Rounds run.
+        rounds: u32,
+        /// Expected downtime of a switchover now, milliseconds.
+        expected_ms: u64,
+        /// The downtime limit, milliseconds.
+        limit_ms: u64,
+    },
     /// The guest stayed paused longer than the downtime limit plus the watchdog's margin
     /// without the switchover completing; it was resumed here.
     #[error(
@@ -403,9 +417,17 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 }
                 Decision::SwitchOver => break,
                 Decision::RoundLimit => {
+                    let expected = conv.expected_downtime(run.to_send.count());
+                    if conv.policy().on_no_convergence == OnNoConvergence::Cancel {
+                        return Err(MigrationError::NotConverged {
+                            rounds: round + 1,
+                            expected_ms: expected.as_millis().min(u128::from(u64::MAX)) as u64,
+                            limit_ms: conv.policy().downtime_max.as_millis() as u64,
+                        });
+                    }
                     tracing::warn!(
                         rounds = round + 1,
-                        expected_downtime_ms = ms(conv.expected_downtime(run.to_send.count())),
+                        expected_downtime_ms = ms(expected),
                         "round limit reached before convergence; switching over anyway"
                     );
                     break;

@@ -243,3 +243,34 @@ fn cancel_ends_a_migration_blocked_on_a_destination_that_stopped_reading() {
     assert!(took < std::time::Duration::from_secs(20), "{took:?}");
     assert!(!vm.lock().paused, "the source VM keeps running");
 }
+
+/// A guest that keeps dirtying pages never gets the expected downtime under a zero limit: after
+/// `rounds_max` rounds the policy decides. `Cancel` fails the migration with the guest running
+/// here; `SwitchOver` (the default) completes it, pausing longer than the limit, intact.
+#[test]
+fn after_the_round_limit_the_policy_cancels_or_switches_over() {
+    use ferry_migration::OnNoConvergence;
+    let mut s = scenario();
+    s.sim.workload = Workload::Dirty { pages_per_tick: 64 };
+    s.migration.policy.downtime_max = std::time::Duration::ZERO;
+    s.migration.policy.rounds_max = 2;
+    s.migration.policy.on_no_convergence = OnNoConvergence::Cancel;
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+    let Err((err, _)) = run_faulty(&s, &vm, &mem, Fault::None) else {
+        panic!("a migration that cannot converge must be cancelled by the policy");
+    };
+    assert!(
+        matches!(err, MigrationError::NotConverged { rounds: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("policy is to cancel"), "{err}");
+    assert!(!vm.lock().paused, "the guest keeps running here");
+    s.migration.policy.on_no_convergence = OnNoConvergence::SwitchOver;
+    let out = run_faulty(&s, &vm, &mem, Fault::None)
+        .unwrap_or_else(|e| panic!("switch-over policy: {}", e.0));
+    // Bulk, two iterative rounds, then the final round.
+    assert_eq!(out.stats.rounds.len(), 4, "{:?}", out.stats.rounds);
+    assert!(out.stats.rounds.last().is_some_and(|r| r.is_final));
+    assert!(out.mismatches.is_empty() && out.dest_mismatches.is_empty());
+}

@@ -150,6 +150,11 @@ pub struct MigrateOptions {
     pub lazy_dirty_log: bool,
     /// Give up after this many seconds (the VM keeps running here).
     pub timeout_s: u64,
+    /// Iterative rounds after the bulk round before the policy below applies.
+    pub rounds_max: u32,
+    /// After `rounds_max` rounds without convergence: `switch-over` anyway (the pause exceeds
+    /// `downtime_ms`) or `cancel` (the guest keeps running here).
+    pub on_no_convergence: ferry_migration::OnNoConvergence,
 }
 
 impl Default for MigrateOptions {
@@ -163,6 +168,8 @@ impl Default for MigrateOptions {
             connections: 1,
             lazy_dirty_log: true,
             timeout_s: 30 * 60,
+            rounds_max: ferry_migration::Policy::default().rounds_max,
+            on_no_convergence: ferry_migration::OnNoConvergence::SwitchOver,
         }
     }
 }
@@ -188,6 +195,8 @@ impl MigrateOptions {
                 .map_or(defaults.hint_head_start, Duration::from_millis),
             policy: Policy {
                 downtime_max: Duration::from_millis(self.downtime_ms),
+                rounds_max: self.rounds_max,
+                on_no_convergence: self.on_no_convergence,
                 ..Policy::default()
             },
             timeout: Duration::from_secs(self.timeout_s),
@@ -241,6 +250,22 @@ pub struct MigrationProgress {
     pub bytes: u64,
     /// Milliseconds since the migration started.
     pub elapsed_ms: u64,
+    /// Pages the guest dirtied during the last finished round (what the next round sends).
+    #[serde(default)]
+    pub pages_dirty: u64,
+    /// The guest's dirty rate in the last finished round, pages per second.
+    #[serde(default)]
+    pub dirty_rate_pages_per_s: f64,
+    /// The send rate of the last finished round, bytes per second.
+    #[serde(default)]
+    pub throughput_bytes_per_s: f64,
+    /// How long a switchover now would pause the guest, at the best send rate seen,
+    /// milliseconds (`null` before a round finished).
+    #[serde(default)]
+    pub expected_downtime_ms: Option<f64>,
+    /// The vCPU throttle in force, percent.
+    #[serde(default)]
+    pub throttle_percent: u8,
     /// Why it failed.
     pub error: Option<String>,
     /// Final statistics, once completed.
@@ -259,6 +284,11 @@ impl MigrationProgress {
             pages_done: 0,
             bytes: 0,
             elapsed_ms: 0,
+            pages_dirty: 0,
+            dirty_rate_pages_per_s: 0.0,
+            throughput_bytes_per_s: 0.0,
+            expected_downtime_ms: None,
+            throttle_percent: 0,
             error: None,
             stats: None,
         }
@@ -271,6 +301,8 @@ pub struct ProgressTracker<'a> {
     progress: Arc<Mutex<MigrationProgress>>,
     started: Instant,
     inner: &'a mut dyn Observer,
+    /// Best send rate seen, bytes per second (as the engine's convergence estimate uses).
+    best_bandwidth: f64,
 }
 
 impl<'a> ProgressTracker<'a> {
@@ -280,6 +312,7 @@ impl<'a> ProgressTracker<'a> {
             progress,
             started: Instant::now(),
             inner,
+            best_bandwidth: 0.0,
         }
     }
 }
@@ -307,7 +340,20 @@ impl Observer for ProgressTracker<'_> {
                     p.pages_done = *pages_done;
                     p.bytes = *bytes;
                 }
-                Event::RoundFinished(r) => p.pages_done = r.pages_queued,
+                Event::RoundFinished(r) => {
+                    p.pages_done = r.pages_queued;
+                    p.pages_dirty = r.pages_dirtied;
+                    p.dirty_rate_pages_per_s = r.dirty_rate_pages_per_s;
+                    p.throughput_bytes_per_s = r.bandwidth_bytes_per_s;
+                    p.throttle_percent = r.throttle_percent;
+                    if r.bandwidth_bytes_per_s.is_finite() && r.duration_ms >= 5.0 {
+                        self.best_bandwidth = self.best_bandwidth.max(r.bandwidth_bytes_per_s);
+                    }
+                    p.expected_downtime_ms = (self.best_bandwidth > 0.0).then(|| {
+                        (r.pages_dirtied * ferry_migration::PAGE_SIZE) as f64 / self.best_bandwidth
+                            * 1000.0
+                    });
+                }
                 Event::Paused => p.phase = MigrationPhase::Switchover,
                 Event::Completed(s) => {
                     p.phase = MigrationPhase::Completed;

@@ -203,17 +203,29 @@ fn migration_line(m: &Value) -> String {
     let sent = bytes(&m["bytes"]);
     let secs = m["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
     match phase {
-        "precopy" | "switchover" => format!(
-            "{phase} to {to}: round {}{}, {}/{} pages, {sent} sent, {secs:.1} s",
-            m["round"],
-            if m["is_final"] == Value::Bool(true) {
-                " (final)"
-            } else {
-                ""
-            },
-            m["pages_done"],
-            m["pages_queued"]
-        ),
+        "precopy" | "switchover" => {
+            let mut line = format!(
+                "{phase} to {to}: round {}{}, {}/{} pages, {sent} sent, {secs:.1} s",
+                m["round"],
+                if m["is_final"] == Value::Bool(true) {
+                    " (final)"
+                } else {
+                    ""
+                },
+                m["pages_done"],
+                m["pages_queued"]
+            );
+            if let Some(expected) = m["expected_downtime_ms"].as_f64() {
+                line += &format!(
+                    "; last round: {} pages dirtied ({:.0}/s), sent at {:.1} MiB/s; a \
+                     switchover now would pause {expected:.0} ms",
+                    m["pages_dirty"],
+                    m["dirty_rate_pages_per_s"].as_f64().unwrap_or(0.0),
+                    m["throughput_bytes_per_s"].as_f64().unwrap_or(0.0) / f64::from(1u32 << 20)
+                );
+            }
+            line
+        }
         "failed" | "outcome_unknown" => format!(
             "{phase} (to {to}): {}",
             m["error"].as_str().unwrap_or("no reason given")
@@ -274,7 +286,9 @@ mod tests {
                         "acked_features": 0, "free_page_hint": true, "page_reporting": false},
             "migration": {"to": "10.0.0.2:4444", "hints": true, "phase": "precopy", "round": 2,
                           "is_final": false, "pages_queued": 100, "pages_done": 40,
-                          "bytes": 3u64 << 20, "elapsed_ms": 1500, "error": null, "stats": null}
+                          "bytes": 3u64 << 20, "elapsed_ms": 1500, "error": null, "stats": null,
+                          "pages_dirty": 500, "dirty_rate_pages_per_s": 250.0,
+                          "throughput_bytes_per_s": 8388608.0, "expected_downtime_ms": 244.1}
         });
         let t = status_text(&s);
         assert!(t.contains("state      running\n"), "{t}");

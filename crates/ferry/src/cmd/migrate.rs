@@ -59,6 +59,13 @@ pub struct MigrateArgs {
     /// Parallel connections.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub connections: u16,
+    /// Iterative rounds after the bulk round before --if-not-converged applies.
+    #[arg(long, default_value_t = ferry_migration::Policy::default().rounds_max)]
+    pub rounds_max: u32,
+    /// After --rounds-max rounds without reaching --downtime-ms: `switch-over` anyway (the
+    /// guest pauses longer) or `cancel` (the guest keeps running here).
+    #[arg(long, default_value = "switch-over")]
+    pub if_not_converged: ferry_migration::OnNoConvergence,
     /// Print the statistics as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +80,8 @@ impl MigrateArgs {
             downtime_ms: self.downtime_ms,
             bandwidth: self.bandwidth,
             connections: self.connections,
+            rounds_max: self.rounds_max,
+            on_no_convergence: self.if_not_converged,
             ..MigrateOptions::default()
         }
     }
