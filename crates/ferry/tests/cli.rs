@@ -81,3 +81,35 @@ fn bad_arguments_get_clear_errors() {
     let (ok, _, err) = ferry(&["sim", "--connections", "99"]);
     assert!(!ok && err.contains("99"), "{err}");
 }
+
+#[test]
+fn logs_go_to_a_file_as_json_lines_when_asked() {
+    let path = std::env::temp_dir().join(format!("ferry-cli-log-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["--log-format", "json", "--log-file"])
+        .arg(&path)
+        .args(["sim", "--memory", "16M", "--workload", "idle", "--json"])
+        .env("FERRY_LOG", "debug")
+        .output()
+        .expect("run ferry");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&path).expect("the log file");
+    std::fs::remove_file(&path).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "nothing logged at debug");
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["fields"].is_object()));
+    // Nothing of it went to stderr.
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("DEBUG"));
+    let (ok, _, err) = ferry(&["--log-file", "/nonexistent/dir/log", "sim-demo"]);
+    assert!(!ok && err.contains("/nonexistent/dir/log"), "{err}");
+}
