@@ -26,6 +26,9 @@ use serde_json::Value;
 pub const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 /// Clients served at once; further connections are refused with an error line.
 pub const CLIENTS_MAX: usize = 16;
+/// How long [`ApiClient`] waits for a reply (except to `migrate`, which lasts as long as the
+/// migration).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of the API server and client.
 #[derive(Debug, thiserror::Error)]
@@ -263,9 +266,7 @@ impl ApiClient {
             source,
         };
         let stream = UnixStream::connect(&path).map_err(io)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io)?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         Ok(Self {
             reader: BufReader::new(stream),
@@ -326,6 +327,28 @@ impl ApiClient {
         self.request(&Request::BalloonStats)
     }
 
+    /// `migrate`: asks the VMM to live-migrate to `to` with `options` (a serialized
+    /// `ferry_vmm::migration::MigrateOptions`) and waits, without the read timeout of the
+    /// other requests, for the migration to end; returns its statistics (JSON).
+    pub fn migrate(&mut self, to: &str, options: Value) -> Result<Value, ApiError> {
+        let io = |source| ApiError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.writer.set_read_timeout(None).map_err(io)?;
+        let result = self.request(&Request::Migrate {
+            to: to.to_owned(),
+            options,
+        });
+        self.writer
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|source| ApiError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        result
+    }
+
     /// `migrate-cancel`: cancels the running migration (its `migrate` request then fails
     /// with "migration cancelled").
     pub fn migrate_cancel(&mut self) -> Result<(), ApiError> {
@@ -353,7 +376,10 @@ mod tests {
                     "state": "paused", "vcpus": 2, "memory_bytes": 1u64 << 30,
                     "uptime_ms": 5, "balloon": null
                 })),
-                Request::Migrate { .. } => Err("migration is not implemented yet".into()),
+                Request::Migrate { to, options } if to == "ok" => {
+                    Ok(serde_json::json!({ "echo": options }))
+                }
+                Request::Migrate { .. } => Err("migration refused by the fake".into()),
                 _ => Ok(Value::Null),
             }
         }
@@ -440,7 +466,15 @@ mod tests {
                 options: Value::Null,
             })
             .unwrap_err();
-        assert!(e.to_string().contains("not implemented"), "{e}");
+        assert!(e.to_string().contains("refused by the fake"), "{e}");
+        // `migrate` carries the options and answers with the result; the client keeps
+        // working (and its reply timeout) afterwards.
+        let r = c
+            .migrate("ok", serde_json::json!({ "hints": false }))
+            .unwrap();
+        assert_eq!(r["echo"]["hints"], false);
+        assert!(c.migrate("no", Value::Null).is_err());
+        assert_eq!(c.status().unwrap().vcpus, 2);
         assert_eq!(
             fake.0.lock().unwrap()[..3],
             [

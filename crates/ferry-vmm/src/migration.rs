@@ -19,8 +19,6 @@
 //! VMM exits shortly after the answer was handed to the API.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Mutex};
@@ -34,7 +32,7 @@ use ferry_migration::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{self, ApiClient, ApiError, Reply, Request};
+use crate::api::{self, ApiClient, ApiError, Request};
 use crate::bus::lock;
 use crate::config::{check_socket_free, ConfigError, VmConfig};
 use crate::state_format::{self, StateFormatError};
@@ -677,28 +675,10 @@ pub fn request_migration(
     to: &str,
     options: &MigrateOptions,
 ) -> Result<MigrationStats, MigrateError> {
-    let io = |source| {
-        MigrateError::Api(ApiError::Io {
-            path: api_socket.to_owned(),
-            source,
-        })
-    };
-    let request = Request::Migrate {
-        to: to.to_owned(),
-        options: serde_json::to_value(options).map_err(|e| MigrateError::Options(e.to_string()))?,
-    };
-    let mut stream = UnixStream::connect(api_socket).map_err(io)?;
-    let text = serde_json::to_string(&request).map_err(|e| MigrateError::Options(e.to_string()))?;
-    writeln!(stream, "{text}").map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).map_err(io)?;
-    let reply: Reply =
-        serde_json::from_str(&line).map_err(|e| ApiError::Reply(format!("{e}: {line:?}")))?;
-    if !reply.ok {
-        return Err(ApiError::Refused(reply.error.unwrap_or_default()).into());
-    }
-    serde_json::from_value(reply.result.unwrap_or(Value::Null))
-        .map_err(|e| ApiError::Reply(e.to_string()).into())
+    let options =
+        serde_json::to_value(options).map_err(|e| MigrateError::Options(e.to_string()))?;
+    let stats = ApiClient::connect(api_socket)?.migrate(to, options)?;
+    serde_json::from_value(stats).map_err(|e| ApiError::Reply(e.to_string()).into())
 }
 
 /// The progress of the current or last migration of the VMM behind `api_socket`.
