@@ -44,7 +44,7 @@ lab_args=(-- --skip soak_)
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
 else
-    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, issue 11: the lab loses guest writes): the soak\n'
+    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, open bug, issue 11): the soak\n'
     step "lab tests (real guests under KVM)" lab/test "${lab_args[@]}"
 fi
 
