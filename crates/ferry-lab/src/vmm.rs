@@ -34,13 +34,19 @@ impl GuestConfig {
     pub const DEFAULT_CMDLINE: &'static str = "console=ttyS0 loglevel=5 panic=-1 edd=off \
         initcall_blacklist=cmos_init cryptomgr.notests mitigations=off tsc=unstable trace_clock=global";
 
-    /// 512 MiB, one vCPU, both balloon hinting features offered.
+    /// 512 MiB, one vCPU, both balloon hinting features offered. `FERRY_GUEST_APPEND` adds
+    /// words to the kernel command line (for experiments, e.g. `transparent_hugepage=never`).
     pub fn new(image: GuestImage) -> Self {
+        let mut cmdline = Self::DEFAULT_CMDLINE.to_string();
+        if let Ok(extra) = std::env::var("FERRY_GUEST_APPEND") {
+            cmdline.push(' ');
+            cmdline.push_str(&extra);
+        }
         Self {
             image,
             mem_mib: 512,
             vcpus: 1,
-            cmdline: Self::DEFAULT_CMDLINE.to_string(),
+            cmdline,
             free_page_hint: true,
             free_page_reporting: true,
         }
