@@ -10,7 +10,8 @@ PACKAGES=(
     busybox-static  # userland of the lab host and guest initramfs
     cpio            # initramfs archives
     gzip            # initramfs compression
-    xz-utils        # unpacking the kernel for the lab's fast (PVH) boot
+    xz-utils        # unpacking the kernel (and its modules) for the lab's fast (PVH) boot
+    zstd            # the same for kernels whose bzImage is zstd-compressed (FERRY_LAB_KERNEL)
     kmod            # depmod/modprobe: resolving the kernel modules' dependencies
     iproute2        # networking inside the lab
     jq              # lab/test: reading cargo's JSON output
