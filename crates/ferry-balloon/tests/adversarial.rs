@@ -52,6 +52,7 @@ impl Hints {
             to_send: &mut self.to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         let skipped = self
             .inbox

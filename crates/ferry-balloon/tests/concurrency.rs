@@ -70,6 +70,7 @@ fn racing_rounds_only_hint_the_current_epochs_block() {
                 to_send: &mut to_send,
                 dest_nonzero: &dest,
                 known_zero: &mut kz,
+                audit: None,
             };
             skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
             std::thread::yield_now();
@@ -79,6 +80,7 @@ fn racing_rounds_only_hint_the_current_epochs_block() {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
         inbox.close();

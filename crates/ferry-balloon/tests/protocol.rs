@@ -38,6 +38,7 @@ impl Engine {
             to_send: &mut self.to_send,
             dest_nonzero: &self.dest_nonzero,
             known_zero: &mut self.known_zero,
+            audit: None,
         };
         self.inbox
             .drain(&self.layout, &mut t, usize::MAX)

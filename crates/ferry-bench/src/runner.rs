@@ -106,6 +106,8 @@ pub struct BenchConfig {
     pub qemu_reporting: bool,
     /// ferry arms KVM's dirty log lazily (`ferry migrate --lazy-dirty-log`).
     pub lazy_dirty_log: bool,
+    /// ferry audits the dirty log at every switchover (`ferry migrate --audit-dirty-log`).
+    pub audit_dirty_log: bool,
     /// Workloads to run.
     pub workloads: Vec<Workload>,
     /// Variants to run.
@@ -131,6 +133,7 @@ impl BenchConfig {
             downtime_limit_ms: 300,
             qemu_reporting: true,
             lazy_dirty_log: true,
+            audit_dirty_log: false,
             workloads: Workload::ALL.to_vec(),
             variants: Variant::ALL.to_vec(),
             command: String::new(),
@@ -284,6 +287,7 @@ fn run_setting(
             Group::Ferry => {
                 let mut s = FerrySession::boot(&config.ferry_binary, &dir, &guest)?;
                 s.set_lazy_dirty_log(config.lazy_dirty_log);
+                s.set_audit_dirty_log(config.audit_dirty_log);
                 Box::new(s)
             }
             _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),

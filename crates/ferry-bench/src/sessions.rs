@@ -246,6 +246,7 @@ pub struct FerrySession {
     digests: bool,
     differences: Option<String>,
     lazy_dirty_log: bool,
+    audit_dirty_log: bool,
 }
 
 impl FerrySession {
@@ -274,6 +275,7 @@ impl FerrySession {
             digests,
             differences: None,
             lazy_dirty_log: true,
+            audit_dirty_log: false,
         })
     }
 
@@ -281,6 +283,11 @@ impl FerrySession {
     /// --lazy-dirty-log`).
     pub fn set_lazy_dirty_log(&mut self, lazy: bool) {
         self.lazy_dirty_log = lazy;
+    }
+
+    /// Whether migrations audit the dirty log (`ferry migrate --audit-dirty-log`).
+    pub fn set_audit_dirty_log(&mut self, audit: bool) {
+        self.audit_dirty_log = audit;
     }
 
     /// Compares the digests of the last hop (`hops - 1` sent, `hops` received).
@@ -292,8 +299,29 @@ impl FerrySession {
             (Ok(s), Ok(r)) => (s, r),
             (Err(e), _) | (_, Err(e)) => return Some(format!("no RAM digest: {e}")),
         };
-        digest_differences(&sent, &received)
+        let differences = digest_differences(&sent, &received)?;
+        // Whether the restore wrote guest RAM: the destination's RAM before and after it.
+        let before_restore = read(
+            &self
+                .dir
+                .join(format!("vm{}.received-before-restore.crc", self.hops)),
+        );
+        Some(match before_restore {
+            Ok(before) => format!(
+                "{differences}\n  transfer (source vs destination before the restore): {}\n  restore: {}",
+                summary(digest_differences(&sent, &before)),
+                summary(digest_differences(&before, &received)),
+            ),
+            Err(_) => differences,
+        })
     }
+}
+
+/// The first line of a [`digest_differences`] answer, or "no change".
+fn summary(d: Option<String>) -> String {
+    d.map_or("no change".into(), |d| {
+        d.lines().next().unwrap_or_default().to_string()
+    })
 }
 
 /// How two RAM digests ([`ferry_vmm::memory::GuestRam::write_digest`]) differ: the number
@@ -382,6 +410,7 @@ impl Session for FerrySession {
             hints,
             downtime_ms,
             lazy_dirty_log: self.lazy_dirty_log,
+            audit_dirty_log: self.audit_dirty_log,
             ..MigrateOptions::default()
         };
         let started = Instant::now();
@@ -392,6 +421,12 @@ impl Session for FerrySession {
             ))
         })?;
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if self.audit_dirty_log {
+            eprintln!(
+                "ferry: hop {}: the dirty-log audit found {} page(s) written without KVM's dirty log reporting them ({:.0} ms in the downtime)",
+                self.hops, stats.pages_missed_by_dirty_log, stats.audit_ms
+            );
+        }
         dest.attach()?;
         let source = &mut self.node;
         let status = poll("the source VMM to exit", EXIT_TIMEOUT, || source.exited())?;

@@ -209,6 +209,7 @@ fn start_guest(
                 FerrySession::boot_with(&config.ferry_binary, dir, &guest, soak.ram_digests)
                     .map_err(|e| e.to_string())?;
             s.set_lazy_dirty_log(config.lazy_dirty_log);
+            s.set_audit_dirty_log(config.audit_dirty_log);
             Box::new(s)
         }
         _ => Box::new(

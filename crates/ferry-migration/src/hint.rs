@@ -228,6 +228,8 @@ pub struct HintTargets<'a> {
     pub dest_nonzero: &'a PageBitmap,
     /// Pages known to read as zero in this epoch: send a zero record without reading.
     pub known_zero: &'a mut PageBitmap,
+    /// The dirty-log audit, if on: pages a free hint covers no longer need to match.
+    pub audit: Option<&'a mut crate::audit::Audit>,
 }
 
 impl Default for HintInbox {
@@ -351,7 +353,12 @@ impl HintInbox {
             for (start, end) in layout.whole_pages_in(range) {
                 any = true;
                 match kind {
-                    HintKind::Free => skipped += t.to_send.clear_range(start, end),
+                    HintKind::Free => {
+                        skipped += t.to_send.clear_range(start, end);
+                        if let Some(a) = t.audit.as_mut() {
+                            a.forget(start, end);
+                        }
+                    }
                     HintKind::Zero => {
                         // Where the destination may hold data, the page must still become
                         // zero there: keep it queued but mark it so it is sent as a zero
@@ -419,6 +426,7 @@ mod tests {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
 
         // Early: tagged with an epoch that has not begun, refused by the sink.
@@ -467,6 +475,7 @@ mod tests {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
         assert_eq!(inbox.stats()[0].ranges_invalid, 4);
@@ -485,6 +494,7 @@ mod tests {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 6);
         assert!(to_send.get(4) && to_send.get(5) && !to_send.get(3) && !to_send.get(6));
@@ -507,6 +517,7 @@ mod tests {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         assert_eq!(inbox.drain(&layout, &mut t, 7).messages, 7);
     }
@@ -521,6 +532,7 @@ mod tests {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         inbox.open(Epoch(2));
         a.epoch_complete(Epoch(1));

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::audit::Audit;
 use crate::bitmap::PageBitmap;
 use crate::convergence::{Convergence, Decision, OnNoConvergence, Policy};
 use crate::dirty::{DirtyLog, DirtyLogError};
@@ -71,6 +72,9 @@ pub struct MigrationConfig {
     /// A write to the destination that makes no progress for this long fails the migration
     /// (a peer that stopped reading must not stall it until the overall timeout).
     pub stall_timeout: Duration,
+    /// Check at the switchover that the dirty log missed no write, and send what it missed
+    /// (see [`crate::audit`]); costs downtime.
+    pub audit_dirty_log: bool,
 }
 
 impl Default for MigrationConfig {
@@ -84,6 +88,7 @@ impl Default for MigrationConfig {
             cancel: Arc::new(AtomicBool::new(false)),
             handshake_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(60),
+            audit_dirty_log: false,
         }
     }
 }
@@ -212,6 +217,8 @@ struct Run {
     scan_at: u64,
     /// Per-source counters at the end of the previous round.
     skip_mark: Vec<crate::hint::SourceStats>,
+    /// What the destination holds, for the dirty-log audit (when it is on).
+    audit: Option<Audit>,
 }
 
 impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
@@ -367,6 +374,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             arming: false,
             scan_at: 0,
             skip_mark: Vec::new(),
+            audit: self.config.audit_dirty_log.then(|| Audit::new(pages)),
         })
     }
 
@@ -477,6 +485,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             to_send: &mut run.to_send,
             dest_nonzero: &run.dest_nonzero,
             known_zero: &mut run.known_zero,
+            audit: run.audit.as_mut(),
         };
         let skipped = run
             .inbox
@@ -568,6 +577,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     lane.drop_page();
                     true
                 } else {
+                    if let Some(a) = run.audit.as_mut() {
+                        a.sent(i, slot);
+                    }
                     run.dest_nonzero.set(i);
                     stats.pages_sent += 1;
                     stats.bytes += lane.keep_page(run.limiter.as_mut())?;
@@ -575,6 +587,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 }
             };
             if zero {
+                if let Some(a) = run.audit.as_mut() {
+                    a.sent_zero(i);
+                }
                 stats.pages_zero += 1;
                 if run.dest_nonzero.get(i) {
                     run.dest_nonzero.clear(i);
@@ -636,6 +651,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         self.finish_sources(run, Outcome::Switchover);
         let t = Instant::now();
         let mut stats = self.send_round_final(run, round)?;
+        self.audit(run, round + 1, &mut stats)?;
         let state = self.vm.save_state()?;
         if state.len() > DEVICE_STATE_BYTES_MAX {
             return Err(MigrationError::Config(format!(
@@ -692,6 +708,41 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let mut stats = self.send_round(run, round, false)?;
         stats.pages_dirtied = 0;
         Ok(stats)
+    }
+
+    /// The dirty-log audit (when on): sends, as one more round, every page whose content
+    /// changed since it was sent without the dirty log reporting it. The guest is paused.
+    fn audit(
+        &mut self,
+        run: &mut Run,
+        round: u32,
+        stats: &mut RoundStats,
+    ) -> Result<(), MigrationError> {
+        let Some(audit) = run.audit.as_ref() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let stale = audit
+            .stale(self.mem, &self.layout)
+            .map_err(|(gpa, source)| MigrationError::Memory { gpa, source })?;
+        let missed = stale.count();
+        if missed > 0 {
+            tracing::warn!(
+                pages = missed,
+                first = stale.next_set(0).map(|i| self.layout.gpa_of(i)),
+                "dirty-log audit: pages were written without the dirty log reporting them; \
+                 sending them in the downtime"
+            );
+            run.to_send.or_with(&stale);
+            let extra = self.send_round(run, round, false)?;
+            stats.pages_queued += extra.pages_queued;
+            stats.pages_sent += extra.pages_sent;
+            stats.pages_zero += extra.pages_zero;
+            stats.bytes += extra.bytes;
+        }
+        run.stats.pages_missed_by_dirty_log = missed;
+        run.stats.audit_ms = ms(t.elapsed());
+        Ok(())
     }
 
     fn finish_sources(&mut self, run: &mut Run, outcome: Outcome) {

@@ -65,6 +65,13 @@ pub struct MigrationStats {
     pub sources: Vec<SourceStats>,
     /// Connections used.
     pub connections: u16,
+    /// Pages the dirty-log audit found written without the dirty log reporting them (and
+    /// sent in the downtime); 0 when the audit is off (see [`crate::audit`]).
+    #[serde(default)]
+    pub pages_missed_by_dirty_log: u64,
+    /// Time the audit took in the downtime, milliseconds (0 when off).
+    #[serde(default)]
+    pub audit_ms: f64,
 }
 
 impl MigrationStats {

@@ -200,6 +200,7 @@ mod tests {
                 to_send: &mut to_send,
                 dest_nonzero: &dest,
                 known_zero: &mut kz,
+                audit: None,
             };
             inbox.drain(&layout, &mut targets, 100);
             thread::sleep(Duration::from_millis(1));

@@ -6,8 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::thread;
 
 use ferry_migration::{
-    BitmapDirtyLog, Connection, Destination, Migration, MigrationConfig, MigrationError,
-    MigrationStats, ReceiveConfig, ReceiveError, UnpopulatedSource,
+    BitmapDirtyLog, Connection, Destination, DirtyLog, DirtyLogError, MemoryLayout, Migration,
+    MigrationConfig, MigrationError, MigrationStats, PageBitmap, ReceiveConfig, ReceiveError,
+    UnpopulatedSource,
 };
 
 use crate::guest::{create_memory, verify, Guest, Mismatch};
@@ -28,6 +29,9 @@ pub struct Scenario {
     pub connections: u16,
     /// The dirty log arms lazily, like KVM's manual-protect mode (what ferry's VMM uses).
     pub lazy_dirty_log: bool,
+    /// The dirty log forgets every n-th page it would report (0: none), as a hypervisor
+    /// whose dirty log loses writes would (the lab's does: docs/lab.md).
+    pub dirty_log_drops_every: u64,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -113,6 +117,71 @@ fn proxied_pair(fault: Fault) -> (Connection, Connection) {
     )
 }
 
+/// A dirty log that forgets every `every`-th page its inner log reports.
+#[derive(Debug)]
+pub struct LossyDirtyLog<D> {
+    inner: D,
+    every: u64,
+    reported: u64,
+    /// Pages forgotten so far.
+    pub dropped: u64,
+}
+
+impl<D: DirtyLog> LossyDirtyLog<D> {
+    /// Wraps `inner`; `every == 0` forgets nothing.
+    pub fn new(inner: D, every: u64) -> Self {
+        Self {
+            inner,
+            every,
+            reported: 0,
+            dropped: 0,
+        }
+    }
+}
+
+impl<D: DirtyLog> DirtyLog for LossyDirtyLog<D> {
+    fn start(&mut self) -> Result<(), DirtyLogError> {
+        self.inner.start()
+    }
+
+    fn fetch_and_clear(
+        &mut self,
+        layout: &MemoryLayout,
+        dirty: &mut PageBitmap,
+    ) -> Result<(), DirtyLogError> {
+        let mut fetched = PageBitmap::new(dirty.len());
+        self.inner.fetch_and_clear(layout, &mut fetched)?;
+        let mut cursor = 0;
+        while let Some(page) = fetched.next_set(cursor) {
+            cursor = page + 1;
+            self.reported += 1;
+            if self.every != 0 && self.reported % self.every == 0 {
+                self.dropped += 1;
+            } else {
+                dirty.set(page);
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        self.inner.stop();
+    }
+
+    fn arms_lazily(&self) -> bool {
+        self.inner.arms_lazily()
+    }
+
+    fn arm(
+        &mut self,
+        layout: &MemoryLayout,
+        first: u64,
+        words: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        self.inner.arm(layout, first, words)
+    }
+}
+
 /// Runs `s` and returns the result, or the source's and destination's errors.
 pub fn run(s: &Scenario) -> Result<Outcome, (MigrationError, Option<ReceiveError>)> {
     let src_mem = create_memory(s.memory).expect("source memory");
@@ -176,11 +245,12 @@ pub fn run_faulty(
         }
     });
 
-    let mut dirty = if s.lazy_dirty_log {
+    let dirty = if s.lazy_dirty_log {
         BitmapDirtyLog::lazy(src_mem.clone())
     } else {
         BitmapDirtyLog::new(src_mem.clone())
     };
+    let mut dirty = LossyDirtyLog::new(dirty, s.dirty_log_drops_every);
     let mut control = vm.clone();
     let mut driver = SimDriver(vm.clone());
     let mut hints = vm.hint_source();

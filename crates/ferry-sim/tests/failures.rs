@@ -23,6 +23,7 @@ fn scenario() -> Scenario {
         unpopulated: true,
         connections: 2,
         lazy_dirty_log: true,
+        dirty_log_drops_every: 0,
         migration: MigrationConfig::default(),
     }
 }

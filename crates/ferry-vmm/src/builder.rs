@@ -266,6 +266,11 @@ impl IncomingVm {
         self.base.ram.memory()
     }
 
+    /// The RAM and its memfd (for the debug digest before the restore).
+    pub(crate) fn ram(&self) -> &GuestRam {
+        &self.base.ram
+    }
+
     /// The engine's view of this RAM (must equal the source's).
     pub fn layout(&self) -> ferry_migration::MemoryLayout {
         self.base.ram.layout()

@@ -146,6 +146,9 @@ pub struct MigrateOptions {
     /// write-protects all RAM at the start, which suits guests that do not clear the pages
     /// they hint (see `ferry_migration::dirty`).
     pub lazy_dirty_log: bool,
+    /// Check at the switchover that the dirty log missed no write and send what it missed
+    /// (`ferry_migration::audit`); adds a read of the sent pages to the downtime.
+    pub audit_dirty_log: bool,
     /// Give up after this many seconds (the VM keeps running here).
     pub timeout_s: u64,
     /// Iterative rounds after the bulk round before the policy below applies.
@@ -165,6 +168,7 @@ impl Default for MigrateOptions {
             hint_head_start_ms: None,
             connections: 1,
             lazy_dirty_log: true,
+            audit_dirty_log: false,
             timeout_s: 30 * 60,
             rounds_max: ferry_migration::Policy::default().rounds_max,
             on_no_convergence: ferry_migration::OnNoConvergence::SwitchOver,
@@ -188,6 +192,7 @@ impl MigrateOptions {
         }
         let defaults = MigrationConfig::default();
         Ok(MigrationConfig {
+            audit_dirty_log: self.audit_dirty_log,
             hint_head_start: self
                 .hint_head_start_ms
                 .map_or(defaults.hint_head_start, Duration::from_millis),
@@ -750,6 +755,9 @@ pub fn receive(
             return Err(e.into());
         }
     };
+    // Before and after the restore: a difference between the two is a write to guest RAM
+    // by the restore itself.
+    crate::memory::debug_digest(incoming.ram(), "received-before-restore");
     let vmm = match incoming.restore(&state) {
         Ok(vmm) => vmm,
         Err(source) => {

@@ -172,6 +172,7 @@ pub fn run(data: &[u8]) -> Summary {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         summary.pages_skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
     }

@@ -174,6 +174,7 @@ fn hint_application(guest: u64, range_pages: u64) -> Duration {
             to_send: &mut to_send,
             dest_nonzero: &dest,
             known_zero: &mut kz,
+            audit: None,
         };
         while inbox.drain(&layout, &mut targets, usize::MAX).messages > 0 {}
         elapsed += t.elapsed();

@@ -62,6 +62,10 @@ pub struct BenchVmArgs {
     /// ferry arms KVM's dirty log lazily (as `ferry migrate --lazy-dirty-log`).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub lazy_dirty_log: bool,
+    /// ferry audits KVM's dirty log at every switchover and sends what it missed (as
+    /// `ferry migrate --audit-dirty-log`); the soak reports the pages it found per hop.
+    #[arg(long)]
+    pub audit_dirty_log: bool,
     /// Output directory [default: build/bench in the workspace].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -112,6 +116,7 @@ impl BenchVmArgs {
         config.downtime_limit_ms = self.downtime_ms;
         config.qemu_reporting = self.qemu_reporting;
         config.lazy_dirty_log = self.lazy_dirty_log;
+        config.audit_dirty_log = self.audit_dirty_log;
         config.workloads = self.workloads.clone();
         config.variants = self.variants.clone();
         config.command = command_line();
