@@ -53,6 +53,10 @@ pub mod msr {
     pub const KVM_PV_LAST: u32 = 0x4b56_4d08;
     /// MSR_KVM_ASYNC_PF_EN.
     pub const KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+    /// MSR_KVM_WALL_CLOCK (the original kvmclock MSR number).
+    pub const KVM_WALL_CLOCK: u32 = 0x11;
+    /// MSR_KVM_WALL_CLOCK_NEW.
+    pub const KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
     /// MSR_KVM_ASYNC_PF_INT (the "page ready" vector).
     pub const KVM_ASYNC_PF_INT: u32 = 0x4b56_4d06;
     /// IA32_TSC_DEADLINE.

@@ -140,6 +140,7 @@ pub fn saveable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, S
     candidates.extend(super::regs::msr::KVM_PV_FIRST..=super::regs::msr::KVM_PV_LAST);
     candidates.sort_unstable();
     candidates.dedup();
+    candidates.retain(|&m| is_state(m));
     // KVM_GET_MSRS stops at the first MSR it cannot read: probe each one.
     Ok(candidates
         .into_iter()
@@ -157,6 +158,18 @@ pub fn saveable_msrs(kvm: &kvm_ioctls::Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, S
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     kvm(what)
+}
+
+/// Whether MSR `index` is vCPU state worth saving. The wall-clock MSRs are requests, not
+/// state: writing one makes KVM write the host's wall clock into guest RAM at that moment
+/// (KVM's msr.rst: "only guaranteed to update this data at the moment of MSR write"), and
+/// Linux asks once at boot. Restored, they made every destination write its own boot time
+/// into the guest's `wall_clock` (the first page of a 2 MiB-aligned section) before the guest
+/// ran again: the one page by which the destination's RAM differed from the source's in
+/// issue 11's RAM digests (QEMU restores it too).
+fn is_state(index: u32) -> bool {
+    use super::regs::msr;
+    !matches!(index, msr::KVM_WALL_CLOCK | msr::KVM_WALL_CLOCK_NEW)
 }
 
 /// Where an MSR goes when a saved vCPU is restored: most in any order, then the KVM
@@ -277,6 +290,18 @@ impl VcpuState {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn wall_clock_requests_are_not_saved_but_kvmclock_is() {
+        use super::super::regs::msr;
+        assert!(!is_state(msr::KVM_WALL_CLOCK));
+        assert!(!is_state(msr::KVM_WALL_CLOCK_NEW));
+        // MSR_KVM_SYSTEM_TIME_NEW (kvmclock), async PF, steal time: state.
+        assert!(is_state(0x4b56_4d01));
+        assert!(is_state(msr::KVM_ASYNC_PF_EN));
+        assert!(is_state(0x4b56_4d03));
+        assert!(is_state(msr::TSC));
+    }
     use super::*;
 
     #[test]
