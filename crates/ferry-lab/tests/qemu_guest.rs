@@ -107,6 +107,25 @@ fn exercise_workloads(agent: &mut AgentClient) -> Result<()> {
         agent.wait_for("a heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
     }
     agent.command("heartbeat 0", COMMAND_TIMEOUT)?;
+    // The workload first faults in its whole working set, which under nested emulation can
+    // take longer than those heartbeats (a CI run saw 0 pages written after them): wait for
+    // its first writes, bounded, rather than for a fixed slice of guest time.
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        let status = agent.command("workload status", COMMAND_TIMEOUT)?;
+        let written = status
+            .strip_prefix("workload status kind=dirty pages=")
+            .and_then(|n| n.parse::<u64>().ok())
+            .with_context(|| format!("unexpected answer {status:?}"))?;
+        if written > 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the dirty workload wrote nothing within {COMMAND_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dirty = agent.command("workload stop", COMMAND_TIMEOUT)?;
     let pages: u64 = dirty
         .strip_prefix("workload stop kind=dirty pages=")
