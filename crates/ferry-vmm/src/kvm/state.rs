@@ -290,10 +290,11 @@ impl VcpuState {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn wall_clock_requests_are_not_saved_but_kvmclock_is() {
-        use super::super::regs::msr;
+        use crate::kvm::regs::msr;
         assert!(!is_state(msr::KVM_WALL_CLOCK));
         assert!(!is_state(msr::KVM_WALL_CLOCK_NEW));
         // MSR_KVM_SYSTEM_TIME_NEW (kvmclock), async PF, steal time: state.
@@ -302,7 +303,6 @@ mod tests {
         assert!(is_state(0x4b56_4d03));
         assert!(is_state(msr::TSC));
     }
-    use super::*;
 
     #[test]
     fn msrs_are_restored_with_the_async_pf_vector_first_and_the_deadline_last() {
