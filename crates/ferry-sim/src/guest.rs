@@ -11,7 +11,10 @@ use std::fs::File;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
 
 use ferry_migration::{GuestRange, MemoryLayout, PAGE_SIZE};
 
@@ -174,6 +177,28 @@ impl Guest {
             self.pages[index as usize] = PageState::Free;
             self.free.push(index);
         }
+    }
+
+    /// Discards a free page's memory, as a balloon does with a page the guest reported free:
+    /// a hole in the memfd, reading as zero from now on. Not a write, so no dirty log sees
+    /// it (KVM's does not either).
+    pub fn discard(&mut self, index: u64) {
+        debug_assert_eq!(self.pages[index as usize], PageState::Free);
+        let gpa = self.layout.gpa_of(index);
+        let region = self
+            .mem
+            .iter()
+            .find(|r| (r.start_addr().0..r.start_addr().0 + r.len()).contains(&gpa))
+            .expect("page is guest RAM");
+        let fo = region.file_offset().expect("simulated RAM is memfd-backed");
+        let offset = fo.start() + (gpa - region.start_addr().0);
+        rustix::fs::fallocate(
+            fo.file(),
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            offset,
+            PAGE_SIZE,
+        )
+        .expect("memfd supports hole punching");
     }
 
     /// Rewrites a used page with the next generation.

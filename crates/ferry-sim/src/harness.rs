@@ -11,6 +11,8 @@ use ferry_migration::{
     UnpopulatedSource,
 };
 
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
 use crate::guest::{create_memory, verify, Guest, Mismatch};
 use crate::sim::{SimConfig, SimDriver, SimVm};
 
@@ -32,6 +34,10 @@ pub struct Scenario {
     /// The dirty log forgets every n-th page it would report (0: none), as a hypervisor
     /// whose dirty log loses writes would (the lab's does: docs/lab.md).
     pub dirty_log_drops_every: u64,
+    /// The destination's RAM holds junk rather than zeros (it says so in its hello), as
+    /// RAM reused from an earlier VM would: every page the guest has as zero must then be
+    /// sent as a zero record, including pages the engine knows are zero without reading.
+    pub dest_prefilled: bool,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -182,6 +188,18 @@ impl<D: DirtyLog> DirtyLog for LossyDirtyLog<D> {
     }
 }
 
+/// Writes `byte` over all of `mem`.
+fn fill(mem: &crate::SimMemory, byte: u8) {
+    let page = vec![byte; ferry_migration::PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        for off in (0..region.len()).step_by(page.len()) {
+            mem.write_slice(&page, vm_memory::GuestAddress(start + off))
+                .expect("destination RAM");
+        }
+    }
+}
+
 /// Runs `s` and returns the result, or the source's and destination's errors.
 pub fn run(s: &Scenario) -> Result<Outcome, (MigrationError, Option<ReceiveError>)> {
     let src_mem = create_memory(s.memory).expect("source memory");
@@ -204,6 +222,13 @@ pub fn run_faulty(
         s.memory
     };
     let dst_mem = create_memory(dst_size).expect("destination memory");
+    if s.dest_prefilled {
+        fill(&dst_mem, 0xa5);
+    }
+    let receive = ReceiveConfig {
+        zeroed: !s.dest_prefilled,
+        ..ReceiveConfig::default()
+    };
     let (src_conns, dst_conns): (Vec<_>, Vec<_>) = (0..s.connections)
         .map(|i| {
             if i == 0 {
@@ -216,7 +241,7 @@ pub fn run_faulty(
 
     let dst = dst_mem.clone();
     let receiver = thread::spawn(move || {
-        let d = Destination::new(&dst, ReceiveConfig::default())?;
+        let d = Destination::new(&dst, receive)?;
         let received = d.receive(dst_conns)?;
         let states = crate::state::decode(&received.device_state);
         let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).expect("layout");

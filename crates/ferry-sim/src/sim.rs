@@ -40,6 +40,13 @@ pub enum Workload {
         /// Pages allocated and freed per tick.
         pages_per_tick: u32,
     },
+    /// `Churn` whose freed pages the guest reports at once and the device discards (free
+    /// page reporting): they become holes that read as zero, which the never-populated
+    /// source hints as known-zero, and the allocator hands them out again a tick later.
+    ReportedChurn {
+        /// Pages allocated and freed per tick.
+        pages_per_tick: u32,
+    },
 }
 
 /// How the simulated balloon answers free page hinting requests.
@@ -192,7 +199,8 @@ impl SimState {
                     }
                 }
             }
-            Workload::Churn { pages_per_tick } => {
+            Workload::Churn { pages_per_tick } | Workload::ReportedChurn { pages_per_tick } => {
+                let report = matches!(self.workload, Workload::ReportedChurn { .. });
                 let mut fresh = Vec::new();
                 for _ in 0..pages_per_tick {
                     fresh.extend(g.alloc());
@@ -200,6 +208,9 @@ impl SimState {
                 for _ in 0..pages_per_tick {
                     if let Some(i) = g.random_used() {
                         g.free(i);
+                        if report {
+                            g.discard(i);
+                        }
                     }
                 }
                 // Some of the new pages are written again right away.

@@ -24,6 +24,7 @@ fn scenario() -> Scenario {
         connections: 2,
         lazy_dirty_log: true,
         dirty_log_drops_every: 0,
+        dest_prefilled: false,
         migration: MigrationConfig::default(),
     }
 }
