@@ -116,6 +116,28 @@ impl PageBitmap {
         })
     }
 
+    /// A known-zero hint over `[start, end)`, a word at a time: clears the pages `nonzero`
+    /// lacks (the peer already holds them as zero) and marks in `known` those it keeps (they
+    /// must still become zero there). Returns how many were cleared.
+    pub fn clear_zero_range(
+        &mut self,
+        start: u64,
+        end: u64,
+        nonzero: &PageBitmap,
+        known: &mut PageBitmap,
+    ) -> u64 {
+        debug_assert!(self.bits == nonzero.bits && self.bits == known.bits);
+        let mut w = (start / 64) as usize;
+        self.for_range(start, end, |word, m| {
+            let queued = *word & m;
+            let keep = queued & nonzero.words[w];
+            known.words[w] |= keep;
+            *word &= !(queued & !keep);
+            w += 1;
+            u64::from((queued & !keep).count_ones())
+        })
+    }
+
     /// Number of set pages in `[start, end)`.
     pub fn count_range(&mut self, start: u64, end: u64) -> u64 {
         self.for_range(start, end, |w, m| u64::from((*w & m).count_ones()))

@@ -201,6 +201,17 @@ pub struct Drained {
     pub messages: usize,
     /// Pages removed from the to-send set.
     pub pages_skipped: u64,
+    /// Work spent (see [`HintInbox::drain`]).
+    pub work: u64,
+}
+
+/// A message being applied: ranges from `next` on are still to be looked at.
+#[derive(Debug)]
+struct Partial {
+    source: usize,
+    epoch: Epoch,
+    ranges: Vec<GuestRange>,
+    next: usize,
 }
 
 /// The engine's side of the hint queue: applies hints under the epoch fence.
@@ -217,6 +228,8 @@ pub struct HintInbox {
     complete: Vec<bool>,
     /// `open` as seen by the sinks.
     shared_open: Arc<AtomicU64>,
+    /// The message a drain's budget cut short.
+    partial: Option<Partial>,
 }
 
 /// Bitmaps a hint is applied to.
@@ -250,6 +263,7 @@ impl HintInbox {
             open: None,
             complete: Vec::new(),
             shared_open: Arc::new(AtomicU64::new(CLOSED)),
+            partial: None,
         }
     }
 
@@ -287,6 +301,9 @@ impl HintInbox {
     pub fn close(&mut self) {
         self.shared_open.store(CLOSED, Ordering::Release);
         self.open = None;
+        if let Some(p) = self.partial.take() {
+            self.stats[p.source].messages_stale += 1;
+        }
     }
 
     /// Whether no epoch is open (hints cannot be applied); must hold during every sync.
@@ -299,93 +316,107 @@ impl HintInbox {
         self.complete.iter().all(|&c| c)
     }
 
-    /// Takes up to `budget` messages out of the queue and applies those tagged with the open
-    /// epoch. Never blocks.
+    /// Applies queued hints tagged with the open epoch until about `budget` units of work
+    /// are spent, and returns what it did. A unit is a message taken out of the queue, a
+    /// range looked at, or one 64-page bitmap word a range covers, so the time a drain
+    /// takes is bounded however the guest shapes its hints (1024 ranges of all of RAM in one
+    /// message cost as much as they cover, not one message). A message is applied range by
+    /// range and the rest waits for the next drain; one range can overshoot the budget by
+    /// its own cost, at most a word per 64 pages of RAM. Never blocks.
     pub fn drain(
         &mut self,
         layout: &MemoryLayout,
         targets: &mut HintTargets<'_>,
-        budget: usize,
+        budget: u64,
     ) -> Drained {
         let mut drained = Drained::default();
-        while drained.messages < budget {
-            let Ok(msg) = self.rx.try_recv() else { break };
-            drained.messages += 1;
-            match msg {
-                Message::EpochComplete { source, epoch } => {
-                    if self.open == Some(epoch) {
-                        self.complete[source] = true;
+        while drained.work < budget {
+            let mut msg = match self.partial.take() {
+                Some(p) => p,
+                None => {
+                    let Ok(msg) = self.rx.try_recv() else { break };
+                    drained.messages += 1;
+                    drained.work += 1;
+                    match msg {
+                        Message::EpochComplete { source, epoch } => {
+                            if self.open == Some(epoch) {
+                                self.complete[source] = true;
+                            }
+                            continue;
+                        }
+                        Message::Hints {
+                            source,
+                            epoch,
+                            ranges,
+                        } => Partial {
+                            source,
+                            epoch,
+                            ranges,
+                            next: 0,
+                        },
                     }
                 }
-                Message::Hints {
-                    source,
-                    epoch,
-                    ranges,
-                } => {
-                    if self.open != Some(epoch) {
-                        self.stats[source].messages_stale += 1;
-                        continue;
-                    }
-                    drained.pages_skipped += self.apply(source, layout, targets, &ranges);
-                }
+            };
+            if self.open != Some(msg.epoch) {
+                self.stats[msg.source].messages_stale += 1;
+                continue;
+            }
+            while msg.next < msg.ranges.len() && drained.work < budget {
+                let (skipped, work) = self.apply(msg.source, layout, targets, msg.ranges[msg.next]);
+                msg.next += 1;
+                drained.pages_skipped += skipped;
+                drained.work += work;
+            }
+            if msg.next < msg.ranges.len() {
+                self.partial = Some(msg);
             }
         }
         drained
     }
 
-    /// Applies one message's ranges; the epoch was checked by the caller.
+    /// Applies one range of a hint of the open epoch; returns the pages it removed from the
+    /// to-send set and the work it took (see [`HintInbox::drain`]).
     fn apply(
         &mut self,
         source: usize,
         layout: &MemoryLayout,
         t: &mut HintTargets<'_>,
-        ranges: &[GuestRange],
-    ) -> u64 {
+        range: GuestRange,
+    ) -> (u64, u64) {
         debug_assert!(
             self.open.is_some(),
             "hint applied while the epoch is closed"
         );
         let kind = self.sources[source].0;
         let stats = &mut self.stats[source];
-        let mut skipped = 0;
-        for &range in ranges {
-            let mut any = false;
-            for (start, end) in layout.whole_pages_in(range) {
-                any = true;
-                match kind {
-                    HintKind::Free => {
-                        skipped += t.to_send.clear_range(start, end);
-                        if let Some(a) = t.audit.as_mut() {
-                            a.forget(start, end);
-                        }
-                    }
-                    HintKind::Zero => {
-                        // Where the destination may hold data, the page must still become
-                        // zero there: keep it queued but mark it so it is sent as a zero
-                        // record without being read.
-                        let mut page = start;
-                        while page < end {
-                            let next = t.dest_nonzero.next_set(page).unwrap_or(end).min(end);
-                            skipped += t.to_send.clear_range(page, next);
-                            page = next;
-                            if page < end {
-                                if t.to_send.get(page) {
-                                    t.known_zero.set(page);
-                                }
-                                page += 1;
-                            }
-                        }
+        let (mut skipped, mut work) = (0, 1);
+        let mut any = false;
+        for (start, end) in layout.whole_pages_in(range) {
+            any = true;
+            work += (end - 1) / 64 - start / 64 + 1;
+            match kind {
+                HintKind::Free => {
+                    skipped += t.to_send.clear_range(start, end);
+                    if let Some(a) = t.audit.as_mut() {
+                        a.forget(start, end);
                     }
                 }
-            }
-            if any {
-                stats.ranges_applied += 1;
-            } else {
-                stats.ranges_invalid += 1;
+                // Where the destination may hold data, the page must still become zero
+                // there: it stays queued, marked to be sent as a zero record unread.
+                HintKind::Zero => {
+                    skipped += t
+                        .to_send
+                        .clear_zero_range(start, end, t.dest_nonzero, t.known_zero);
+                }
             }
         }
+        if any {
+            stats.ranges_applied += 1;
+        } else {
+            stats.ranges_invalid += 1;
+        }
         stats.pages_skipped += skipped;
-        skipped
+        (skipped, work)
     }
 
     /// Per-source statistics so far.
@@ -519,7 +550,89 @@ mod tests {
             known_zero: &mut kz,
             audit: None,
         };
-        assert_eq!(inbox.drain(&layout, &mut t, 7).messages, 7);
+        // Each message costs 3 units (taken, one range, one word): two are applied, the
+        // third taken when the budget runs out waits with its range for the next drain.
+        let d = inbox.drain(&layout, &mut t, 7);
+        assert_eq!((d.messages, d.work, d.pages_skipped), (3, 7, 1));
+        assert_eq!(
+            inbox.drain(&layout, &mut t, 2).work,
+            2,
+            "its range, no new message"
+        );
+    }
+
+    #[test]
+    fn a_message_of_whole_ram_ranges_is_applied_a_budget_at_a_time() {
+        // 4096 pages = 64 words; a range of all of RAM costs 65 units.
+        let layout = MemoryLayout::new(vec![RegionDesc {
+            gpa: 0,
+            size: 4096 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let (mut to_send, dest, mut kz) = (
+            PageBitmap::full(4096),
+            PageBitmap::new(4096),
+            PageBitmap::new(4096),
+        );
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+            audit: None,
+        };
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("whole-ram", HintKind::Free);
+        inbox.open(Epoch(0));
+        let all = GuestRange::new(0, 4096 * PAGE_SIZE);
+        assert!(sink.hint(Epoch(0), &[all; RANGES_PER_MESSAGE_MAX]));
+        let first = inbox.drain(&layout, &mut t, 200);
+        // Taken (1) + 4 ranges (65 each): the fourth crosses the budget, no further one.
+        assert_eq!(
+            (first.messages, first.work, first.pages_skipped),
+            (1, 261, 4096)
+        );
+        let mut work = first.work;
+        let mut drains = 1;
+        loop {
+            let d = inbox.drain(&layout, &mut t, 200);
+            if d.work == 0 {
+                break;
+            }
+            assert!(d.work < 200 + 65, "one drain did {} units", d.work);
+            work += d.work;
+            drains += 1;
+        }
+        assert_eq!(work, 1 + 65 * RANGES_PER_MESSAGE_MAX as u64);
+        assert_eq!(drains, 256, "1024 ranges, 4 per drain");
+        assert_eq!(
+            inbox.stats()[0].ranges_applied,
+            RANGES_PER_MESSAGE_MAX as u64
+        );
+    }
+
+    #[test]
+    fn closing_the_epoch_drops_the_rest_of_a_message_cut_short() {
+        let (layout, mut to_send, dest, mut kz) = setup();
+        let mut t = HintTargets {
+            to_send: &mut to_send,
+            dest_nonzero: &dest,
+            known_zero: &mut kz,
+            audit: None,
+        };
+        let mut inbox = HintInbox::new();
+        let sink = inbox.register("test", HintKind::Free);
+        inbox.open(Epoch(0));
+        let ranges: Vec<_> = (0..8)
+            .map(|i| GuestRange::new(i * 8 * PAGE_SIZE, 8 * PAGE_SIZE))
+            .collect();
+        sink.hint(Epoch(0), &ranges);
+        // Taken + two ranges of 2 units each.
+        assert_eq!(inbox.drain(&layout, &mut t, 5).pages_skipped, 16);
+        inbox.close();
+        inbox.open(Epoch(1));
+        assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
+        assert_eq!(t.to_send.count(), 48);
+        assert_eq!(inbox.stats()[0].messages_stale, 1);
     }
 
     #[test]

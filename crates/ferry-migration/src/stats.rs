@@ -72,6 +72,13 @@ pub struct MigrationStats {
     /// Time the audit took in the downtime, milliseconds (0 when off).
     #[serde(default)]
     pub audit_ms: f64,
+    /// Work spent applying hints, in the units of [`crate::hint::HintInbox::drain`].
+    #[serde(default)]
+    pub hint_work: u64,
+    /// The most work one drain of the hint inbox did: what a guest's hints can cost the
+    /// scan per checkpoint ([`crate::source::HINT_DRAIN_BUDGET`] plus one range at most).
+    #[serde(default)]
+    pub hint_drain_work_max: u64,
 }
 
 impl MigrationStats {

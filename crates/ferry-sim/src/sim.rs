@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use ferry_migration::hint::RANGES_PER_MESSAGE_MAX;
 use ferry_migration::{
     Epoch, Event, GuestRange, HintKind, HintSink, HintSource, Observer, Outcome, VmControl,
     VmControlError, PAGE_SIZE,
@@ -75,6 +76,10 @@ pub enum HintBehavior {
     Garbage,
     /// Thousands of tiny hint messages every tick.
     Flood,
+    /// Every tick, messages of the most ranges a message carries, each covering all of RAM
+    /// (what costs the engine most per message). A lie: used pages are hinted too, so the
+    /// guest gives up their content, which only it can do to itself.
+    WholeRamFlood,
     /// Never answers.
     Silent,
 }
@@ -245,6 +250,20 @@ impl SimState {
                     }
                 }
             }
+            Some(HintBehavior::WholeRamFlood) => {
+                if let Some(epoch) = self.current {
+                    let end = self
+                        .guest
+                        .layout()
+                        .regions()
+                        .last()
+                        .map_or(0, |r| r.gpa + r.size);
+                    let ranges = vec![GuestRange::new(0, end); RANGES_PER_MESSAGE_MAX];
+                    for _ in 0..8 {
+                        sink.hint(epoch, &ranges);
+                    }
+                }
+            }
             Some(HintBehavior::Early) => {
                 if let Some(Epoch(e)) = self.current {
                     let ranges = free_ranges(&self.guest);
@@ -299,7 +318,13 @@ impl SimState {
                 r.extend(shifted);
                 (0, r)
             }
-            Some(HintBehavior::Flood | HintBehavior::Early | HintBehavior::Silent) | None => return,
+            Some(
+                HintBehavior::Flood
+                | HintBehavior::WholeRamFlood
+                | HintBehavior::Early
+                | HintBehavior::Silent,
+            )
+            | None => return,
         };
         self.pending = Some((epoch, delay, ranges));
     }

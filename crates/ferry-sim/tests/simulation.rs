@@ -289,3 +289,39 @@ fn reported_pages_reused_later_reach_a_destination_that_holds_junk() {
         }
     }
 }
+
+/// A guest that floods the inbox with messages of 1024 ranges, each of all of RAM, every
+/// tick. The engine spends a bounded amount of work on hints per checkpoint
+/// (`HINT_DRAIN_BUDGET` plus one range), so the flood cannot stall the scan: the migration
+/// ends, and no drain did more. (The flood hints used pages too, giving up their content:
+/// only the guest itself can do that to its data, so the pages are not checked here.)
+#[test]
+fn whole_ram_hint_floods_cost_a_bounded_amount_of_work_per_checkpoint() {
+    let s = scenario(
+        3,
+        Workload::Dirty { pages_per_tick: 8 },
+        Some(HintBehavior::WholeRamFlood),
+    );
+    let started = std::time::Instant::now();
+    let out = run(&s).unwrap_or_else(|e| panic!("{s:?} failed: {e:?}"));
+    let pages = MEMORY / 4096;
+    // One range of all of RAM: taken, two regions, one unit per 64-page word.
+    let range_work = 1 + pages / 64 + 2;
+    eprintln!(
+        "flood: {} ms, {} units of hint work, at most {} per drain, {:?}",
+        started.elapsed().as_millis(),
+        out.stats.hint_work,
+        out.stats.hint_drain_work_max,
+        out.stats.sources
+    );
+    assert!(
+        out.stats.hint_drain_work_max <= ferry_migration::HINT_DRAIN_BUDGET + range_work,
+        "one drain did {} units",
+        out.stats.hint_drain_work_max
+    );
+    assert!(
+        out.stats.hint_work > ferry_migration::HINT_DRAIN_BUDGET,
+        "the flood reached the engine: {} units",
+        out.stats.hint_work
+    );
+}
