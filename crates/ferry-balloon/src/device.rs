@@ -1,6 +1,7 @@
 //! The balloon device: lifecycle, VMM-facing controls and queue dispatch. The register
 //! interface is in [`crate::mmio`], the per-queue protocol in [`crate::queues`].
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -93,6 +94,9 @@ pub struct Balloon {
     pub(crate) discard_inhibited: bool,
     pub(crate) counters: BalloonCounters,
     pub(crate) warn: WarnLimiter,
+    /// Set by the VMM, without the device's lock, when it wants the VM paused (see
+    /// [`Balloon::pause_request`]).
+    pub(crate) pause_requested: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -147,7 +151,19 @@ impl Balloon {
             discard_inhibited: config.discard_inhibited,
             counters: BalloonCounters::default(),
             warn: WarnLimiter::default(),
+            pause_requested: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A flag for the VMM to set when it is about to pause the VM, and to clear once it
+    /// called [`Balloon::pause`] (or gave up pausing). A vCPU thread handling a queue
+    /// notification holds the device for as long as the guest made work: 256 chains of
+    /// 4096 scattered pfns are a million discards, seconds. While the flag is set, queue
+    /// processing stops between two chains and leaves the rest on the ring, as if not yet
+    /// notified; [`Balloon::resume`] (or a restored device) takes them up. So a pause waits
+    /// for one chain at most, whatever the guest queued.
+    pub fn pause_request(&self) -> Arc<AtomicBool> {
+        self.pause_requested.clone()
     }
 
     /// The free page hint source to register with the migration engine.
@@ -311,8 +327,15 @@ impl Balloon {
             stats_head: &mut self.stats_head,
             stats: &mut self.stats,
             discard_inhibited: self.discard_inhibited,
+            pause_requested: &self.pause_requested,
+            yielded: false,
         };
-        match ctx.process(kind) {
+        let result = ctx.process(kind);
+        if ctx.yielded {
+            // Chains left on the ring for the pause: handled on resume.
+            self.pending_notify |= 1 << index;
+        }
+        match result {
             Ok(true) => self.shared.interrupt(crate::shared::INT_VRING),
             Ok(false) => {}
             Err(e) => {

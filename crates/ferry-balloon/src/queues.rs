@@ -3,6 +3,8 @@
 //! (rate-limited), counted and returned to the driver unused, so the driver never waits on
 //! it. A queue whose rings themselves are broken puts the device in DEVICE_NEEDS_RESET.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ferry_migration::{Epoch, GuestRange, HintSink};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::desc::split::Descriptor;
@@ -70,6 +72,11 @@ pub(crate) struct QueueCtx<'a> {
     pub stats_head: &'a mut Option<u16>,
     pub stats: &'a mut Option<BalloonStats>,
     pub discard_inhibited: bool,
+    /// The VMM wants the VM paused: stop between two chains (see
+    /// [`crate::Balloon::pause_request`]).
+    pub pause_requested: &'a AtomicBool,
+    /// Set when processing stopped for a pause with chains left on the ring.
+    pub yielded: bool,
 }
 
 /// Whether the driver wants a used-buffer interrupt (no EVENT_IDX is offered, so only the
@@ -208,6 +215,7 @@ impl QueueCtx<'_> {
     /// added and the driver wants an interrupt.
     pub fn process(&mut self, kind: QueueKind) -> Result<bool, QueueError> {
         let mem = self.mem;
+        let first = self.queue.next_avail();
         // At most `size` chains (the iterator refuses an index that ran further ahead).
         let chains: Vec<_> = self
             .queue
@@ -221,7 +229,13 @@ impl QueueCtx<'_> {
         let mut discarded = Vec::new();
         let mut used = false;
         let n_chains = chains.len();
-        for chain in chains {
+        for (taken, chain) in chains.into_iter().enumerate() {
+            if self.pause_requested.load(Ordering::Acquire) {
+                // Give the chains not started back: the next pass takes them from here.
+                self.queue.set_next_avail(first.wrapping_add(taken as u16));
+                self.yielded = true;
+                break;
+            }
             let head = chain.head_index();
             let result = descriptors(chain).and_then(|descs| match kind {
                 QueueKind::Inflate | QueueKind::Deflate => self.balloon(kind, &descs),

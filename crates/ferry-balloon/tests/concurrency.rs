@@ -72,7 +72,7 @@ fn racing_rounds_only_hint_the_current_epochs_block() {
                 known_zero: &mut kz,
                 audit: None,
             };
-            skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
+            skipped += inbox.drain(&layout, &mut t, u64::MAX).pages_skipped;
             std::thread::yield_now();
         }
         src.epoch_end(Epoch(k));
@@ -82,7 +82,7 @@ fn racing_rounds_only_hint_the_current_epochs_block() {
             known_zero: &mut kz,
             audit: None,
         };
-        skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
+        skipped += inbox.drain(&layout, &mut t, u64::MAX).pages_skipped;
         inbox.close();
         // Epoch k issued id CMD_ID_MIN + k: only its block may have been skipped.
         let own = block_for(CMD_ID_MIN + k as u32);

@@ -41,7 +41,7 @@ impl Engine {
             audit: None,
         };
         self.inbox
-            .drain(&self.layout, &mut t, usize::MAX)
+            .drain(&self.layout, &mut t, u64::MAX)
             .pages_skipped
     }
 

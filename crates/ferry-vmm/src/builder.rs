@@ -12,7 +12,7 @@ use std::time::Instant;
 use ferry_balloon::Balloon;
 use kvm_ioctls::VcpuFd;
 
-use crate::bus::{Bus, SharedDevice};
+use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::{check_kvm, VmConfig};
 use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
 use crate::gate::Gate;
@@ -184,6 +184,7 @@ fn start(
         control: devices.control,
         gate: devices.gate,
         serial: devices.serial,
+        balloon_pause: devices.balloon.as_ref().map(|b| lock(b).pause_request()),
         balloon: devices.balloon,
         started: Instant::now(),
     }))

@@ -2,6 +2,7 @@
 //! and the migration engine need (pause, resume, balloon, state, dirty log, shutdown).
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -146,6 +147,8 @@ pub struct Vmm {
     pub(crate) gate: Arc<Gate>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     pub(crate) balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The balloon's [`Balloon::pause_request`], reachable without its lock.
+    pub(crate) balloon_pause: Option<Arc<AtomicBool>>,
     pub(crate) started: Instant,
 }
 
@@ -159,16 +162,33 @@ impl Vmm {
     /// Stops the guest and every device thread; idempotent.
     pub fn pause(&self) -> Result<(), VmmError> {
         self.gate.close();
+        // First, so that a vCPU thread handling a balloon notification stops between two
+        // chains instead of doing all the work the guest queued before it can park.
+        self.request_balloon_pause(true);
         let vcpus = lock(&self.vcpus);
         if let Err(e) = vcpus.pause() {
             vcpus.resume();
             self.gate.open();
+            self.request_balloon_pause(false);
+            if let Some(b) = &self.balloon {
+                // Takes up the chains left on the ring for the pause that did not happen.
+                let mut b = lock(b);
+                b.pause();
+                b.resume();
+            }
             return Err(e.into());
         }
         if let Some(b) = &self.balloon {
             lock(b).pause();
         }
+        self.request_balloon_pause(false);
         Ok(())
+    }
+
+    fn request_balloon_pause(&self, on: bool) {
+        if let Some(flag) = &self.balloon_pause {
+            flag.store(on, Ordering::Release);
+        }
     }
 
     /// Lets the guest run again; idempotent. Devices raise what a restore left pending
@@ -262,6 +282,19 @@ impl Vmm {
             serial: lock(&self.serial).snapshot(),
             balloon: self.balloon.as_ref().map(|b| lock(b).save()),
         })
+    }
+
+    /// One line per vCPU on what it is doing ([`VcpuState::describe`]), for diagnosing a
+    /// guest that stopped answering. Pauses the VM for the read and resumes it if it ran.
+    pub fn describe_vcpus(&self) -> Result<Vec<String>, VmmError> {
+        let vcpus = lock(&self.vcpus);
+        let was_running = !self.control.is_paused();
+        vcpus.pause()?;
+        let states = vcpus.save_state();
+        if was_running {
+            vcpus.resume();
+        }
+        Ok(states?.iter().map(VcpuState::describe).collect())
     }
 
     /// A dirty log over guest RAM (KVM's log OR device writes), for the migration engine.

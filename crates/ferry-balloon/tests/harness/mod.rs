@@ -174,7 +174,7 @@ pub fn run(data: &[u8]) -> Summary {
             known_zero: &mut kz,
             audit: None,
         };
-        summary.pages_skipped += inbox.drain(&layout, &mut t, usize::MAX).pages_skipped;
+        summary.pages_skipped += inbox.drain(&layout, &mut t, u64::MAX).pages_skipped;
     }
     hint.finish(Outcome::Cancelled);
     report.finish(Outcome::Cancelled);
