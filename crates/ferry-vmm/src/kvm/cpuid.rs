@@ -1,6 +1,8 @@
 //! CPUID for each vCPU: KVM's supported list, normalised so the guest sees a consistent
 //! topology (APIC ids matching the MADT), that it runs on a hypervisor, a TSC-deadline LAPIC
-//! timer (no calibration needed), and KVM's paravirt leaves (kvmclock) untouched.
+//! timer (no calibration needed), no hardware virtualization (VMX/SVM: ferry does not save
+//! nested state, so a guest's own guests would not survive a migration), and KVM's paravirt
+//! leaves (kvmclock) untouched.
 #![forbid(unsafe_code)]
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
@@ -9,6 +11,10 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: VMX (Intel hardware virtualization).
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 0x8000_0001 ECX: SVM (AMD hardware virtualization).
+const LEAF_8000_0001_ECX_SVM: u32 = 1 << 2;
 /// Leaf 1 EDX: HTT (the logical processor count in EBX is valid).
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: XSAVE, OSXSAVE, AVX (AVX needs XSAVE to be usable).
@@ -61,6 +67,7 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, opts: CpuO
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (count.clamp(1, 255) << 16);
                 e.ecx |= LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
+                e.ecx &= !LEAF1_ECX_VMX;
                 if !opts.xsave {
                     e.ecx &= !LEAF1_ECX_XSAVE_FAMILY;
                 }
@@ -100,6 +107,16 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, opts: CpuO
                         e.ecx = e.index;
                     }
                 }
+            }
+            // Nested virtualization would need KVM_GET/SET_NESTED_STATE in the migration
+            // stream; without it a guest hypervisor's guests are lost (issue 12), so the
+            // guest is not offered SVM (nor VMX, leaf 1) at all.
+            0x8000_0001 => e.ecx &= !LEAF_8000_0001_ECX_SVM,
+            0x8000_000a => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
             }
             0x8000_0008 => {
                 // AMD: ApicIdSize in ECX[15:12], NC (cores - 1) in ECX[7:0].
@@ -160,6 +177,33 @@ mod tests {
         assert_eq!((e[1].ecx >> 8, e[2].ecx >> 8), (LEVEL_SMT, LEVEL_CORE));
         assert_eq!(e[3].ecx & 0xff, 2);
         assert_eq!(e[4], kvm_leaf, "KVM paravirt leaf untouched");
+    }
+
+    #[test]
+    fn hardware_virtualization_is_hidden() {
+        let mut e = vec![
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: LEAF1_ECX_VMX | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0001,
+                ecx: LEAF_8000_0001_ECX_SVM | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_000a,
+                eax: 1,
+                ebx: 8,
+                edx: 0x1ff,
+                ..Default::default()
+            },
+        ];
+        normalize(&mut e, 0, 1, CpuOptions::default());
+        assert_eq!(e[0].ecx, 1 | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR);
+        assert_eq!(e[1].ecx, 1, "SVM hidden, the rest kept");
+        assert_eq!((e[2].eax, e[2].ebx, e[2].edx), (0, 0, 0), "no SVM features");
     }
 
     #[test]
