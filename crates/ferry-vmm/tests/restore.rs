@@ -256,6 +256,14 @@ fn check_rings(vmm: &Vmm, when: &str) -> Result<()> {
     Ok(())
 }
 
+/// `error` with what every vCPU of `vmm` is doing, for a guest that stopped answering.
+fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
+    match vmm.describe_vcpus() {
+        Ok(lines) => error.context(format!("vCPUs:\n{}", lines.join("\n"))),
+        Err(e) => error.context(format!("vCPUs: cannot read them: {e}")),
+    }
+}
+
 /// Fails with the console and the reporting queue's state if the guest logged a kernel error
 /// (a warning Linux prints while powering off is not one, see `ferry_lab::POWER_OFF_WARNINGS`).
 fn check_guest(agent: &AgentClient, vmm: &Vmm, when: &str) -> Result<()> {
@@ -323,7 +331,9 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
             agent = self::agent(&socket)?;
             vmm.resume();
         }
-        let meminfo = agent.command("meminfo", COMMAND_TIMEOUT)?;
+        let meminfo = agent
+            .command("meminfo", COMMAND_TIMEOUT)
+            .map_err(|e| with_vcpus(e.into(), &vmm))?;
         eprintln!("hop {hop}: {meminfo}");
         check_rings(&vmm, &format!("after hop {hop}"))?;
         check_guest(&agent, &vmm, &format!("after hop {hop}"))?;

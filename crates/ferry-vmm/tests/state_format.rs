@@ -76,6 +76,7 @@ fn vcpu(id: u8) -> VcpuState {
             },
         ],
         vcpu_events: kvm_vcpu_events::default(),
+        tsc_khz: None,
     }
 }
 
@@ -178,6 +179,24 @@ fn golden_bytes_decode_to_the_machine_state() {
     assert_eq!(state.vm.clock.clock, 987_654_321);
     assert_eq!(state.serial.in_buffer, b"verify\n");
     assert_eq!(state.balloon.unwrap().hint.next_id, 0x8000_0003);
+}
+
+/// The TSC frequency came after version 1's golden state: a state without it still reads
+/// (as "unknown"), and one with it keeps it.
+#[test]
+fn the_tsc_frequency_is_optional_and_kept() {
+    let golden = std::fs::read(golden("machine-state-v1.bin")).unwrap();
+    assert_eq!(
+        state_format::decode(&golden).unwrap().vcpus[0].tsc_khz,
+        None
+    );
+    let mut state = sample();
+    state.vcpus[1].tsc_khz = Some(2_994_374);
+    let decoded = state_format::decode(&state_format::encode(&state).unwrap()).unwrap();
+    assert_eq!(
+        (decoded.vcpus[0].tsc_khz, decoded.vcpus[1].tsc_khz),
+        (None, Some(2_994_374))
+    );
 }
 
 #[test]

@@ -41,6 +41,21 @@ pub enum StateError {
         /// The first MSR not handled.
         missing: u32,
     },
+    /// The destination cannot give the guest the TSC frequency it ran at.
+    #[error(
+        "the guest's TSC runs at {wanted} kHz; this host's runs at {here} kHz and KVM cannot \
+         scale it ({source}): the guest's clock would drift, choose a host with the same TSC \
+         frequency or with TSC scaling"
+    )]
+    TscFrequency {
+        /// The guest's frequency.
+        wanted: u32,
+        /// This host's frequency for the vCPU.
+        here: u32,
+        /// KVM's refusal.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// A list too long for KVM's fixed-size arrays.
     #[error("too many {0} entries for KVM")]
     TooMany(&'static str),
@@ -75,6 +90,10 @@ pub struct VcpuState {
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, SMM state.
     pub vcpu_events: kvm_vcpu_events,
+    /// The guest's TSC frequency (`KVM_GET_TSC_KHZ`): what its kvmclock and TSC-deadline
+    /// timer were calibrated against. Absent in states saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tsc_khz: Option<u32>,
 }
 
 /// Everything KVM holds for the VM outside the vCPUs.
@@ -245,6 +264,8 @@ impl VcpuState {
             .as_slice()
             .to_vec();
         let vcpu_events = vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        // Not fatal: a kernel without KVM_CAP_GET_TSC_KHZ (before 3.x) cannot tell.
+        let tsc_khz = vcpu.get_tsc_khz().ok();
         Ok(Self {
             id,
             cpuid,
@@ -257,6 +278,7 @@ impl VcpuState {
             lapic,
             msrs,
             vcpu_events,
+            tsc_khz,
         })
     }
 
@@ -275,6 +297,9 @@ impl VcpuState {
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        // The frequency before the TSC value (QEMU orders them so too): KVM converts a
+        // written TSC at the vCPU's rate.
+        self.restore_tsc_khz(vcpu)?;
         let mut msrs = self.msrs.clone();
         msrs.sort_by_key(|e| restore_rank(e.index));
         set_msrs(vcpu, &msrs)?;
@@ -288,9 +313,113 @@ impl VcpuState {
     }
 }
 
+/// A 32-bit local APIC register from a `KVM_GET_LAPIC` page.
+fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = |i: usize| lapic.regs[offset + i] as u8;
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+/// The highest vector set in one of the APIC's 256-bit registers (ISR at 0x100, IRR at
+/// 0x200): eight 32-bit words 16 bytes apart.
+fn lapic_highest(lapic: &kvm_lapic_state, base: usize) -> Option<u32> {
+    (0..8usize).rev().find_map(|w| {
+        let word = lapic_reg(lapic, base + w * 16);
+        (word != 0).then(|| w as u32 * 32 + 31 - word.leading_zeros())
+    })
+}
+
+impl VcpuState {
+    /// The value of a saved MSR.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|e| e.index == index).map(|e| e.data)
+    }
+
+    /// Gives the vCPU the TSC frequency it was saved with. KVM accepts a rate within its
+    /// tolerance (250 ppm) of the host's without scaling, and any rate where the CPU scales
+    /// TSCs (AMD since family 10h, Intel since Skylake); otherwise the guest's kvmclock and
+    /// deadline timer would run at the wrong speed, so the restore fails instead.
+    fn restore_tsc_khz(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
+        let Some(wanted) = self.tsc_khz else {
+            return Ok(());
+        };
+        let here = vcpu.get_tsc_khz().map_err(kvm("KVM_GET_TSC_KHZ"))?;
+        if here == wanted {
+            return Ok(());
+        }
+        vcpu.set_tsc_khz(wanted)
+            .map_err(|source| StateError::TscFrequency {
+                wanted,
+                here,
+                source,
+            })
+    }
+
+    /// One line on what the vCPU was doing, for diagnosing a guest that stopped: where it
+    /// ran (RIP; LSTAR is the guest kernel's `entry_SYSCALL_64`, which gives its KASLR
+    /// offset against System.map), whether it could take interrupts, what was pending, and
+    /// its local APIC timer.
+    pub fn describe(&self) -> String {
+        use super::regs::msr;
+        let e = &self.vcpu_events;
+        let hex = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:#x}"));
+        format!(
+            "vCPU {}: mp_state={} rip={:#x} rsp={:#x} rflags={:#x} (IF={}) cr0={:#x} cr3={:#x} \
+             cr4={:#x} efer={:#x} lstar={}; events: exception injected={} pending={} nr={} \
+             interrupt injected={} nr={} shadow={} nmi injected={} pending={} masked={}; \
+             lapic: svr={:#x} tpr={:#x} isr_max={:?} irr_max={:?} lvt_timer={:#x} tmict={:#x} \
+             tmcct={:#x}; tsc={} tsc_deadline={}",
+            self.id,
+            self.mp_state.mp_state,
+            self.regs.rip,
+            self.regs.rsp,
+            self.regs.rflags,
+            (self.regs.rflags >> 9) & 1,
+            self.sregs.cr0,
+            self.sregs.cr3,
+            self.sregs.cr4,
+            self.sregs.efer,
+            hex(self.msr(msr::LSTAR)),
+            e.exception.injected,
+            e.exception.pending,
+            e.exception.nr,
+            e.interrupt.injected,
+            e.interrupt.nr,
+            e.interrupt.shadow,
+            e.nmi.injected,
+            e.nmi.pending,
+            e.nmi.masked,
+            lapic_reg(&self.lapic, 0xf0),
+            lapic_reg(&self.lapic, 0x80),
+            lapic_highest(&self.lapic, 0x100),
+            lapic_highest(&self.lapic, 0x200),
+            lapic_reg(&self.lapic, 0x320),
+            lapic_reg(&self.lapic, 0x380),
+            lapic_reg(&self.lapic, 0x390),
+            hex(self.msr(msr::TSC)),
+            hex(self.msr(msr::TSC_DEADLINE)),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_highest_vector_of_an_apic_bitmap() {
+        let mut lapic = kvm_lapic_state::default();
+        assert_eq!(lapic_highest(&lapic, 0x100), None);
+        // Vector 236 (the local timer): word 7, bit 12; vector 34: word 1, bit 2.
+        lapic.regs[0x100 + 7 * 16 + 1] = 0x10;
+        lapic.regs[0x100 + 16] = 0x04;
+        assert_eq!(lapic_highest(&lapic, 0x100), Some(236));
+        lapic.regs[0x100 + 7 * 16 + 1] = 0;
+        assert_eq!(lapic_highest(&lapic, 0x100), Some(34));
+        for (i, b) in [0x78u8, 0x56, 0x34, 0x12].into_iter().enumerate() {
+            lapic.regs[0x380 + i] = b as _;
+        }
+        assert_eq!(lapic_reg(&lapic, 0x380), 0x1234_5678);
+    }
 
     #[test]
     fn wall_clock_requests_are_not_saved_but_kvmclock_is() {
@@ -362,6 +491,7 @@ mod tests {
                 ..Default::default()
             }],
             vcpu_events: kvm_vcpu_events::default(),
+            tsc_khz: Some(2_994_374),
         };
         s.lapic.regs[0x20] = 5;
         let j = serde_json::to_vec(&s).unwrap();
@@ -370,5 +500,10 @@ mod tests {
         assert_eq!(back.msrs[0].data, 99);
         assert_eq!(back.lapic.regs[0x20], 5);
         assert_eq!(back.cpuid[0].eax, 7);
+        assert_eq!(back.tsc_khz, Some(2_994_374));
+        // What a stopped guest's diagnosis shows.
+        let line = back.describe();
+        assert!(line.starts_with("vCPU 1: mp_state=0 rip=0x1234 "), "{line}");
+        assert!(line.contains("tsc=0x63 tsc_deadline=-"), "{line}");
     }
 }
