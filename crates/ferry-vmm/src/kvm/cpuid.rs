@@ -15,6 +15,15 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_ECX_VMX: u32 = 1 << 5;
 /// Leaf 0x8000_0001 ECX: SVM (AMD hardware virtualization).
 const LEAF_8000_0001_ECX_SVM: u32 = 1 << 2;
+/// Leaf 0x4000_0001 EAX: KVM_FEATURE_PV_UNHALT, paravirtual spinlocks. Not offered: their
+/// state cannot be migrated. A vCPU waiting for a contended spinlock halts with interrupts
+/// off until the holder "kicks" it (KVM_HC_KICK_CPU), and KVM remembers a kick that came
+/// before the halt in `pv_unhalted`, which no KVM_GET_* returns (KVM_GET_MP_STATE folds it
+/// into RUNNABLE only for a vCPU already halted). A pause between the kick and the `hlt`
+/// loses it: the restored vCPU halts with interrupts off for good, a destination whose CPU
+/// stops taking interrupts (an RCU stall, then silence; issue 11). Without it Linux spins
+/// (`virt_spin_lock`), as under QEMU's default CPU models, which do not offer it either.
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
 /// Leaf 1 EDX: HTT (the logical processor count in EBX is valid).
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 1 ECX: XSAVE, OSXSAVE, AVX (AVX needs XSAVE to be usable).
@@ -128,8 +137,10 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, opts: CpuO
                 e.ebx = (e.ebx & !0xff) | (id & 0xff);
                 e.ecx &= !0xff;
             }
-            // 0x4000_0000 (KVM signature) and 0x4000_0001 (KVM features: kvmclock, PV EOI,
-            // async PF, steal time) are kept as KVM reports them.
+            // KVM's paravirt features (kvmclock, PV EOI, async PF, steal time, PV TLB flush,
+            // PV IPIs) as KVM reports them, except PV_UNHALT: see [`KVM_FEATURE_PV_UNHALT`].
+            0x4000_0001 => e.eax &= !KVM_FEATURE_PV_UNHALT,
+            // 0x4000_0000 (KVM signature) and the rest are kept.
             _ => {}
         }
     }
@@ -176,7 +187,22 @@ mod tests {
         assert_eq!((e[1].ebx, e[2].ebx, e[2].eax), (1, 3, 2));
         assert_eq!((e[1].ecx >> 8, e[2].ecx >> 8), (LEVEL_SMT, LEVEL_CORE));
         assert_eq!(e[3].ecx & 0xff, 2);
-        assert_eq!(e[4], kvm_leaf, "KVM paravirt leaf untouched");
+        assert_eq!(
+            e[4], kvm_leaf,
+            "KVM paravirt leaf untouched but for PV_UNHALT"
+        );
+    }
+
+    #[test]
+    fn paravirtual_spinlocks_are_not_offered_the_other_kvm_features_are() {
+        // kvmclock (bits 0, 3), PV_UNHALT (7), PV_EOI (6), steal time (5).
+        let mut e = vec![kvm_cpuid_entry2 {
+            function: 0x4000_0001,
+            eax: 0b1110_1001,
+            ..Default::default()
+        }];
+        normalize(&mut e, 0, 2, CpuOptions::default());
+        assert_eq!(e[0].eax, 0b0110_1001);
     }
 
     #[test]
