@@ -287,6 +287,16 @@ impl Vmm {
     /// One line per vCPU on what it is doing ([`VcpuState::describe`]), for diagnosing a
     /// guest that stopped answering. Pauses the VM for the read and resumes it if it ran.
     pub fn describe_vcpus(&self) -> Result<Vec<String>, VmmError> {
+        Ok(self
+            .save_vcpus_for_diagnosis()?
+            .iter()
+            .map(VcpuState::describe)
+            .collect())
+    }
+
+    /// Every vCPU's state, read for diagnosis: pauses the vCPUs for the read (not the
+    /// devices) and resumes them if they ran.
+    pub fn save_vcpus_for_diagnosis(&self) -> Result<Vec<VcpuState>, VmmError> {
         let vcpus = lock(&self.vcpus);
         let was_running = !self.control.is_paused();
         vcpus.pause()?;
@@ -294,7 +304,7 @@ impl Vmm {
         if was_running {
             vcpus.resume();
         }
-        Ok(states?.iter().map(VcpuState::describe).collect())
+        Ok(states?)
     }
 
     /// A dirty log over guest RAM (KVM's log OR device writes), for the migration engine.

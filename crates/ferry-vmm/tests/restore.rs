@@ -256,12 +256,68 @@ fn check_rings(vmm: &Vmm, when: &str) -> Result<()> {
     Ok(())
 }
 
-/// `error` with what every vCPU of `vmm` is doing, for a guest that stopped answering.
+/// `error` with what every vCPU of `vmm` is doing, for a guest that stopped answering: the
+/// vCPU state twice, a second apart (is it moving?), and its RIP (and a pending #PF's
+/// address) translated through the guest's page tables as the host sees guest RAM, which is
+/// also how KVM reads them when it emulates an instruction.
 fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
-    match vmm.describe_vcpus() {
-        Ok(lines) => error.context(format!("vCPUs:\n{}", lines.join("\n"))),
-        Err(e) => error.context(format!("vCPUs: cannot read them: {e}")),
+    let mut report = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match vmm.save_vcpus_for_diagnosis() {
+            Ok(vcpus) => {
+                for v in &vcpus {
+                    report.push(v.describe());
+                    if round == 0 {
+                        report.push(format!("  rip: {}", walk(vmm, v.sregs.cr3, v.regs.rip)));
+                        let e = &v.vcpu_events;
+                        if e.exception_has_payload != 0 && e.exception.nr == 14 {
+                            let cr2 = e.exception_payload;
+                            report.push(format!("  #PF payload: {}", walk(vmm, v.sregs.cr3, cr2)));
+                        }
+                    }
+                }
+            }
+            Err(e) => report.push(format!("cannot read the vCPUs: {e}")),
+        }
     }
+    error.context(format!("vCPUs:\n{}", report.join("\n")))
+}
+
+/// Translates `gva` through the 4-level page tables at `cr3`, reading guest RAM as the host
+/// sees it: every entry on the way, and the first bytes at the end.
+fn walk(vmm: &Vmm, cr3: u64, gva: u64) -> String {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let mut table = cr3 & ADDR;
+    let mut out = format!("{gva:#x}:");
+    for (level, shift) in [(4, 39), (3, 30), (2, 21), (1, 12)] {
+        let index = (gva >> shift) & 511;
+        let entry: u64 = match vmm
+            .memory()
+            .read_obj(vm_memory::GuestAddress(table + index * 8))
+        {
+            Ok(e) => e,
+            Err(e) => return format!("{out} L{level} table {table:#x} unreadable: {e}"),
+        };
+        out.push_str(&format!(" L{level}[{index}]@{table:#x}={entry:#x}"));
+        if entry & 1 == 0 {
+            return format!("{out} NOT PRESENT");
+        }
+        let large = level > 1 && level < 4 && entry & 0x80 != 0;
+        if large || level == 1 {
+            let page_mask = (1u64 << shift) - 1;
+            let gpa = (entry & ADDR & !page_mask) | (gva & page_mask);
+            let mut bytes = [0u8; 16];
+            let _ = vmm
+                .memory()
+                .read_slice(&mut bytes, vm_memory::GuestAddress(gpa));
+            return format!("{out} -> gpa {gpa:#x}: {bytes:02x?}");
+        }
+        table = entry & ADDR;
+    }
+    out
 }
 
 /// Fails with the console and the reporting queue's state if the guest logged a kernel error

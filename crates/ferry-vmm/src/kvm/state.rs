@@ -364,8 +364,9 @@ impl VcpuState {
         let hex = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:#x}"));
         format!(
             "vCPU {}: mp_state={} rip={:#x} rsp={:#x} rflags={:#x} (IF={}) cr0={:#x} cr3={:#x} \
-             cr4={:#x} efer={:#x} lstar={}; events: exception injected={} pending={} nr={} \
-             interrupt injected={} nr={} shadow={} nmi injected={} pending={} masked={}; \
+             cr4={:#x} efer={:#x} cr2={:#x} lstar={}; events: exception injected={} pending={} \
+             nr={} error_code={:#x} payload={} interrupt injected={} nr={} shadow={} \
+             nmi injected={} pending={} masked={}; \
              lapic: svr={:#x} tpr={:#x} isr_max={:?} irr_max={:?} lvt_timer={:#x} tmict={:#x} \
              tmcct={:#x}; tsc={} tsc_deadline={}",
             self.id,
@@ -378,10 +379,13 @@ impl VcpuState {
             self.sregs.cr3,
             self.sregs.cr4,
             self.sregs.efer,
+            self.sregs.cr2,
             hex(self.msr(msr::LSTAR)),
             e.exception.injected,
             e.exception.pending,
             e.exception.nr,
+            e.exception.error_code,
+            hex((e.exception_has_payload != 0).then_some(e.exception_payload)),
             e.interrupt.injected,
             e.interrupt.nr,
             e.interrupt.shadow,
