@@ -104,6 +104,8 @@ pub struct BenchConfig {
     pub downtime_limit_ms: u64,
     /// QEMU's balloon also offers free page reporting, as ferry's does.
     pub qemu_reporting: bool,
+    /// ferry's balloon offers free page reporting.
+    pub ferry_reporting: bool,
     /// ferry arms KVM's dirty log lazily (`ferry migrate --lazy-dirty-log`).
     pub lazy_dirty_log: bool,
     /// ferry audits the dirty log at every switchover (`ferry migrate --audit-dirty-log`).
@@ -132,6 +134,7 @@ impl BenchConfig {
             repeat: 1,
             downtime_limit_ms: 300,
             qemu_reporting: true,
+            ferry_reporting: true,
             lazy_dirty_log: true,
             audit_dirty_log: false,
             workloads: Workload::ALL.to_vec(),
@@ -271,7 +274,11 @@ fn run_setting(
     guest.mem_mib = u32::try_from(config.memory_mib).unwrap_or(u32::MAX);
     guest.vcpus = config.vcpus;
     guest.free_page_hint = group != Group::QemuOff;
-    guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
+    guest.free_page_reporting = if group == Group::Ferry {
+        config.ferry_reporting
+    } else {
+        config.qemu_reporting
+    };
     let dir = std::env::temp_dir().join(format!(
         "ferry-bench-{}-{}",
         std::process::id(),

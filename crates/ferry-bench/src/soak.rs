@@ -202,7 +202,11 @@ fn start_guest(
     guest.mem_mib = u32::try_from(config.memory_mib).unwrap_or(u32::MAX);
     guest.vcpus = config.vcpus;
     guest.free_page_hint = group != Group::QemuOff;
-    guest.free_page_reporting = group == Group::Ferry || config.qemu_reporting;
+    guest.free_page_reporting = if group == Group::Ferry {
+        config.ferry_reporting
+    } else {
+        config.qemu_reporting
+    };
     let mut session: Box<dyn Session> = match group {
         Group::Ferry => {
             let mut s =

@@ -59,6 +59,10 @@ pub struct BenchVmArgs {
     /// QEMU's balloon offers free page reporting too, as ferry's does (true or false).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub qemu_reporting: bool,
+    /// ferry's balloon offers free page reporting (true or false). Reported pages are
+    /// discarded on the host while the guest runs; off, nothing is discarded.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub ferry_reporting: bool,
     /// ferry arms KVM's dirty log lazily (as `ferry migrate --lazy-dirty-log`).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub lazy_dirty_log: bool,
@@ -115,6 +119,7 @@ impl BenchVmArgs {
         config.repeat = self.repeat;
         config.downtime_limit_ms = self.downtime_ms;
         config.qemu_reporting = self.qemu_reporting;
+        config.ferry_reporting = self.ferry_reporting;
         config.lazy_dirty_log = self.lazy_dirty_log;
         config.audit_dirty_log = self.audit_dirty_log;
         config.workloads = self.workloads.clone();
