@@ -4,41 +4,21 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET};
 use virtio_queue::{Queue, QueueT};
 
+use crate::counters::{BalloonCounters, WarnLimiter};
 use crate::features::{queue_layout, BalloonConfig, QueueKind, QUEUES_MAX};
-use crate::hinting::{BalloonHintSource, HintRound};
+use crate::hinting::BalloonHintSource;
 use crate::memory::GuestMemory;
 use crate::queues::QueueCtx;
 use crate::reporting::ReportedRangesSource;
+use crate::round::HintRound;
 use crate::shared::{ConfigSpace, Inner, IrqTrigger, ReportChannel, Shared, INT_CONFIG};
 use crate::stats::BalloonStats;
 
 /// Size of every queue the device offers (`QueueNumMax`).
 pub const QUEUE_SIZE_MAX: u16 = 256;
-
-/// Counters for monitoring and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BalloonCounters {
-    /// 4 KiB pages received on the inflate queue.
-    pub inflated_pages: u64,
-    /// 4 KiB pages received on the deflate queue.
-    pub deflated_pages: u64,
-    /// Hinted ranges handed to the engine's sink (which may still drop late ones).
-    pub hinted_ranges: u64,
-    /// Hinted ranges ignored (stale or no current command id).
-    pub hints_ignored: u64,
-    /// Reported ranges received.
-    pub reported_ranges: u64,
-    /// Bytes discarded on the host (inflated and reported).
-    pub discarded_bytes: u64,
-    /// Descriptor chains dropped because they were malformed.
-    pub chains_dropped: u64,
-    /// Times the device entered DEVICE_NEEDS_RESET.
-    pub needs_reset: u64,
-}
 
 /// Per-queue transport registers the driver writes before setting `QueueReady`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,20 +27,6 @@ pub(crate) struct QueueRegs {
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
-}
-
-/// Logs the first few guest errors of a kind, then every power of two, so a flood cannot
-/// flood the log.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct WarnLimiter {
-    count: u64,
-}
-
-impl WarnLimiter {
-    pub fn allow(&mut self) -> bool {
-        self.count = self.count.saturating_add(1);
-        self.count <= 16 || self.count.is_power_of_two()
-    }
 }
 
 /// A virtio-balloon device with a virtio-mmio (version 2) transport.

@@ -58,6 +58,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod counters;
 mod device;
 pub mod features;
 pub mod hinting;
@@ -65,11 +66,13 @@ pub mod memory;
 pub mod mmio;
 pub mod queues;
 pub mod reporting;
+mod round;
 mod shared;
 pub mod state;
 pub mod stats;
 
-pub use device::{Balloon, BalloonCounters, QUEUE_SIZE_MAX};
+pub use counters::BalloonCounters;
+pub use device::{Balloon, QUEUE_SIZE_MAX};
 pub use features::{BalloonConfig, QueueKind};
 pub use hinting::{BalloonHintSource, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP};
 pub use memory::{memfd_guest_memory, DiscardError, GuestMemory};

@@ -11,11 +11,11 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::device::{BalloonCounters, WarnLimiter};
+use crate::counters::{BalloonCounters, WarnLimiter};
 use crate::features::{QueueKind, F_PAGE_POISON};
-use crate::hinting::OutbufEffect;
 use crate::memory::{discard, valid_page_range, GuestMemory, BALLOON_PAGE_SIZE};
 use crate::reporting::{deliver, report_target};
+use crate::round::OutbufEffect;
 use crate::shared::Shared;
 use crate::stats::{BalloonStats, STAT_ENTRIES_MAX, STAT_ENTRY_LEN};
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use ferry_migration::{Epoch, HintSink};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
-use crate::hinting::HintRound;
+use crate::round::HintRound;
 
 /// How the device interrupts the guest. The VMM implements it, typically with an irqfd
 /// `EventFd` registered for the device's GSI. Must not block.

@@ -12,8 +12,8 @@ use virtio_queue::{Queue, QueueState, QueueT};
 
 use crate::device::{Balloon, QueueRegs, QUEUE_SIZE_MAX};
 use crate::features::{queue_layout, BalloonConfig, QueueKind, F_VERSION_1, QUEUES_MAX};
-use crate::hinting::{HintRound, HintRoundState, HintStateError};
 use crate::memory::GuestMemory;
+use crate::round::{HintRound, HintRoundState, HintStateError};
 use crate::shared::{IrqTrigger, INT_CONFIG, INT_VRING};
 use crate::stats::BalloonStats;
 
