@@ -295,7 +295,7 @@ impl ApiClient {
     }
 
     /// `status`, typed.
-    pub fn status(&mut self) -> Result<crate::vmm::Status, ApiError> {
+    pub fn status(&mut self) -> Result<crate::status::Status, ApiError> {
         let v = self.request(&Request::Status)?;
         serde_json::from_value(v).map_err(|e| ApiError::Reply(e.to_string()))
     }
@@ -317,7 +317,7 @@ impl ApiClient {
     }
 
     /// `balloon-get`, typed.
-    pub fn balloon_get(&mut self) -> Result<crate::vmm::BalloonInfo, ApiError> {
+    pub fn balloon_get(&mut self) -> Result<crate::status::BalloonInfo, ApiError> {
         let v = self.request(&Request::BalloonGet)?;
         serde_json::from_value(v).map_err(|e| ApiError::Reply(e.to_string()))
     }
@@ -457,7 +457,7 @@ mod tests {
         serve(&path, fake.clone()).unwrap();
         let mut c = ApiClient::connect(&path).unwrap();
         let s = c.status().unwrap();
-        assert_eq!((s.vcpus, s.state), (2, crate::vmm::RunState::Paused));
+        assert_eq!((s.vcpus, s.state), (2, crate::status::RunState::Paused));
         c.pause().unwrap();
         c.balloon_set(1 << 20).unwrap();
         let e = c

@@ -10,8 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
 use crate::bus::BusDevice;
+use crate::exit::ExitReason;
 use crate::kvm::vcpu::VcpuControl;
-use crate::ExitReason;
 
 /// i8042 command: pulse the CPU reset line.
 const I8042_CMD_RESET: u8 = 0xfe;

@@ -18,6 +18,7 @@ pub mod builder;
 pub mod bus;
 pub mod config;
 pub mod devices;
+mod exit;
 pub mod gate;
 pub mod kvm;
 pub mod layout;
@@ -25,33 +26,21 @@ pub mod memory;
 pub mod migration;
 pub mod serial;
 pub mod state_format;
+pub mod status;
 pub mod units;
 pub mod vmm;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 pub use api::{ApiClient, ApiError, Request};
 pub use builder::IncomingVm;
 pub use config::{BalloonConfig, ConfigError, RunArgs, SerialTarget, VmConfig};
+pub use exit::ExitReason;
 pub use vmm::{MachineState, Status, Vmm, VmmError as Error};
-
-/// Why the VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExitReason {
-    /// The API asked for a shutdown.
-    Shutdown,
-    /// The guest powered off (ACPI S5).
-    GuestPowerOff,
-    /// The guest reset the machine (i8042, ACPI reset register or triple fault).
-    GuestReset,
-    /// A vCPU failed.
-    Error(String),
-}
 
 /// Boots `config` and blocks until the VM stops; serves the control API meanwhile.
 pub fn run(config: VmConfig) -> Result<ExitReason, Error> {

@@ -12,13 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{lock, BusError};
 use crate::config::{ConfigError, VmConfig};
+use crate::exit::ExitReason;
 use crate::gate::Gate;
 use crate::kvm::state::{StateError, VcpuState, VmState};
 use crate::kvm::vcpu::{VcpuControl, VcpuError, Vcpus};
 use crate::kvm::vm::{KvmVm, VmError};
 use crate::memory::{GuestMemory, GuestRam, KvmDirtyLog, MemoryError};
 use crate::serial::{SerialConsole, SerialError, SerialSnapshot};
-use crate::{acpi, boot, ExitReason};
+pub use crate::status::{BalloonInfo, RunState, Status};
+use crate::{acpi, boot};
 
 /// Version of [`MachineState`]'s layout.
 pub const MACHINE_STATE_VERSION: u32 = 1;
@@ -73,49 +75,6 @@ pub enum VmmError {
     /// A balloon target larger than guest RAM.
     #[error("balloon target of {0} bytes exceeds guest RAM")]
     BalloonTarget(u64),
-}
-
-/// Whether the guest runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    /// vCPUs run.
-    Running,
-    /// vCPUs and devices are stopped.
-    Paused,
-}
-
-/// What `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    /// Running or paused.
-    pub state: RunState,
-    /// vCPU count.
-    pub vcpus: u8,
-    /// Guest RAM in bytes.
-    pub memory_bytes: u64,
-    /// Milliseconds since the VM was started.
-    pub uptime_ms: u64,
-    /// The vCPU throttle in force (auto-converge during a migration), percent.
-    #[serde(default)]
-    pub throttle_percent: u8,
-    /// Balloon summary, if there is a balloon.
-    pub balloon: Option<BalloonInfo>,
-}
-
-/// The balloon as the API reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BalloonInfo {
-    /// Bytes the device asks the guest to give up.
-    pub target_bytes: u64,
-    /// Bytes the guest says it gave up.
-    pub actual_bytes: u64,
-    /// Features the driver acknowledged (virtio bits).
-    pub acked_features: u64,
-    /// Whether FREE_PAGE_HINT was negotiated.
-    pub free_page_hint: bool,
-    /// Whether PAGE_REPORTING was negotiated.
-    pub page_reporting: bool,
 }
 
 /// Everything needed to recreate the VM elsewhere, except guest RAM (sent by the engine).

@@ -29,7 +29,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::state::{StateError, VcpuState};
 use crate::bus::{lock, Bus};
-use crate::ExitReason;
+use crate::exit::ExitReason;
 
 /// How long [`Vcpus::pause`] waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -7,9 +7,10 @@ use ferry_migration::{Destination, Endpoint, Listener, ReceiveConfig, ReceiveSta
 
 use super::{MigrateError, Supervisor};
 use crate::api;
+use crate::builder::IncomingVm;
 use crate::config::{check_socket_free, VmConfig};
+use crate::exit::ExitReason;
 use crate::state_format;
-use crate::{ExitReason, IncomingVm};
 
 /// What [`receive`] tells its caller along the way.
 pub trait ReceiveObserver {

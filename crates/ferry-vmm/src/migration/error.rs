@@ -4,9 +4,9 @@ use ferry_migration::ReceiveError;
 
 use crate::api::ApiError;
 use crate::config::ConfigError;
+use crate::exit::ExitReason;
 use crate::state_format::StateFormatError;
 use crate::vmm::VmmError;
-use crate::ExitReason;
 
 /// Everything that can go wrong migrating out or in.
 #[derive(Debug, thiserror::Error)]

@@ -9,9 +9,9 @@ use ferry_migration::{
 
 use super::{MigrateError, MigrateOptions};
 use crate::bus::lock;
+use crate::exit::ExitReason;
 use crate::state_format;
 use crate::vmm::Vmm;
-use crate::ExitReason;
 
 /// The engine's control over a [`Vmm`], with the machine state in the [`state_format`]
 /// envelope.

@@ -12,8 +12,8 @@ use super::{
     migrate, MigrateError, MigrateOptions, MigrationPhase, MigrationProgress, ProgressTracker,
 };
 use crate::bus::lock;
+use crate::exit::ExitReason;
 use crate::vmm::Vmm;
-use crate::ExitReason;
 
 /// How long a source VMM keeps serving after a successful migration, so that the API reply
 /// with the statistics reaches the client before the process exits.
