@@ -17,6 +17,7 @@
 #![deny(missing_docs)]
 
 pub mod chart;
+mod error;
 pub mod qmp;
 pub mod report;
 pub mod results;

@@ -7,10 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestError, GuestImage, ImageError};
-use thiserror::Error;
+use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestImage};
 
-use crate::qmp::QmpError;
+pub use crate::error::BenchError;
 use crate::results::{now_utc, Results, Setup, Variant, Workload};
 use crate::sessions::{FerrySession, QemuSession, Session};
 
@@ -25,58 +24,6 @@ const CONSOLE_TAIL: usize = 40;
 /// first migration (QEMU's had 709 of 1024 MiB where ferry's had 890): with 64 MiB of room,
 /// `workload freed` was refused there.
 const FREED_HEADROOM_MIB: u64 = 192;
-
-/// Why the benchmark (or one VMM's part of it) failed.
-#[derive(Debug, Error)]
-pub enum BenchError {
-    /// No hardware KVM here.
-    #[error("no hardware KVM here (PVM or none): run the benchmark through lab/run")]
-    NoKvm,
-    /// The guest image is missing.
-    #[error(transparent)]
-    Image(#[from] ImageError),
-    /// A VMM process could not be started or stopped.
-    #[error(transparent)]
-    Guest(#[from] GuestError),
-    /// The guest agent did not answer as expected.
-    #[error("{what}: {source}")]
-    Agent {
-        /// What was asked.
-        what: String,
-        /// The agent's error.
-        source: AgentError,
-    },
-    /// The agent answered something unexpected.
-    #[error("unexpected agent answer to `{command}`: {answer}")]
-    Answer {
-        /// The command.
-        command: String,
-        /// Its answer.
-        answer: String,
-    },
-    /// QMP failed.
-    #[error(transparent)]
-    Qmp(#[from] QmpError),
-    /// A VMM misbehaved (exited, refused, migration failed).
-    #[error("{0}")]
-    Vmm(String),
-    /// Something did not happen in time.
-    #[error("timed out after {timeout:?} waiting for {what}")]
-    Timeout {
-        /// What was awaited.
-        what: String,
-        /// How long.
-        timeout: Duration,
-    },
-    /// A local I/O operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was done.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
 
 /// What to run.
 #[derive(Debug, Clone)]

@@ -17,9 +17,9 @@ use ferry_vmm::memory::DEBUG_DIGEST_ENV;
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use serde_json::json;
 
+use crate::error::BenchError;
 use crate::qmp::Qmp;
 use crate::results::Sample;
-use crate::runner::BenchError;
 
 /// How long a VMM may take to start (QEMU loads its libraries over 9p in the lab).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
