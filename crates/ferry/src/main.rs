@@ -9,7 +9,7 @@ mod units;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -85,6 +85,14 @@ enum Command {
     /// off/on) on the workload matrix; markdown table, JSON and PNG charts (in the lab without
     /// hardware KVM).
     BenchVm(cmd::bench_vm::BenchVmArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout, e.g.
+    /// `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print ferry's manual page (roff) to stdout, e.g. `ferry man | man -l -`.
+    Man,
     /// Receiving side of `ferry sim` (started by it).
     #[command(hide = true)]
     SimReceive(cmd::sim::ReceiveArgs),
@@ -110,6 +118,19 @@ fn main() -> ExitCode {
         Command::Bench(a) => cmd::bench::run(a),
         Command::BenchVm(a) => cmd::bench_vm::run(a),
         Command::SimReceive(a) => cmd::sim::receive(a),
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "ferry", &mut script);
+            write_stdout(&script, "the completion script")
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(|e| anyhow::anyhow!("rendering the manual page: {e}"))
+                .and_then(|()| write_stdout(&page, "the manual page"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,6 +138,17 @@ fn main() -> ExitCode {
             eprintln!("ferry: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8], what: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing {what}: {e}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -113,3 +113,20 @@ fn logs_go_to_a_file_as_json_lines_when_asked() {
     let (ok, _, err) = ferry(&["--log-file", "/nonexistent/dir/log", "sim-demo"]);
     assert!(!ok && err.contains("/nonexistent/dir/log"), "{err}");
 }
+
+#[test]
+fn completions_and_the_manual_page_cover_every_command() {
+    let (ok, script, err) = ferry(&["completions", "bash"]);
+    assert!(ok, "{err}");
+    for command in ["migrate", "receive", "status", "cancel", "balloon"] {
+        assert!(script.contains(command), "bash completion lacks {command}");
+    }
+    let (ok, fish, _) = ferry(&["completions", "fish"]);
+    assert!(ok && fish.contains("complete -c ferry"), "{fish}");
+    let (ok, _, err) = ferry(&["completions", "tcsh"]);
+    assert!(!ok && err.contains("possible values"), "{err}");
+    let (ok, page, err) = ferry(&["man"]);
+    assert!(ok, "{err}");
+    assert!(page.starts_with(".ie") && page.contains(".TH ferry 1"), "{page}");
+    assert!(page.contains("migrate") && page.contains("receive"), "{page}");
+}
