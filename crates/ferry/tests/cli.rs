@@ -127,6 +127,12 @@ fn completions_and_the_manual_page_cover_every_command() {
     assert!(!ok && err.contains("possible values"), "{err}");
     let (ok, page, err) = ferry(&["man"]);
     assert!(ok, "{err}");
-    assert!(page.starts_with(".ie") && page.contains(".TH ferry 1"), "{page}");
-    assert!(page.contains("migrate") && page.contains("receive"), "{page}");
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH ferry 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("migrate") && page.contains("receive"),
+        "{page}"
+    );
 }
