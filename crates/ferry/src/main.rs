@@ -166,3 +166,125 @@ fn error_chain(e: &anyhow::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod docs_examples {
+    //! Every `ferry ...` command line shown in a code block of README.md or docs/*.md parses
+    //! with this build's command line, so the documentation cannot drift from the CLI.
+    //! Notation the docs use for readers is expanded first: `[optional]` parts are kept (the
+    //! first alternative of `a | b`), `x|y` takes `x` (each alternative, for the command
+    //! word), a trailing `# comment` is dropped, `\` continues a line; lines with `...`
+    //! (elided arguments) are skipped.
+
+    use super::*;
+
+    /// The command lines in the fenced code blocks of `text`.
+    fn examples(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let (mut in_code, mut pending) = (false, String::new());
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+                continue;
+            }
+            if !in_code {
+                continue;
+            }
+            let line = line.trim();
+            let line = line.strip_prefix("$ ").unwrap_or(line);
+            let line = line.strip_prefix("target/release/").unwrap_or(line);
+            if pending.is_empty() && !line.starts_with("ferry ") {
+                continue;
+            }
+            let line = match line.find(" #") {
+                Some(i) => line[..i].trim_end(),
+                None => line,
+            };
+            match line.strip_suffix('\\') {
+                Some(head) => pending.push_str(head),
+                None => {
+                    pending.push_str(line);
+                    out.push(std::mem::take(&mut pending));
+                }
+            }
+        }
+        out
+    }
+
+    /// `line` with the docs' notation expanded, one argument list per alternative of the
+    /// command word.
+    fn expand(line: &str) -> Vec<Vec<String>> {
+        let mut flat = String::new();
+        let mut rest = line;
+        while let Some(open) = rest.find('[') {
+            flat.push_str(&rest[..open]);
+            let close = rest[open..].find(']').map_or(rest.len(), |c| open + c);
+            let inner = &rest[open + 1..close.min(rest.len())];
+            flat.push_str(inner.split(" | ").next().unwrap_or(""));
+            rest = rest.get(close + 1..).unwrap_or("");
+        }
+        flat.push_str(rest);
+        let words: Vec<&str> = flat.split_whitespace().collect();
+        let Some(command) = words.get(1) else {
+            return Vec::new();
+        };
+        command
+            .split('|')
+            .map(|c| {
+                let mut args = vec!["ferry".to_owned(), c.to_owned()];
+                args.extend(
+                    words[2..]
+                        .iter()
+                        .map(|w| w.split('|').next().unwrap_or(w).to_owned()),
+                );
+                args
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_notation_is_expanded() {
+        assert_eq!(
+            expand("ferry pause|resume --api /tmp/a [--json] [--size 1G | --guest-memory 2G]"),
+            vec![
+                vec!["ferry", "pause", "--api", "/tmp/a", "--json", "--size", "1G"],
+                vec!["ferry", "resume", "--api", "/tmp/a", "--json", "--size", "1G"],
+            ]
+        );
+        assert_eq!(
+            examples("```sh\nferry a \\\n  --b c   # note\n$ ferry d\n```\nferry e\n"),
+            vec!["ferry a --b c", "ferry d"]
+        );
+    }
+
+    #[test]
+    fn every_documented_command_line_parses() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut files = vec![root.join("README.md")];
+        let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+            .expect("docs/")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "md"))
+            .collect();
+        docs.sort();
+        files.extend(docs);
+        let (mut checked, mut failures) = (0, Vec::new());
+        for file in &files {
+            let text = std::fs::read_to_string(file).expect("readable doc");
+            for line in examples(&text).into_iter().filter(|l| !l.contains("...")) {
+                for args in expand(&line) {
+                    checked += 1;
+                    if let Err(e) = Cli::try_parse_from(&args) {
+                        let first = e.to_string().lines().next().unwrap_or("").to_owned();
+                        failures.push(format!("{}: `{line}`: {first}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            checked >= 20,
+            "only {checked} command lines found in the docs"
+        );
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
