@@ -361,6 +361,9 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
     agent.command("workload churn 64", COMMAND_TIMEOUT)?;
     let mut reported = 0u64;
     let mut timed_pauses = 0;
+    // What the last save recorded per vCPU, shown if the guest stops later: tells a state
+    // that was already wrong when saved from one that went wrong after the restore.
+    let mut last_saved = String::from("no save yet");
     for hop in 0..hops {
         let point = if hop / 2 % 2 == 0 {
             PausePoint::Published
@@ -379,6 +382,12 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         } else {
             vmm.pause()?;
             let state = vmm.save_state()?;
+            last_saved = state
+                .vcpus
+                .iter()
+                .map(|v| format!("hop {hop}: {}", v.describe()))
+                .collect::<Vec<_>>()
+                .join("\n");
             let mut next = config.clone();
             let socket = dir.join(format!("vm{hop}.sock"));
             next.serial = SerialTarget::Socket(socket.clone());
@@ -395,7 +404,7 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         }
         let meminfo = agent
             .command("meminfo", COMMAND_TIMEOUT)
-            .map_err(|e| with_vcpus(e.into(), &vmm))?;
+            .map_err(|e| with_vcpus(e.into(), &vmm).context(format!("last save:\n{last_saved}")))?;
         eprintln!("hop {hop}: {meminfo}");
         check_rings(&vmm, &format!("after hop {hop}"))?;
         check_guest(&agent, &vmm, &format!("after hop {hop}"))?;
