@@ -108,19 +108,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     let mut pending = spawn_destination(&dir, "cut", 2)?;
     let (api, to) = (node.api.clone(), pending.endpoint.clone());
     let migration = std::thread::spawn(move || request_migration(&api, &to, &slow));
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    loop {
-        ensure!(Instant::now() < deadline, "the migration made no progress");
-        match query_progress(&node.api)? {
-            Some(p) if p.phase == MigrationPhase::Precopy && p.pages_done > p.pages_queued / 5 => {
-                eprintln!("cutting the connection at {p:?}");
-                break;
-            }
-            Some(p) => ensure!(p.phase != MigrationPhase::Failed, "{p:?}"),
-            None => {}
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_precopy(&node.api, "cutting the connection")?;
     let mut dead = pending.node.take().unwrap();
     dead.child.kill()?;
     dead.child.wait()?;
@@ -168,11 +156,66 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     // A retry, with hints, succeeds.
     let (mut dest, stats) = hop(&dir, &mut node, "retry", &base_options())?;
     eprintln!("retry: {}", summary("retry", &stats));
-    dest.command("shutdown")?;
-    ensure!(dest.wait_exit()?.success(), "{}", dest.log());
     dest.check_kernel()?;
+    // The other side dies: the source VMM killed in the middle of the bulk round. Its
+    // destination must never run the guest (nothing was handed over): it fails and exits.
+    let mut orphan = spawn_destination(&dir, "orphan", 2)?;
+    let (api, to) = (dest.api.clone(), orphan.endpoint.clone());
+    let slow = MigrateOptions {
+        hints: false,
+        bandwidth: Some(8 << 20),
+        ..base_options()
+    };
+    let migration = std::thread::spawn(move || request_migration(&api, &to, &slow));
+    wait_for_precopy(&dest.api, "killing the source")?;
+    dest.child.kill()?;
+    dest.child.wait()?;
+    let err = migration
+        .join()
+        .unwrap()
+        .err()
+        .context("the killed source reported success")?;
+    eprintln!("client after the source was killed: {err}");
+    let mut orphan_node = orphan.node.take().unwrap();
+    let status = orphan_node.wait_exit()?;
+    ensure!(
+        !status.success(),
+        "the destination of a killed source exited with {status}:\n{}",
+        orphan_node.log()
+    );
+    let running: Vec<String> = orphan
+        .lines
+        .try_iter()
+        .filter(|l| l.starts_with("RUNNING "))
+        .collect();
+    ensure!(
+        running.is_empty(),
+        "the destination ran the guest of a source that died mid-migration: {running:?}"
+    );
+    eprintln!(
+        "destination of the killed source: {status}; {}",
+        orphan_node.log().lines().last().unwrap_or("")
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Waits (bounded) until the migration out of the VMM at `api` is past a fifth of its bulk
+/// round, and fails if it failed meanwhile.
+fn wait_for_precopy(api: &std::path::Path, what: &str) -> Result<()> {
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        ensure!(Instant::now() < deadline, "the migration made no progress");
+        match query_progress(api)? {
+            Some(p) if p.phase == MigrationPhase::Precopy && p.pages_done > p.pages_queued / 5 => {
+                eprintln!("{what} at {p:?}");
+                return Ok(());
+            }
+            Some(p) => ensure!(p.phase != MigrationPhase::Failed, "{p:?}"),
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
