@@ -57,6 +57,9 @@ pub enum ApiError {
     /// The VMM refused or failed the request.
     #[error("the VMM refused the request: {0}")]
     Refused(String),
+    /// The VMM closed the connection before it answered (it exited, or was killed).
+    #[error("the VMM at {0} closed the connection without answering (did it exit?)")]
+    Closed(PathBuf),
 }
 
 /// A request: `{"cmd": "<name>", ...arguments}`.
@@ -284,7 +287,9 @@ impl ApiClient {
         let text = serde_json::to_string(request).map_err(|e| ApiError::Reply(e.to_string()))?;
         writeln!(self.writer, "{text}").map_err(io)?;
         let mut line = String::new();
-        self.reader.read_line(&mut line).map_err(io)?;
+        if self.reader.read_line(&mut line).map_err(io)? == 0 {
+            return Err(ApiError::Closed(self.path.clone()));
+        }
         let reply: Reply =
             serde_json::from_str(&line).map_err(|e| ApiError::Reply(format!("{e}: {line:?}")))?;
         if reply.ok {
@@ -447,6 +452,28 @@ mod tests {
         release.send(()).unwrap();
         assert!(server.wait_idle(Duration::from_secs(5)));
         assert_eq!(asked.join().unwrap().unwrap(), serde_json::json!("done"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_vmm_that_closes_without_answering_is_named_not_called_malformed() {
+        let (dir, path) = socket_dir("ferry-api-closed");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            // Read the request, then go away without a reply, as a killed VMM does.
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+        });
+        let err = ApiClient::connect(&path)
+            .unwrap()
+            .request(&Request::Status)
+            .unwrap_err();
+        server.join().unwrap();
+        assert!(matches!(err, ApiError::Closed(_)), "{err:?}");
+        assert!(err
+            .to_string()
+            .contains("closed the connection without answering"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

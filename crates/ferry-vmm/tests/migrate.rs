@@ -192,10 +192,9 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
         running.is_empty(),
         "the destination ran the guest of a source that died mid-migration: {running:?}"
     );
-    eprintln!(
-        "destination of the killed source: {status}; {}",
-        orphan_node.log().lines().last().unwrap_or("")
-    );
+    let log = orphan_node.log();
+    let reason = log.lines().find(|l| l.starts_with("Error:")).unwrap_or("");
+    eprintln!("destination of the killed source: {status}; {reason}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
