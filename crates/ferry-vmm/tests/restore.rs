@@ -256,6 +256,34 @@ fn check_rings(vmm: &Vmm, when: &str) -> Result<()> {
     Ok(())
 }
 
+/// The churn workload's completed cycles (`workload status`).
+fn churn_cycles(agent: &mut AgentClient) -> Result<u64> {
+    let status = agent.command("workload status", COMMAND_TIMEOUT)?;
+    status
+        .split_whitespace()
+        .skip_while(|f| *f != "kind=churn")
+        .find_map(|f| f.strip_prefix("cycles="))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no churn cycles in {status:?}"))
+}
+
+/// Waits (bounded) until the churn loop completes another cycle.
+fn churn_progresses(agent: &mut AgentClient) -> Result<()> {
+    let before = churn_cycles(agent)?;
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        let now = churn_cycles(agent)?;
+        if now > before {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the guest's churn loop made no progress in {COMMAND_TIMEOUT:?} (stuck at {now} cycles)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `error` with what every vCPU of `vmm` is doing, for a guest that stopped answering: the
 /// vCPU state twice, a second apart (is it moving?), and its RIP (and a pending #PF's
 /// address) translated through the guest's page tables as the host sees guest RAM, which is
@@ -406,14 +434,24 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
             .command("meminfo", COMMAND_TIMEOUT)
             .map_err(|e| with_vcpus(e.into(), &vmm).context(format!("last save:\n{last_saved}")))?;
         eprintln!("hop {hop}: {meminfo}");
+        // The guest makes progress, not just answers: its churn loop completes a cycle.
+        if let Err(e) = churn_progresses(&mut agent) {
+            return Err(
+                with_vcpus(e, &vmm).context(format!("after hop {hop}; last save:\n{last_saved}"))
+            );
+        }
         check_rings(&vmm, &format!("after hop {hop}"))?;
         check_guest(&agent, &vmm, &format!("after hop {hop}"))?;
     }
     // Reporting still works after the last pause.
-    ensure!(
-        wait_for_report(&vmm, PausePoint::Answered, REPORT_WAIT),
-        "no free page report was answered after the last pause: the driver's reporting stalled"
-    );
+    if !wait_for_report(&vmm, PausePoint::Answered, REPORT_WAIT) {
+        let e = anyhow::anyhow!(
+            "no free page report was answered after the last pause: the driver's reporting \
+             stalled; reporting queue: {}",
+            describe_reporting_queue(&vmm)
+        );
+        return Err(with_vcpus(e, &vmm).context(format!("last save:\n{last_saved}")));
+    }
     agent.command("workload stop", COMMAND_TIMEOUT)?;
     let verify = agent.command("verify", COMMAND_TIMEOUT)?;
     reported += reported_ranges(&vmm);
