@@ -18,7 +18,7 @@
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,9 @@ use crate::exit::ExitReason;
 
 /// How long [`Vcpus::pause`] waits for every vCPU to park.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a parked vCPU may take to hand over its state (a few ioctls; seconds under
+/// nested emulation).
+const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval between kicks while waiting for vCPUs to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 /// Exits served while completing a pending access before a pause, at most.
@@ -66,6 +69,12 @@ pub enum VcpuError {
     /// A vCPU thread is gone.
     #[error("vCPU {0} has exited")]
     Gone(u8),
+    /// The VM stopped (a vCPU saw a reset, a power-off or an error): nothing to save.
+    #[error("the VM stopped ({0:?}): its vCPUs cannot be saved")]
+    Stopped(ExitReason),
+    /// A vCPU did not hand over its state in time.
+    #[error("vCPU {0} did not save its state within {SAVE_TIMEOUT:?}")]
+    SaveTimeout(u8),
     /// Saving state failed.
     #[error("vCPU {id}: {source}")]
     State {
@@ -370,6 +379,11 @@ impl Vcpus {
         if !self.control.is_paused() {
             return Err(VcpuError::NotPaused);
         }
+        // A thread that left its run loop (the guest reset or powered off) serves no more
+        // requests: asking it would wait for ever.
+        if let Some(reason) = self.control.exit_reason() {
+            return Err(VcpuError::Stopped(reason));
+        }
         let mut out = Vec::with_capacity(self.handles.len());
         for h in &self.handles {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -378,8 +392,11 @@ impl Vcpus {
                 .map_err(|_| VcpuError::Gone(h.id))?;
             self.control.changed.notify_all();
             let state = rx
-                .recv()
-                .map_err(|_| VcpuError::Gone(h.id))?
+                .recv_timeout(SAVE_TIMEOUT)
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => VcpuError::SaveTimeout(h.id),
+                    RecvTimeoutError::Disconnected => VcpuError::Gone(h.id),
+                })?
                 .map_err(|source| VcpuError::State { id: h.id, source })?;
             out.push(state);
         }
@@ -634,6 +651,22 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<ExitReas
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saving_a_stopped_vm_fails_at_once_instead_of_waiting_for_its_threads() {
+        // A vCPU that saw a triple fault left its run loop and serves no requests; before
+        // this check, save_state waited for its answer for ever (a lab run hung so).
+        let control = Arc::new(VcpuControl::default());
+        control.set_paused();
+        control.request_exit(ExitReason::GuestReset);
+        let vcpus = Vcpus::new(Vec::new(), control);
+        let started = Instant::now();
+        match vcpus.save_state() {
+            Err(VcpuError::Stopped(ExitReason::GuestReset)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn a_throttled_vcpu_sleeps_in_proportion_and_never_stops_for_good() {
