@@ -434,6 +434,19 @@ mod tests {
     use super::*;
     use crate::layout::{RegionDesc, PAGE_SIZE};
 
+    fn targets<'a>(
+        to_send: &'a mut PageBitmap,
+        dest_nonzero: &'a PageBitmap,
+        known_zero: &'a mut PageBitmap,
+    ) -> HintTargets<'a> {
+        HintTargets {
+            to_send,
+            dest_nonzero,
+            known_zero,
+            audit: None,
+        }
+    }
+
     fn setup() -> (MemoryLayout, PageBitmap, PageBitmap, PageBitmap) {
         let layout = MemoryLayout::new(vec![RegionDesc {
             gpa: 0,
@@ -453,12 +466,7 @@ mod tests {
         let (layout, mut to_send, dest, mut kz) = setup();
         let mut inbox = HintInbox::new();
         let sink = inbox.register("test", HintKind::Free);
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
 
         // Early: tagged with an epoch that has not begun, refused by the sink.
         inbox.open(Epoch(0));
@@ -502,12 +510,7 @@ mod tests {
                 GuestRange::new(1, PAGE_SIZE),
             ],
         );
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 0);
         assert_eq!(inbox.stats()[0].ranges_invalid, 4);
         assert_eq!(to_send.count(), 64);
@@ -521,12 +524,7 @@ mod tests {
         let sink = inbox.register("holes", HintKind::Zero);
         inbox.open(Epoch(3));
         sink.hint(Epoch(3), &[GuestRange::new(0, 8 * PAGE_SIZE)]);
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         assert_eq!(inbox.drain(&layout, &mut t, 100).pages_skipped, 6);
         assert!(to_send.get(4) && to_send.get(5) && !to_send.get(3) && !to_send.get(6));
         assert!(kz.get(4) && kz.get(5) && !kz.get(3));
@@ -544,12 +542,7 @@ mod tests {
         }
         assert_eq!(accepted, INBOX_MESSAGES_MAX);
         assert_eq!(inbox.stats()[0].messages_dropped, 10);
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         // Each message costs 3 units (taken, one range, one word): two are applied, the
         // third taken when the budget runs out waits with its range for the next drain.
         let d = inbox.drain(&layout, &mut t, 7);
@@ -574,12 +567,7 @@ mod tests {
             PageBitmap::new(4096),
             PageBitmap::new(4096),
         );
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         let mut inbox = HintInbox::new();
         let sink = inbox.register("whole-ram", HintKind::Free);
         inbox.open(Epoch(0));
@@ -613,12 +601,7 @@ mod tests {
     #[test]
     fn closing_the_epoch_drops_the_rest_of_a_message_cut_short() {
         let (layout, mut to_send, dest, mut kz) = setup();
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         let mut inbox = HintInbox::new();
         let sink = inbox.register("test", HintKind::Free);
         inbox.open(Epoch(0));
@@ -641,12 +624,7 @@ mod tests {
         let a = inbox.register("a", HintKind::Free);
         let b = inbox.register("b", HintKind::Zero);
         let (layout, mut to_send, dest, mut kz) = setup();
-        let mut t = HintTargets {
-            to_send: &mut to_send,
-            dest_nonzero: &dest,
-            known_zero: &mut kz,
-            audit: None,
-        };
+        let mut t = targets(&mut to_send, &dest, &mut kz);
         inbox.open(Epoch(2));
         a.epoch_complete(Epoch(1));
         b.epoch_complete(Epoch(2));

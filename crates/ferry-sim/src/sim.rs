@@ -252,12 +252,7 @@ impl SimState {
             }
             Some(HintBehavior::WholeRamFlood) => {
                 if let Some(epoch) = self.current {
-                    let end = self
-                        .guest
-                        .layout()
-                        .regions()
-                        .last()
-                        .map_or(0, |r| r.gpa + r.size);
+                    let end = ram_end(&self.guest);
                     let ranges = vec![GuestRange::new(0, end); RANGES_PER_MESSAGE_MAX];
                     for _ in 0..8 {
                         sink.hint(epoch, &ranges);
@@ -297,12 +292,7 @@ impl SimState {
             }
             Some(HintBehavior::Garbage) => {
                 let mut r = self.guest.hold_free(pages, self.zero_on_alloc);
-                let end = self
-                    .guest
-                    .layout()
-                    .regions()
-                    .last()
-                    .map_or(0, |r| r.gpa + r.size);
+                let end = ram_end(&self.guest);
                 r.extend([
                     GuestRange::new(end, 1 << 20),
                     GuestRange::new(u64::MAX - PAGE_SIZE, 2 * PAGE_SIZE),
@@ -350,6 +340,11 @@ impl SimState {
 /// An address in the gap between the simulated RAM regions.
 fn ferry_sim_hole() -> u64 {
     crate::guest::HIGH_RAM_START - (1 << 20)
+}
+
+/// The guest-physical address just past the last RAM region.
+fn ram_end(g: &Guest) -> u64 {
+    g.layout().regions().last().map_or(0, |r| r.gpa + r.size)
 }
 
 /// Free pages as ranges without holding them.
