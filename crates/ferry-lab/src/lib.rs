@@ -12,12 +12,14 @@
 //!   console line so that tests can check the guest kernel reported no error
 //!   ([`AgentClient::kernel_errors`]).
 //! - [`hw_kvm_usable`] says whether this machine can run such a guest at all (see `lab/run`).
+//! - [`exit_lab_fault`] ends a test binary on a proven fault of the lab itself.
 //!
 //! The agent's protocol is documented in the `ferry-guest-agent` crate and in docs/lab.md.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod agent;
+mod fault;
 mod guest;
 mod image;
 mod kvm;
@@ -27,6 +29,7 @@ pub use agent::{
     checker_pages, is_heartbeat, AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS,
     POWER_OFF_WARNINGS, READY_LINE,
 };
+pub use fault::{exit_lab_fault, LAB_FAULT_EXIT};
 pub use guest::{Guest, GuestError};
 pub use image::{GuestImage, ImageError};
 pub use kvm::hw_kvm_usable;

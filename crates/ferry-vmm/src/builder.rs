@@ -342,5 +342,14 @@ fn check_compatible(base: &Base, state: &MachineState) -> Result<(), VmmError> {
     if state.balloon.is_some() != base.config.balloon.enabled {
         return bad("balloon present on one side only".into());
     }
+    for v in &state.vcpus {
+        if let Some(table) = v.page_tables_outside(&state.memory) {
+            return bad(format!(
+                "vCPU {}'s page tables at {table:#x} lie outside the guest's RAM: the saved \
+                 guest was already broken (CR3 rewritten below it) and could not run",
+                v.id
+            ));
+        }
+    }
     Ok(())
 }

@@ -290,6 +290,7 @@ fn churn_progresses(agent: &mut AgentClient) -> Result<()> {
 /// also how KVM reads them when it emulates an instruction.
 fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
     let mut report = Vec::new();
+    let mut lab_fault = None;
     for round in 0..2 {
         if round > 0 {
             std::thread::sleep(Duration::from_secs(1));
@@ -300,6 +301,14 @@ fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
                     report.push(v.describe());
                     if round == 0 {
                         report.push(format!("  rip: {}", walk(vmm, v.sregs.cr3, v.regs.rip)));
+                        if let Some(table) = v.page_tables_outside(&ram_regions(vmm)) {
+                            report.extend(diagnose_cr3(vmm, v.sregs.cr3, v.regs.rip));
+                            lab_fault = Some(format!(
+                                "vCPU {} runs on page tables at {table:#x}, outside the guest's \
+                                 RAM",
+                                v.id
+                            ));
+                        }
                         let e = &v.vcpu_events;
                         if e.exception_has_payload != 0 && e.exception.nr == 14 {
                             let cr2 = e.exception_payload;
@@ -311,7 +320,76 @@ fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
             Err(e) => report.push(format!("cannot read the vCPUs: {e}")),
         }
     }
-    error.context(format!("vCPUs:\n{}", report.join("\n")))
+    let error = error.context(format!("vCPUs:\n{}", report.join("\n")));
+    // ferry never wrote that CR3 (a restore refuses one outside RAM, a pause writes none)
+    // and the guest cannot have loaded it: the lab's emulated host did (docs/lab.md).
+    if let Some(fault) = lab_fault {
+        ferry_lab::exit_lab_fault(&format!("{fault}\n{error:?}"));
+    }
+    error
+}
+
+/// The VM's RAM regions, as a saved state records them.
+fn ram_regions(vmm: &Vmm) -> Vec<ferry_migration::RegionDesc> {
+    vmm.memory()
+        .iter()
+        .map(|r| ferry_migration::RegionDesc {
+            gpa: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect()
+}
+
+/// For a CR3 beyond guest RAM (seen: 0x1_00ab_6000, 0x1_02e2_4000, the lab host's own CR3):
+/// the walk with the low 32 bits, the top-level slots in use there, and every kernel pointer in
+/// guest RAM to that table, to tell a pointer corrupted in guest memory (the kernel loaded
+/// what `mm->pgd` says) from a register corrupted below the guest.
+fn diagnose_cr3(vmm: &Vmm, cr3: u64, rip: u64) -> Vec<String> {
+    let low = cr3 & 0xffff_ffff;
+    let mut out = vec![format!("  rip with CR3 {low:#x}: {}", walk(vmm, low, rip))];
+    let mut slots = Vec::new();
+    for i in 0..512u64 {
+        let e: u64 = vmm
+            .memory()
+            .read_obj(vm_memory::GuestAddress((low & !0xfff) + i * 8))
+            .unwrap_or(0);
+        if e & 1 != 0 {
+            slots.push(format!("{i}:{e:#x}"));
+        }
+    }
+    out.push(format!("  L4 slots at {low:#x}: {}", slots.join(" ")));
+    let (mut hits, mut count) = (Vec::new(), 0);
+    let target = low & !0xfff;
+    for region in vmm.memory().iter() {
+        let (start, len) = (region.start_addr().0, region.len());
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            if vmm
+                .memory()
+                .read_slice(&mut buf[..n], vm_memory::GuestAddress(start + off))
+                .is_err()
+            {
+                break;
+            }
+            for (i, q) in buf[..n].chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(q.try_into().unwrap_or_default());
+                if v >> 48 == 0xffff && v & 0xffff_ffff == target {
+                    count += 1;
+                    if hits.len() < 24 {
+                        hits.push(format!("{:#x}={v:#x}", start + off + i as u64 * 8));
+                    }
+                }
+            }
+            off += n as u64;
+        }
+    }
+    out.push(format!(
+        "  kernel pointers to ..{target:08x} in RAM ({count}): {}",
+        hits.join(" ")
+    ));
+    out
 }
 
 /// Translates `gva` through the 4-level page tables at `cr3`, reading guest RAM as the host
@@ -379,6 +457,12 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
     // Control experiment: the same guest, workload and timing, but no pause at all, to tell
     // a guest lost to pausing from one the lab loses anyway.
     let no_pause = std::env::var_os("FERRY_PAUSE_NONE").is_some();
+    // Stress experiment: every pause/resume hop pauses and resumes this many times, a few ms
+    // apart, to tell a fault that comes with pauses from one that comes with time.
+    let burst: u32 = std::env::var("FERRY_PAUSE_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let (dir, mut config) = lab_vm("hops", 256 << 20)?;
     config.serial = SerialTarget::Socket(dir.join("vm0.sock"));
 
@@ -405,8 +489,25 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         if no_pause {
             // Nothing: the guest runs on.
         } else if hop % 2 == 0 {
-            vmm.pause()?;
-            vmm.resume();
+            for i in 0..burst {
+                if i > 0 {
+                    std::thread::sleep(hop_delay(hop * burst + i));
+                }
+                vmm.pause()?;
+                if burst > 1 {
+                    // Catch a CR3 outside RAM at the pause it first shows at.
+                    let ram = ram_regions(&vmm);
+                    let bad = vmm
+                        .save_vcpus_for_diagnosis()?
+                        .iter()
+                        .any(|v| v.page_tables_outside(&ram).is_some());
+                    if bad {
+                        let e = anyhow::anyhow!("CR3 outside RAM at pause {i} of hop {hop}");
+                        return Err(with_vcpus(e, &vmm));
+                    }
+                }
+                vmm.resume();
+            }
         } else {
             vmm.pause()?;
             let state = vmm.save_state()?;

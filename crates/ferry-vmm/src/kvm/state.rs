@@ -8,6 +8,7 @@
 //! xsave, xcrs, debugregs, lapic (before MSRs: TSC_DEADLINE needs it), MSRs, vcpu_events last;
 //! then PIT, clock, irqchips.
 
+use ferry_migration::RegionDesc;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -354,6 +355,27 @@ impl VcpuState {
             })
     }
 
+    /// The guest-physical address of the vCPU's top-level page table when paging is on and
+    /// that table is not inside any of the `ram` regions; `None` otherwise.
+    ///
+    /// A guest kernel never loads such a CR3 (its very next instruction fetch would fault), so
+    /// one seen in a saved state means something below the guest rewrote it: in the lab, the
+    /// emulated SVM of its host has been caught writing the host's own CR3 into a guest's
+    /// (docs/lab.md, "The lab writes its own CR3 into the guest"). Restoring such a state would
+    /// only start a guest that cannot run.
+    pub fn page_tables_outside(&self, ram: &[RegionDesc]) -> Option<u64> {
+        const CR0_PG: u64 = 1 << 31;
+        // CR3 bits 12-51 hold the table; the low bits are PCID or cache control, the top
+        // bit is the PCID no-flush hint.
+        const TABLE: u64 = 0x000f_ffff_ffff_f000;
+        if self.sregs.cr0 & CR0_PG == 0 {
+            return None;
+        }
+        let table = self.sregs.cr3 & TABLE;
+        let inside = ram.iter().any(|r| table >= r.gpa && table - r.gpa < r.size);
+        (!inside).then_some(table)
+    }
+
     /// One line on what the vCPU was doing, for diagnosing a guest that stopped: where it
     /// ran (RIP; LSTAR is the guest kernel's `entry_SYSCALL_64`, which gives its KASLR
     /// offset against System.map), whether it could take interrupts, what was pending, and
@@ -423,6 +445,46 @@ mod tests {
             lapic.regs[0x380 + i] = b as _;
         }
         assert_eq!(lapic_reg(&lapic, 0x380), 0x1234_5678);
+    }
+
+    #[test]
+    fn page_tables_outside_ram_are_found_only_with_paging_on() {
+        let region = |gpa, size| RegionDesc { gpa, size };
+        let ram = [region(0, 0xc000_0000), region(0x1_0000_0000, 0x4000_0000)];
+        let mut v = VcpuState {
+            id: 0,
+            cpuid: Vec::new(),
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            vcpu_events: Default::default(),
+            tsc_khz: None,
+        };
+        v.sregs.cr3 = 0x1_00ab_6000;
+        // Real mode or paging off: CR3 means nothing.
+        assert_eq!(v.page_tables_outside(&ram), None);
+        v.sregs.cr0 = 0x8005_0033;
+        assert_eq!(v.page_tables_outside(&ram), None, "in the high region");
+        v.sregs.cr3 = 0xc000_0000;
+        assert_eq!(
+            v.page_tables_outside(&ram),
+            Some(0xc000_0000),
+            "in the hole"
+        );
+        v.sregs.cr3 = 0x1_4000_0000;
+        assert_eq!(
+            v.page_tables_outside(&ram),
+            Some(0x1_4000_0000),
+            "past the end"
+        );
+        // PCID and the no-flush bit are not part of the address.
+        v.sregs.cr3 = (1 << 63) | 0x0273_8000 | 0x5;
+        assert_eq!(v.page_tables_outside(&ram), None);
     }
 
     #[test]
