@@ -94,6 +94,9 @@ pub enum Request {
     /// Cancel the running migration: the guest keeps running here, the destination discards
     /// what it received. Refused when no migration runs, or once the guest was handed over.
     MigrateCancel,
+    /// What every vCPU is doing, for diagnosing a guest that stopped answering (the vCPUs
+    /// stop for the read; refused while a migration owns the VM).
+    Vcpus,
 }
 
 /// A reply line.
@@ -360,6 +363,12 @@ impl ApiClient {
         self.request(&Request::MigrateCancel).map(drop)
     }
 
+    /// `vcpus`, typed.
+    pub fn vcpus(&mut self) -> Result<Vec<crate::status::VcpuReport>, ApiError> {
+        let v = self.request(&Request::Vcpus)?;
+        serde_json::from_value(v).map_err(|e| ApiError::Reply(e.to_string()))
+    }
+
     /// `shutdown`.
     pub fn shutdown(&mut self) -> Result<(), ApiError> {
         self.request(&Request::Shutdown).map(drop)
@@ -394,6 +403,7 @@ mod tests {
     fn requests_have_a_stable_wire_form() {
         let j = |r: &Request| serde_json::to_string(r).unwrap();
         assert_eq!(j(&Request::Status), r#"{"cmd":"status"}"#);
+        assert_eq!(j(&Request::Vcpus), r#"{"cmd":"vcpus"}"#);
         assert_eq!(
             j(&Request::BalloonSet { target_bytes: 4096 }),
             r#"{"cmd":"balloon-set","target_bytes":4096}"#

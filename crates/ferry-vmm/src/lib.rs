@@ -120,6 +120,9 @@ impl api::ApiHandler for ApiVmm {
             }
             Request::Migrate { to, options } => migration.handle(vmm, &to, options),
             Request::MigrateCancel => migration.cancel().map(|()| Value::Null),
+            Request::Vcpus => migration.unless_migrating(StateChange::Vcpus, || {
+                json(vmm.vcpu_reports().map_err(err)?)
+            }),
         }
     }
 }

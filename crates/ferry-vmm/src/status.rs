@@ -14,6 +14,21 @@ pub enum RunState {
     Paused,
 }
 
+/// What `vcpus` reports for one vCPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuReport {
+    /// vCPU index.
+    pub id: u8,
+    /// Registers, pending events and local APIC in one line
+    /// (`ferry_vmm::kvm::state::VcpuState::describe`).
+    pub state: String,
+    /// The guest-physical address of its top-level page table when paging is on and that
+    /// lies outside the guest's RAM: a guest that cannot run, whose CR3 was rewritten below
+    /// it (docs/lab.md, "The lab writes its own CR3 into the guest").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_tables_outside_ram: Option<u64>,
+}
+
 /// What `status` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

@@ -19,7 +19,7 @@ use crate::kvm::vcpu::{VcpuControl, VcpuError, Vcpus};
 use crate::kvm::vm::{KvmVm, VmError};
 use crate::memory::{GuestMemory, GuestRam, KvmDirtyLog, MemoryError};
 use crate::serial::{SerialConsole, SerialError, SerialSnapshot};
-pub use crate::status::{BalloonInfo, RunState, Status};
+pub use crate::status::{BalloonInfo, RunState, Status, VcpuReport};
 use crate::{acpi, boot};
 
 /// Version of [`MachineState`]'s layout.
@@ -250,6 +250,21 @@ impl Vmm {
             .save_vcpus_for_diagnosis()?
             .iter()
             .map(VcpuState::describe)
+            .collect())
+    }
+
+    /// One [`VcpuReport`] per vCPU, for the `vcpus` request. Pauses the vCPUs for the read
+    /// and resumes them if they ran.
+    pub fn vcpu_reports(&self) -> Result<Vec<VcpuReport>, VmmError> {
+        let ram = self.ram.layout().regions().to_vec();
+        Ok(self
+            .save_vcpus_for_diagnosis()?
+            .iter()
+            .map(|v| VcpuReport {
+                id: v.id,
+                state: v.describe(),
+                page_tables_outside_ram: v.page_tables_outside(&ram),
+            })
             .collect())
     }
 

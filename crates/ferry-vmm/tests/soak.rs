@@ -65,6 +65,10 @@ enum Failure {
     Stalled,
     /// A kernel error on a console.
     Kernel,
+    /// Not ferry's: the destination's guest stopped because the lab's emulated host wrote
+    /// its own CR3 into it (a vCPU's page tables outside RAM; docs/lab.md). Counted and shown,
+    /// not a failure.
+    LabFault,
 }
 
 impl fmt::Display for Failure {
@@ -161,6 +165,9 @@ fn soak_hop(
     }
     let left = HEARTBEAT_AFTER_RESTORE.saturating_sub(resumed.elapsed());
     if let Err(e) = dest.agent.wait_for("heartbeat", left, is_heartbeat) {
+        if let Some(evidence) = lab_fault(&dest) {
+            return fail(Failure::LabFault, anyhow::anyhow!("{evidence}"));
+        }
         let why = diagnose(&mut dest);
         return fail(
             Failure::Silent,
@@ -169,7 +176,15 @@ fn soak_hop(
             ),
         );
     }
-    let status = dest.command("workload status").kind(Failure::Stalled)?;
+    let status = match dest.command("workload status") {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(evidence) = lab_fault(&dest) {
+                return fail(Failure::LabFault, anyhow::anyhow!("{evidence}"));
+            }
+            return fail(Failure::Stalled, e);
+        }
+    };
     let pages = checked_pages(&status).kind(Failure::LostWrite)?;
     if pages <= pages_before {
         return fail(
@@ -304,13 +319,18 @@ fn soak_a_guest_survives_a_chain_of_live_migrations() -> Result<()> {
     let mut rng = Rng(seed | 1);
     let dir = test_dir("soak")?;
     let mut table = vec![
-        "| vCPUs | hops | failures | by kind | MiB sent (median) | total ms (median) | downtime ms (median) |".to_owned(),
+        "| vCPUs | hops | failures (lab faults included) | by kind | MiB sent (median) | total ms (median) | downtime ms (median) |".to_owned(),
         "|---|---:|---:|---|---:|---:|---:|".to_owned(),
     ];
     let mut failures = 0;
     for v in vcpus {
         let tally = chain(&dir, v, hops, gap_ms, &mut rng)?;
-        failures += tally.failures.values().sum::<u64>();
+        failures += tally
+            .failures
+            .iter()
+            .filter(|(k, _)| **k != Failure::LabFault)
+            .map(|(_, n)| n)
+            .sum::<u64>();
         table.push(tally.line(&v.to_string()));
     }
     eprintln!(

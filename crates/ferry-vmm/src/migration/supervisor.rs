@@ -219,6 +219,8 @@ pub enum StateChange {
     Resume,
     /// `balloon-set`.
     BalloonSet,
+    /// `vcpus` (stops the vCPUs for the read).
+    Vcpus,
 }
 
 impl std::fmt::Display for StateChange {
@@ -227,6 +229,7 @@ impl std::fmt::Display for StateChange {
             Self::Pause => "pause",
             Self::Resume => "resume",
             Self::BalloonSet => "balloon-set",
+            Self::Vcpus => "vcpus",
         })
     }
 }

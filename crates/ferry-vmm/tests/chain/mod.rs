@@ -428,10 +428,41 @@ pub fn hop(
 
 /// What a silent destination is doing: whether the guest kernel still answers the balloon's
 /// statistics requests, and whether console input (an interrupt) wakes its output up.
+/// The evidence of a lab fault in a VMM whose guest stopped: a vCPU whose page tables lie
+/// outside the guest's RAM (the lab's emulated host wrote its own CR3 into the guest,
+/// docs/lab.md), with every vCPU's state; `None` when there is no such vCPU (or the VMM does
+/// not answer).
+pub fn lab_fault(node: &Node) -> Option<String> {
+    let vcpus = ApiClient::connect(&node.api).ok()?.vcpus().ok()?;
+    let bad: Vec<String> = vcpus
+        .iter()
+        .filter_map(|v| {
+            let table = v.page_tables_outside_ram?;
+            Some(format!(
+                "vCPU {} of {} runs on page tables at {table:#x}, outside the guest's RAM",
+                v.id, node.name
+            ))
+        })
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    let states: Vec<String> = vcpus
+        .iter()
+        .map(|v| format!("vCPU {}: {}", v.id, v.state))
+        .collect();
+    Some(format!("{}\n{}", bad.join("\n"), states.join("\n")))
+}
+
 pub fn diagnose(node: &mut Node) -> String {
     let mut out = String::new();
     if let Ok(mut api) = ApiClient::connect(&node.api) {
         out += &format!("status: {:?}\n", api.status());
+        if let Ok(vcpus) = api.vcpus() {
+            for v in vcpus {
+                out += &format!("vCPU {}: {}\n", v.id, v.state);
+            }
+        }
         out += &format!("balloon stats: {:?}\n", api.balloon_stats());
         std::thread::sleep(Duration::from_secs(3));
         out += &format!("balloon stats 3 s later: {:?}\n", api.balloon_stats());

@@ -1,5 +1,5 @@
-//! The control commands: `ferry status`, `pause`, `resume`, `balloon`, `shutdown` and
-//! `cancel`, each a client of a running VMM's control API (`--api SOCK`, the VMM's
+//! The control commands: `ferry status`, `pause`, `resume`, `balloon`, `shutdown`,
+//! `cancel` and `vcpus`, each a client of a running VMM's control API (`--api SOCK`, the VMM's
 //! `--api-socket`). Human output by default, the API's JSON with `--json`.
 
 use std::path::{Path, PathBuf};
@@ -54,6 +54,9 @@ pub enum ControlCommand {
     /// Cancel the running migration of the VMM: the guest keeps running there and the
     /// destination discards what it received (too late once the guest was handed over).
     Cancel(ApiArgs),
+    /// Show what every vCPU is doing (registers, pending events, local APIC), to diagnose a
+    /// guest that stopped answering; the vCPUs stop for the read.
+    Vcpus(ApiArgs),
 }
 
 fn connect(api: &Path) -> Result<ApiClient> {
@@ -82,7 +85,30 @@ pub fn run(command: &ControlCommand) -> Result<()> {
             "cancel requested: the migration stops, the guest keeps running there",
         ),
         ControlCommand::Balloon(b) => balloon(b),
+        ControlCommand::Vcpus(a) => {
+            let vcpus = request(&a.api, &Request::Vcpus)?;
+            print(a.json, &vcpus, vcpus_text)
+        }
     }
+}
+
+/// One line per vCPU, and a warning for one that cannot run.
+fn vcpus_text(vcpus: &Value) -> String {
+    let mut out = String::new();
+    for v in vcpus.as_array().into_iter().flatten() {
+        let id = &v["id"];
+        out.push_str(&format!(
+            "vCPU {id}: {}\n",
+            v["state"].as_str().unwrap_or("?")
+        ));
+        if let Some(table) = v["page_tables_outside_ram"].as_u64() {
+            out.push_str(&format!(
+                "vCPU {id}: its page tables at {table:#x} lie outside the guest's RAM: this \
+                 guest cannot run (CR3 rewritten below it)\n"
+            ));
+        }
+    }
+    out
 }
 
 /// Sends a request without a result and says what happened.
@@ -308,6 +334,27 @@ mod tests {
             t.contains(
                 "migration  precopy to 10.0.0.2:4444: round 2, 40/100 pages, 3.0 MiB sent, 1.5 s"
             ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn vcpus_flags_one_whose_page_tables_lie_outside_ram() {
+        let v = json!([
+            {"id": 0, "state": "mp_state=0 rip=0xffffffff81a18710 cr3=0x2738000"},
+            {"id": 1, "state": "mp_state=0 rip=0xffffffffc035120c cr3=0x102e24000",
+             "page_tables_outside_ram": 0x1_02e2_4000u64}
+        ]);
+        let t = vcpus_text(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(
+            lines[0],
+            "vCPU 0: mp_state=0 rip=0xffffffff81a18710 cr3=0x2738000"
+        );
+        assert!(lines[1].starts_with("vCPU 1: mp_state=0"), "{t}");
+        assert!(
+            lines[2].starts_with("vCPU 1: its page tables at 0x102e24000 lie outside"),
             "{t}"
         );
     }
