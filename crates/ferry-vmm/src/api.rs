@@ -1,7 +1,10 @@
 //! The control API: one JSON object per line over a Unix socket, one reply line per request.
 //! Protocol reference: `docs/vmm.md`. [`ApiClient`] is the client the `ferry` CLI uses.
+//! Each connection starts with the server's greeting, which carries the API version
+//! ([`API_VERSION`]), as QMP's does.
 //!
 //! ```text
+//! <- {"ferry":{"api":1,"vmm":"ferry-vmm 0.1.0"}}
 //! -> {"cmd":"status"}
 //! <- {"ok":true,"result":{"state":"running","vcpus":2,...}}
 //! -> {"cmd":"balloon-set","target_bytes":268435456}
@@ -29,6 +32,38 @@ pub const CLIENTS_MAX: usize = 16;
 /// How long [`ApiClient`] waits for a reply (except to `migrate`, which lasts as long as the
 /// migration).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The version of this protocol, in every connection's greeting. It changes when a request
+/// or reply changes incompatibly (a new request or an added reply field does not change it);
+/// a client refuses a server of another version.
+pub const API_VERSION: u32 = 1;
+
+/// The first line the server writes on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Greeting {
+    /// Who answers.
+    pub ferry: ServerInfo,
+}
+
+/// What the greeting says about the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// [`API_VERSION`] of the server.
+    pub api: u32,
+    /// The serving program and its version.
+    pub vmm: String,
+}
+
+impl Greeting {
+    fn this() -> Self {
+        Self {
+            ferry: ServerInfo {
+                api: API_VERSION,
+                vmm: concat!("ferry-vmm ", env!("CARGO_PKG_VERSION")).to_owned(),
+            },
+        }
+    }
+}
 
 /// Errors of the API server and client.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +95,19 @@ pub enum ApiError {
     /// The VMM closed the connection before it answered (it exited, or was killed).
     #[error("the VMM at {0} closed the connection without answering (did it exit?)")]
     Closed(PathBuf),
+    /// The VMM speaks another version of the API.
+    #[error(
+        "the VMM at {path} speaks API version {theirs} ({vmm}); this client speaks version \
+         {API_VERSION}: use the ferry command of the same release"
+    )]
+    Version {
+        /// Path.
+        path: PathBuf,
+        /// The server's version.
+        theirs: u32,
+        /// The server's program.
+        vmm: String,
+    },
 }
 
 /// A request: `{"cmd": "<name>", ...arguments}`.
@@ -227,6 +275,12 @@ fn serve_client(stream: UnixStream, handler: &dyn ApiHandler, in_flight: &Arc<At
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
+    let Ok(greeting) = serde_json::to_string(&Greeting::this()) else {
+        return;
+    };
+    if writeln!(out, "{greeting}").is_err() {
+        return;
+    }
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
@@ -274,8 +328,32 @@ impl ApiClient {
         let stream = UnixStream::connect(&path).map_err(io)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(io)? == 0 {
+            return Err(ApiError::Closed(path));
+        }
+        match serde_json::from_str::<Greeting>(&line) {
+            Ok(g) if g.ferry.api == API_VERSION => {}
+            Ok(g) => {
+                return Err(ApiError::Version {
+                    path,
+                    theirs: g.ferry.api,
+                    vmm: g.ferry.vmm,
+                })
+            }
+            // No greeting: a refusal (too many clients) or not a ferry VMM.
+            Err(_) => {
+                return Err(match serde_json::from_str::<Reply>(&line) {
+                    Ok(Reply {
+                        ok: false, error, ..
+                    }) => ApiError::Refused(error.unwrap_or_default()),
+                    _ => ApiError::Reply(format!("expected the VMM's greeting, got {line:?}")),
+                })
+            }
+        }
         Ok(Self {
-            reader: BufReader::new(stream),
+            reader,
             writer,
             path,
         })
@@ -470,8 +548,10 @@ mod tests {
         let (dir, path) = socket_dir("ferry-api-closed");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
-            // Read the request, then go away without a reply, as a killed VMM does.
-            let (stream, _) = listener.accept().unwrap();
+            // Greet, read the request, then go away without a reply, as a killed VMM does.
+            let (mut stream, _) = listener.accept().unwrap();
+            let greeting = serde_json::to_string(&Greeting::this()).unwrap();
+            writeln!(stream, "{greeting}").unwrap();
             let mut line = String::new();
             BufReader::new(&stream).read_line(&mut line).unwrap();
         });
@@ -524,12 +604,52 @@ mod tests {
         );
         // A second client is served independently.
         ApiClient::connect(&path).unwrap().resume().unwrap();
-        // Over-long lines close the connection with an error.
+        // Every connection starts with the greeting; over-long lines close the connection
+        // with an error.
         let mut raw = UnixStream::connect(&path).unwrap();
+        let mut reader = BufReader::new(raw.try_clone().unwrap());
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting).unwrap();
+        let g: Greeting = serde_json::from_str(&greeting).unwrap();
+        assert_eq!(g.ferry.api, API_VERSION);
+        assert!(g.ferry.vmm.starts_with("ferry-vmm "), "{greeting}");
         raw.write_all(&vec![b' '; REQUEST_BYTES_MAX as usize + 10])
             .unwrap();
         let mut reply = String::new();
-        BufReader::new(raw).read_line(&mut reply).unwrap();
+        reader.read_line(&mut reply).unwrap();
         assert!(reply.contains("too long"), "{reply}");
+    }
+
+    /// A server that greets with `line` instead of ferry's greeting.
+    fn greeting_server(line: &'static str) -> (PathBuf, PathBuf) {
+        let (dir, path) = socket_dir(&format!("greet-{}", line.len()));
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let _ = writeln!(s, "{line}");
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_client_refuses_another_api_version_and_a_server_that_does_not_greet() {
+        let (dir, path) = greeting_server(r#"{"ferry":{"api":2,"vmm":"ferry-vmm 9.0.0"}}"#);
+        let e = ApiClient::connect(&path).unwrap_err();
+        assert!(matches!(e, ApiError::Version { theirs: 2, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("speaks API version 2 (ferry-vmm 9.0.0)"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        let (dir, path) = greeting_server(r#"{"ok":false,"error":"too many API clients"}"#);
+        let e = ApiClient::connect(&path).unwrap_err();
+        assert!(e.to_string().contains("too many API clients"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+        let (dir, path) = greeting_server(r#"{"QMP":{"version":{}}}"#);
+        let e = ApiClient::connect(&path).unwrap_err();
+        assert!(e.to_string().contains("expected the VMM's greeting"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
