@@ -97,6 +97,7 @@ fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
 
     source.pause()?;
     let saved = source.save_state()?;
+    exit_if_lab_fault(&saved, "the save");
     let bytes = serde_json::to_vec(&saved)?;
     eprintln!(
         "machine state: {} bytes of JSON, {} vCPUs",
@@ -329,6 +330,21 @@ fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
     error
 }
 
+/// Ends the test binary as a lab fault when a saved vCPU runs on page tables outside RAM:
+/// the lab host wrote its CR3 into the guest before the save (a restore would refuse it).
+fn exit_if_lab_fault(state: &MachineState, when: &str) {
+    for v in &state.vcpus {
+        if let Some(table) = v.page_tables_outside(&state.memory) {
+            ferry_lab::exit_lab_fault(&format!(
+                "saved at {when}: vCPU {} on page tables at {table:#x}, outside the guest's \
+                 RAM: {}",
+                v.id,
+                v.describe()
+            ));
+        }
+    }
+}
+
 /// The VM's RAM regions, as a saved state records them.
 fn ram_regions(vmm: &Vmm) -> Vec<ferry_migration::RegionDesc> {
     vmm.memory()
@@ -511,6 +527,7 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         } else {
             vmm.pause()?;
             let state = vmm.save_state()?;
+            exit_if_lab_fault(&state, &format!("hop {hop}"));
             last_saved = state
                 .vcpus
                 .iter()
