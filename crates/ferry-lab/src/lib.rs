@@ -29,7 +29,7 @@ pub use agent::{
     checker_pages, is_heartbeat, AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS,
     POWER_OFF_WARNINGS, READY_LINE,
 };
-pub use fault::{exit_lab_fault, LAB_FAULT_EXIT};
+pub use fault::{exit_lab_fault, page_walks_outside_ram, LAB_FAULT_EXIT};
 pub use guest::{Guest, GuestError};
 pub use image::{GuestImage, ImageError};
 pub use kvm::hw_kvm_usable;

@@ -249,7 +249,10 @@ fn a_guest_that_never_converges_is_throttled_and_the_policy_ends_the_migration()
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let stats = migration.join().expect("the migration thread panicked")?;
+    let stats = migration
+        .join()
+        .expect("the migration thread panicked")
+        .map_err(|e| or_lab_fault(&[&node], e.into()))?;
     for r in &stats.rounds {
         eprintln!(
             "round {}: {} pages sent, {} dirtied ({:.0} pages/s), throttle {}%, {:.0} ms",

@@ -147,6 +147,9 @@ fn soak_hop(
     let stats = match request_migration(&source.api, &pending.endpoint, options) {
         Ok(s) => s,
         Err(e) => {
+            if let Some(evidence) = lab_fault(source) {
+                return fail(Failure::LabFault, anyhow::anyhow!("{evidence}\n{e}"));
+            }
             let log = source.log();
             return fail(
                 Failure::Migration,

@@ -382,12 +382,15 @@ pub fn hop(
     let pending = spawn_destination(dir, name, source.vcpus)?;
     let stats = match request_migration(&source.api, &pending.endpoint, options) {
         Ok(stats) => stats,
-        Err(e) => bail!(
-            "{} -> {name}: {e}\nsource process: {:?}\nsource VMM log:\n{}",
-            source.name,
-            source.child.try_wait(),
-            source.log()
-        ),
+        Err(e) => {
+            let e = anyhow::anyhow!(
+                "{} -> {name}: {e}\nsource process: {:?}\nsource VMM log:\n{}",
+                source.name,
+                source.child.try_wait(),
+                source.log()
+            );
+            return Err(or_lab_fault(&[source], e));
+        }
     };
     let mut dest = pending.attach()?;
     let status = source.wait_exit()?;
@@ -402,10 +405,11 @@ pub fn hop(
         HEARTBEAT_TIMEOUT,
         is_heartbeat,
     ) {
-        bail!(
+        let e = anyhow::anyhow!(
             "no heartbeat after the migration: {e}\n{}",
             diagnose(&mut dest)
         );
+        return Err(or_lab_fault(&[&dest], e));
     }
     let verify = dest.command("verify")?;
     ensure!(
@@ -430,9 +434,15 @@ pub fn hop(
 /// statistics requests, and whether console input (an interrupt) wakes its output up.
 /// The evidence of a lab fault in a VMM whose guest stopped: a vCPU whose page tables lie
 /// outside the guest's RAM (the lab's emulated host wrote its own CR3 into the guest,
-/// docs/lab.md), with every vCPU's state; `None` when there is no such vCPU (or the VMM does
-/// not answer).
+/// docs/lab.md), from the lab host's trace of the VMM's nested page faults or from its
+/// vCPUs' state; `None` without such evidence.
 pub fn lab_fault(node: &Node) -> Option<String> {
+    // After a triple fault KVM has reset the vCPU: its walks outside RAM in the lab host's
+    // trace are the evidence then.
+    let walks = ferry_lab::page_walks_outside_ram(node.child.id(), &[(0, MEMORY_MIB << 20)]);
+    if !walks.is_empty() {
+        return Some(format!("{}:\n{}", node.name, walks.join("\n")));
+    }
     let vcpus = ApiClient::connect(&node.api).ok()?.vcpus().ok()?;
     let bad: Vec<String> = vcpus
         .iter()
@@ -452,6 +462,17 @@ pub fn lab_fault(node: &Node) -> Option<String> {
         .map(|v| format!("vCPU {}: {}", v.id, v.state))
         .collect();
     Some(format!("{}\n{}", bad.join("\n"), states.join("\n")))
+}
+
+/// `error`, unless one of `nodes` shows a lab fault: then the test binary ends as one
+/// ([`ferry_lab::exit_lab_fault`], with the evidence and `error`).
+pub fn or_lab_fault(nodes: &[&Node], error: anyhow::Error) -> anyhow::Error {
+    for node in nodes {
+        if let Some(evidence) = lab_fault(node) {
+            ferry_lab::exit_lab_fault(&format!("{evidence}\ntest error: {error:#}"));
+        }
+    }
+    error
 }
 
 pub fn diagnose(node: &mut Node) -> String {
