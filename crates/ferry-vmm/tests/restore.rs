@@ -322,14 +322,12 @@ fn with_vcpus(error: anyhow::Error, vmm: &Vmm) -> anyhow::Error {
         }
     }
     let error = error.context(format!("vCPUs:\n{}", report.join("\n")));
-    if lab_fault.is_none() {
-        // A vCPU KVM reset after a triple fault shows no CR3; the lab host's trace of this
-        // process's nested page faults still does.
-        let ram: Vec<(u64, u64)> = ram_regions(vmm).iter().map(|r| (r.gpa, r.size)).collect();
-        let walks = ferry_lab::page_walks_outside_ram(std::process::id(), &ram);
-        if !walks.is_empty() {
-            lab_fault = Some(walks.join("\n"));
-        }
+    // A vCPU KVM reset after a triple fault shows no CR3; the lab host's trace of this
+    // process's nested page faults still does (and with a CR3 to see, both should agree).
+    let ram: Vec<(u64, u64)> = ram_regions(vmm).iter().map(|r| (r.gpa, r.size)).collect();
+    let walks = ferry_lab::page_walks_outside_ram(std::process::id(), &ram).join("\n");
+    if !walks.is_empty() {
+        lab_fault = Some(format!("{}\n{walks}", lab_fault.unwrap_or_default()));
     }
     // ferry never wrote that CR3 (a restore refuses one outside RAM, a pause writes none)
     // and the guest cannot have loaded it: the lab's emulated host did (docs/lab.md).
