@@ -516,12 +516,13 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
                 if i > 0 {
                     std::thread::sleep(hop_delay(hop * burst + i));
                 }
-                vmm.pause()?;
+                vmm.pause().map_err(|e| with_vcpus(e.into(), &vmm))?;
                 if burst > 1 {
                     // Catch a CR3 outside RAM at the pause it first shows at.
                     let ram = ram_regions(&vmm);
                     let bad = vmm
-                        .save_vcpus_for_diagnosis()?
+                        .save_vcpus_for_diagnosis()
+                        .map_err(|e| with_vcpus(e.into(), &vmm))?
                         .iter()
                         .any(|v| v.page_tables_outside(&ram).is_some());
                     if bad {
@@ -532,8 +533,8 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
                 vmm.resume();
             }
         } else {
-            vmm.pause()?;
-            let state = vmm.save_state()?;
+            vmm.pause().map_err(|e| with_vcpus(e.into(), &vmm))?;
+            let state = vmm.save_state().map_err(|e| with_vcpus(e.into(), &vmm))?;
             exit_if_lab_fault(&state, &format!("hop {hop}"));
             last_saved = state
                 .vcpus
