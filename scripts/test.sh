@@ -40,12 +40,17 @@ step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
 # RAM is the lab's (its emulated host writes its own CR3 into the guest: docs/lab.md) and the
 # soak counts it as a lab fault; triple faults, whose CR3 KVM erases, are not attributed yet.
 # Open bug, not a pass. Run it with `lab/soak` or FERRY_LAB_SOAK=1.
-lab_args=(-- --skip soak_)
-[[ "${FERRY_LAB_SOAK:-}" != 1 ]] || lab_args=()
+# The lab host's emulated CPU crashes it or corrupts a guest about once every few minutes of
+# 2-vCPU guest work (docs/lab.md, "The lab writes its own CR3 into the guest"): a crash
+# (exit 125, its console printed) runs the test binaries that had not passed yet again, a
+# test binary that proves a lab fault ("LAB FAULT", exit 125) runs again; anything else fails.
+lab_retries=(--crash-retries "${FERRY_LAB_CRASH_RETRIES:-4}")
+lab_args=("${lab_retries[@]}" -- --skip soak_)
+[[ "${FERRY_LAB_SOAK:-}" != 1 ]] || lab_args=("${lab_retries[@]}")
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
 else
-    ((${#lab_args[@]} == 0)) || printf 'QUARANTINED (not run, open bug, issue 11): the soak\n'
+    [[ "${FERRY_LAB_SOAK:-}" == 1 ]] || printf 'QUARANTINED (not run, open bug, issue 11): the soak\n'
     step "lab tests (real guests under KVM)" lab/test "${lab_args[@]}"
 fi
 

@@ -4,7 +4,8 @@
 //! that emulation has been caught corrupting its guests: it writes the lab host's own CR3
 //! into a guest vCPU's state. A test that finds such a fault, with evidence no code under
 //! test can produce, ends its test binary with [`LAB_FAULT_EXIT`] after printing the
-//! evidence; `lab/test` runs that binary once more (`FERRY_LAB_FAULT_RETRIES`) and counts it.
+//! evidence; `lab/test` runs that binary again (`FERRY_LAB_FAULT_RETRIES`, default 2) and
+//! counts it.
 //! Anything without that evidence stays a test failure.
 //!
 //! Two kinds of evidence: a vCPU state read from the VMM (its CR3 outside RAM, see
