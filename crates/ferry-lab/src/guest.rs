@@ -82,6 +82,9 @@ pub struct Guest {
     child: Child,
     dir: PathBuf,
     agent: AgentClient,
+    /// Guest RAM as `(start, len)` when it is one block from 0 (up to 3 GiB, below every
+    /// VMM's 32-bit hole); `None` for larger guests, whose layout this crate does not know.
+    ram: Option<(u64, u64)>,
 }
 
 impl Guest {
@@ -124,6 +127,7 @@ impl Guest {
                 child,
                 dir,
                 agent,
+                ram: (config.mem_mib <= 3 << 10).then_some((0, u64::from(config.mem_mib) << 20)),
             }),
             Err(e) => {
                 let _ = child.kill();
@@ -132,6 +136,23 @@ impl Guest {
                 Err(e)
             }
         }
+    }
+
+    /// `error`, unless the lab host's trace shows this VMM's guest walking page tables from a
+    /// CR3 outside its RAM: then the test binary ends as a lab fault
+    /// ([`crate::exit_lab_fault`], with the evidence and `error`).
+    pub fn or_lab_fault<E: std::fmt::Display>(&self, error: E) -> E {
+        if let Some(ram) = self.ram {
+            let walks = crate::page_walks_outside_ram(self.child.id(), &[ram]);
+            if !walks.is_empty() {
+                crate::exit_lab_fault(&format!(
+                    "{} guest:\n{}\ntest error: {error}",
+                    self.vmm,
+                    walks.join("\n")
+                ));
+            }
+        }
+        error
     }
 
     /// The agent on the guest's console.

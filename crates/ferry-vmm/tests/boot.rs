@@ -105,7 +105,8 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
     let mut guest = Guest::spawn(&vmm, &config)?;
     let ready = guest.agent().wait_ready(BOOT_TIMEOUT);
     if let Err(e) = ready {
-        bail!("{e}\nVMM log:\n{}", guest.vmm_log());
+        let e = anyhow::anyhow!("{e}\nVMM log:\n{}", guest.vmm_log());
+        return Err(guest.or_lab_fault(e));
     }
     eprintln!("boot to FERRY-AGENT READY: {:.1?}", started.elapsed());
     // Whatever fails from here, the VMM's own log says what it saw.
@@ -179,11 +180,12 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
     if let Err(e) = result {
         let transcript = guest.agent().transcript();
         let tail = &transcript[transcript.len().saturating_sub(40)..];
-        bail!(
+        let e = anyhow::anyhow!(
             "{e:#}\nVMM log:\n{}\nconsole (last 40 lines):\n{}",
             guest.vmm_log(),
             tail.join("\n")
         );
+        return Err(guest.or_lab_fault(e));
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
