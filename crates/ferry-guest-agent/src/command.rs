@@ -13,6 +13,7 @@ pub const HEARTBEAT_MS_MIN: u64 = 10;
 pub enum Command {
     Features,
     Meminfo,
+    Threads,
     Workload(WorkloadCommand),
     Dataset { mib: u64 },
     Verify,
@@ -35,7 +36,7 @@ pub enum WorkloadCommand {
 /// Why a line is not a command. Displayed after `ERR `, so it starts with the command name.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ParseError {
-    #[error("{0}: unknown command (features, meminfo, workload, dataset, verify, bump, heartbeat, shutdown)")]
+    #[error("{0}: unknown command (features, meminfo, threads, workload, dataset, verify, bump, heartbeat, shutdown)")]
     Unknown(String),
     #[error("{command}: usage: {usage}")]
     Usage {
@@ -58,6 +59,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
     match words.as_slice() {
         ["features"] => Ok(Command::Features),
         ["meminfo"] => Ok(Command::Meminfo),
+        ["threads"] => Ok(Command::Threads),
         ["verify"] => Ok(Command::Verify),
         ["bump"] => Ok(Command::Bump),
         ["shutdown"] => Ok(Command::Shutdown),
@@ -129,6 +131,7 @@ mod tests {
     fn parses_every_command() {
         assert_eq!(parse("features"), Ok(Command::Features));
         assert_eq!(parse("meminfo"), Ok(Command::Meminfo));
+        assert_eq!(parse("threads"), Ok(Command::Threads));
         assert_eq!(parse("dataset 64"), Ok(Command::Dataset { mib: 64 }));
         assert_eq!(parse("verify"), Ok(Command::Verify));
         assert_eq!(parse("bump"), Ok(Command::Bump));

@@ -81,6 +81,7 @@ impl Agent {
             Command::Meminfo => sysinfo::meminfo()
                 .map(|m| format!("OK meminfo {m}"))
                 .unwrap_or_else(|e| format!("ERR meminfo: {e}")),
+            Command::Threads => format!("OK threads {}", sysinfo::threads()),
             Command::Workload(w) => self.workload(w),
             Command::Dataset { mib } => {
                 // Drop the old data set first so both never occupy memory at once.

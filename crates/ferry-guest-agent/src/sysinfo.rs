@@ -143,9 +143,62 @@ pub fn meminfo() -> Result<Meminfo, SysinfoError> {
     Meminfo::parse(&read(Path::new("/proc/meminfo"))?)
 }
 
+/// The agent's threads, for a host that finds a workload stuck: `TID|NAME|STATE|WCHAN|STACK`
+/// per thread, `;`-separated, where STATE is the scheduler's letter (R, S, D...), WCHAN where
+/// a sleeping thread waits and STACK its top kernel frames (`<`-separated; empty when the
+/// kernel does not show them).
+pub fn threads() -> String {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return "unreadable".to_owned();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let field = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let stat = field("stat");
+        // "TID (NAME) S ...": the state follows the name's closing parenthesis.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned();
+        let stack: Vec<String> = field("stack")
+            .lines()
+            .take(6)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+            .collect();
+        let name = field("comm").trim().replace(['|', ';'], "_");
+        out.push(format!(
+            "{}|{name}|{state}|{}|{}",
+            task.file_name().to_string_lossy(),
+            field("wchan").trim(),
+            stack.join("<")
+        ));
+    }
+    out.sort();
+    out.join(";")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_this_process_threads_with_their_state() {
+        let t = threads();
+        // /proc/thread-self is "PID/task/TID": this thread, running while it reads /proc.
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid = me.file_name().unwrap().to_string_lossy().into_owned();
+        let this = t
+            .split(';')
+            .find(|e| e.split('|').next() == Some(tid.as_str()))
+            .unwrap_or_else(|| panic!("no thread {tid} in {t}"));
+        assert_eq!(this.split('|').nth(2), Some("R"), "{this}");
+        assert!(
+            t.split(';').count() >= 2,
+            "the test harness has more threads: {t}"
+        );
+    }
 
     #[test]
     fn decodes_feature_names_bit_0_first() {

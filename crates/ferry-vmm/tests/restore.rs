@@ -562,6 +562,11 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         eprintln!("hop {hop}: {meminfo}");
         // The guest makes progress, not just answers: its churn loop completes a cycle.
         if let Err(e) = churn_progresses(&mut agent) {
+            // Where the guest's threads wait (a stuck churn thread's kernel stack).
+            let threads = agent
+                .command("threads", COMMAND_TIMEOUT)
+                .unwrap_or_else(|t| format!("threads: {t}"));
+            let e = e.context(format!("agent threads: {threads}"));
             return Err(
                 with_vcpus(e, &vmm).context(format!("after hop {hop}; last save:\n{last_saved}"))
             );
