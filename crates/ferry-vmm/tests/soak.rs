@@ -100,6 +100,17 @@ fn fail<T>(kind: Failure, error: anyhow::Error) -> Result<T, HopError> {
     Err(HopError { kind, error })
 }
 
+/// `error` as a `kind` failure, or as a lab fault when `node` shows the lab's evidence.
+fn classify(node: &Node, kind: Failure, error: anyhow::Error) -> HopError {
+    match lab_fault(node) {
+        Some(evidence) => HopError {
+            kind: Failure::LabFault,
+            error: anyhow::anyhow!("{evidence}\n{error:#}"),
+        },
+        None => HopError { kind, error },
+    }
+}
+
 /// A small deterministic generator for the gaps (xorshift64*), so a seed replays a run.
 struct Rng(u64);
 
@@ -147,14 +158,9 @@ fn soak_hop(
     let stats = match request_migration(&source.api, &pending.endpoint, options) {
         Ok(s) => s,
         Err(e) => {
-            if let Some(evidence) = lab_fault(source) {
-                return fail(Failure::LabFault, anyhow::anyhow!("{evidence}\n{e}"));
-            }
             let log = source.log();
-            return fail(
-                Failure::Migration,
-                anyhow::anyhow!("{} -> {name}: {e}\nsource VMM log:\n{log}", source.name),
-            );
+            let e = anyhow::anyhow!("{} -> {name}: {e}\nsource VMM log:\n{log}", source.name);
+            return Err(classify(source, Failure::Migration, e));
         }
     };
     let mut dest = pending.attach().kind(Failure::Resume)?;
@@ -168,26 +174,15 @@ fn soak_hop(
     }
     let left = HEARTBEAT_AFTER_RESTORE.saturating_sub(resumed.elapsed());
     if let Err(e) = dest.agent.wait_for("heartbeat", left, is_heartbeat) {
-        if let Some(evidence) = lab_fault(&dest) {
-            return fail(Failure::LabFault, anyhow::anyhow!("{evidence}"));
-        }
         let why = diagnose(&mut dest);
-        return fail(
-            Failure::Silent,
-            anyhow::anyhow!(
-                "no heartbeat within {HEARTBEAT_AFTER_RESTORE:?} of the restore: {e}\n{why}"
-            ),
+        let e = anyhow::anyhow!(
+            "no heartbeat within {HEARTBEAT_AFTER_RESTORE:?} of the restore: {e}\n{why}"
         );
+        return Err(classify(&dest, Failure::Silent, e));
     }
-    let status = match dest.command("workload status") {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(evidence) = lab_fault(&dest) {
-                return fail(Failure::LabFault, anyhow::anyhow!("{evidence}"));
-            }
-            return fail(Failure::Stalled, e);
-        }
-    };
+    let status = dest
+        .command("workload status")
+        .map_err(|e| classify(&dest, Failure::Stalled, e))?;
     let pages = checked_pages(&status).kind(Failure::LostWrite)?;
     if pages <= pages_before {
         return fail(
