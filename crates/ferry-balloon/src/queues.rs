@@ -83,6 +83,12 @@ pub(crate) struct QueueCtx<'a> {
 /// avail ring's NO_INTERRUPT flag counts; Linux sets it on queues without a callback such as
 /// free_page_vq).
 pub(crate) fn needs_irq(q: &Queue, mem: &GuestMemory) -> bool {
+    // The used index was just stored; the flags must be read after it is visible. Without a
+    // full fence the CPU may read the flags first (x86 reorders a store with a later load):
+    // a driver that clears NO_INTERRUPT and then finds no new used entry, while this side
+    // read the old flag, would wait for an interrupt that never comes (virtio 1.2 §2.7.7.2;
+    // Linux's virtqueue_poll pairs this with virtio_mb).
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     match mem.read_obj::<u16>(GuestAddress(q.avail_ring())) {
         Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
         Err(_) => true,

@@ -14,11 +14,17 @@ pub enum Command {
     Features,
     Meminfo,
     Threads,
+    /// Every task of the guest in uninterruptible sleep, with its kernel stack.
+    Blocked,
     Workload(WorkloadCommand),
-    Dataset { mib: u64 },
+    Dataset {
+        mib: u64,
+    },
     Verify,
     Bump,
-    Heartbeat { interval_ms: u64 },
+    Heartbeat {
+        interval_ms: u64,
+    },
     Shutdown,
 }
 
@@ -36,7 +42,7 @@ pub enum WorkloadCommand {
 /// Why a line is not a command. Displayed after `ERR `, so it starts with the command name.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ParseError {
-    #[error("{0}: unknown command (features, meminfo, threads, workload, dataset, verify, bump, heartbeat, shutdown)")]
+    #[error("{0}: unknown command (features, meminfo, threads, blocked, workload, dataset, verify, bump, heartbeat, shutdown)")]
     Unknown(String),
     #[error("{command}: usage: {usage}")]
     Usage {
@@ -60,6 +66,7 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         ["features"] => Ok(Command::Features),
         ["meminfo"] => Ok(Command::Meminfo),
         ["threads"] => Ok(Command::Threads),
+        ["blocked"] => Ok(Command::Blocked),
         ["verify"] => Ok(Command::Verify),
         ["bump"] => Ok(Command::Bump),
         ["shutdown"] => Ok(Command::Shutdown),
@@ -132,6 +139,7 @@ mod tests {
         assert_eq!(parse("features"), Ok(Command::Features));
         assert_eq!(parse("meminfo"), Ok(Command::Meminfo));
         assert_eq!(parse("threads"), Ok(Command::Threads));
+        assert_eq!(parse("blocked"), Ok(Command::Blocked));
         assert_eq!(parse("dataset 64"), Ok(Command::Dataset { mib: 64 }));
         assert_eq!(parse("verify"), Ok(Command::Verify));
         assert_eq!(parse("bump"), Ok(Command::Bump));

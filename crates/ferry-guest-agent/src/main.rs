@@ -82,6 +82,7 @@ impl Agent {
                 .map(|m| format!("OK meminfo {m}"))
                 .unwrap_or_else(|e| format!("ERR meminfo: {e}")),
             Command::Threads => format!("OK threads {}", sysinfo::threads()),
+            Command::Blocked => format!("OK blocked {}", sysinfo::blocked()),
             Command::Workload(w) => self.workload(w),
             Command::Dataset { mib } => {
                 // Drop the old data set first so both never occupy memory at once.

@@ -151,9 +151,65 @@ pub fn threads() -> String {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return "unreadable".to_owned();
     };
+    let mut out: Vec<String> = tasks
+        .flatten()
+        .map(|task| Task::read(&task.path()).line())
+        .collect();
+    out.sort();
+    out.join(";")
+}
+
+/// Every task of the guest in uninterruptible sleep (state D), in the form of [`threads`]:
+/// a kernel worker that waits for a device that never answers (a virtio driver in
+/// `wait_event` for a used buffer whose interrupt was lost) shows up here, and nowhere else
+/// a host can see. "none" when no task is blocked.
+pub fn blocked() -> String {
+    blocked_in(Path::new("/proc"))
+}
+
+fn blocked_in(proc_root: &Path) -> String {
+    let Ok(procs) = std::fs::read_dir(proc_root) else {
+        return "unreadable".to_owned();
+    };
     let mut out = Vec::new();
-    for task in tasks.flatten() {
-        let dir = task.path();
+    for process in procs.flatten() {
+        if !process
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(process.path().join("task")) else {
+            continue; // the process ended meanwhile
+        };
+        out.extend(
+            tasks
+                .flatten()
+                .map(|task| Task::read(&task.path()))
+                .filter(|t| t.state == "D")
+                .map(|t| t.line()),
+        );
+    }
+    if out.is_empty() {
+        return "none".to_owned();
+    }
+    out.sort();
+    out.join(";")
+}
+
+/// One task as `/proc/PID/task/TID` shows it.
+struct Task {
+    tid: String,
+    name: String,
+    state: String,
+    wchan: String,
+    stack: Vec<String>,
+}
+
+impl Task {
+    fn read(dir: &Path) -> Self {
         let field = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         let stat = field("stat");
         // "TID (NAME) S ...": the state follows the name's closing parenthesis.
@@ -162,21 +218,33 @@ pub fn threads() -> String {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .unwrap_or("?")
             .to_owned();
-        let stack: Vec<String> = field("stack")
+        let stack = field("stack")
             .lines()
             .take(6)
             .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
             .collect();
-        let name = field("comm").trim().replace(['|', ';'], "_");
-        out.push(format!(
-            "{}|{name}|{state}|{}|{}",
-            task.file_name().to_string_lossy(),
-            field("wchan").trim(),
-            stack.join("<")
-        ));
+        Self {
+            tid: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            name: field("comm").trim().replace(['|', ';'], "_"),
+            state,
+            wchan: field("wchan").trim().to_owned(),
+            stack,
+        }
     }
-    out.sort();
-    out.join(";")
+
+    fn line(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.tid,
+            self.name,
+            self.state,
+            self.wchan,
+            self.stack.join("<")
+        )
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +266,36 @@ mod tests {
             t.split(';').count() >= 2,
             "the test harness has more threads: {t}"
         );
+    }
+
+    #[test]
+    fn lists_only_the_blocked_tasks_of_every_process() {
+        let root = std::env::temp_dir().join(format!("ferry-agent-proc-{}", std::process::id()));
+        let task = |pid: &str, tid: &str, stat: &str, stack: &str| {
+            let dir = root.join(pid).join("task").join(tid);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("stat"), stat).unwrap();
+            fs::write(dir.join("comm"), "kworker/0:1|x\n").unwrap();
+            fs::write(dir.join("wchan"), "virtballoon_free_page_report").unwrap();
+            fs::write(dir.join("stack"), stack).unwrap();
+        };
+        task(
+            "7",
+            "7",
+            "7 (kworker/0:1) D 2 0",
+            "[<0>] virtballoon_free_page_report+0x10c/0x120\n[<0>] page_reporting_drain+0x5/0x9\n",
+        );
+        task("9", "9", "9 (sh (x)) S 1 0", "");
+        task("9", "10", "10 (sh (x)) R 1 0", "");
+        fs::create_dir_all(root.join("sys")).unwrap(); // not a process
+        assert_eq!(
+            blocked_in(&root),
+            "7|kworker/0:1_x|D|virtballoon_free_page_report|\
+             virtballoon_free_page_report+0x10c/0x120<page_reporting_drain+0x5/0x9"
+        );
+        fs::remove_dir_all(root.join("7")).unwrap();
+        assert_eq!(blocked_in(&root), "none");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

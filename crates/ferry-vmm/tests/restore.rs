@@ -223,10 +223,16 @@ fn describe_reporting_queue(vmm: &Vmm) -> String {
     let Some(q) = state.queues.last() else {
         return format!("no queues (device status {:#x})", state.status);
     };
+    // An interrupt status the driver never acknowledged, with every answer used, is an
+    // interrupt the guest never took; a clear one with a driver that publishes nothing more
+    // is a driver that has nothing to report (or waits elsewhere: see the agent's `blocked`).
     format!(
-        "device next_avail={} next_used={}, guest avail.idx={:?} used.idx={:?}, {counters:?}",
+        "device next_avail={} next_used={} interrupt_status={:#x}, guest avail.flags={:?} \
+         avail.idx={:?} used.idx={:?}, {counters:?}",
         q.next_avail,
         q.next_used,
+        state.interrupt_status,
+        ring_index(vmm, q.avail_ring).ok(),
         ring_index(vmm, q.avail_ring + 2).ok(),
         ring_index(vmm, q.used_ring + 2).ok()
     )
@@ -283,6 +289,13 @@ fn churn_progresses(agent: &mut AgentClient) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The agent's answer to a diagnostic command, or why there is none.
+fn ask(agent: &mut AgentClient, command: &str) -> String {
+    agent
+        .command(command, COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| format!("{command}: no answer: {e}"))
 }
 
 /// `error` with what every vCPU of `vmm` is doing, for a guest that stopped answering: the
@@ -563,10 +576,11 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         // The guest makes progress, not just answers: its churn loop completes a cycle.
         if let Err(e) = churn_progresses(&mut agent) {
             // Where the guest's threads wait (a stuck churn thread's kernel stack).
-            let threads = agent
-                .command("threads", COMMAND_TIMEOUT)
-                .unwrap_or_else(|t| format!("threads: {t}"));
-            let e = e.context(format!("agent threads: {threads}"));
+            let e = e.context(format!(
+                "{}\n{}",
+                ask(&mut agent, "threads"),
+                ask(&mut agent, "blocked")
+            ));
             return Err(
                 with_vcpus(e, &vmm).context(format!("after hop {hop}; last save:\n{last_saved}"))
             );
@@ -578,8 +592,10 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
     if !wait_for_report(&vmm, PausePoint::Answered, REPORT_WAIT) {
         let e = anyhow::anyhow!(
             "no free page report was answered after the last pause: the driver's reporting \
-             stalled; reporting queue: {}",
-            describe_reporting_queue(&vmm)
+             stalled; reporting queue: {}; {}; {}",
+            describe_reporting_queue(&vmm),
+            ask(&mut agent, "blocked"),
+            ask(&mut agent, "meminfo")
         );
         return Err(with_vcpus(e, &vmm).context(format!("last save:\n{last_saved}")));
     }
