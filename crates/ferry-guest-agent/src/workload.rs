@@ -120,7 +120,9 @@ impl Workloads {
         // Fail now, not in the thread, if the size cannot be allocated at all.
         drop(mem::reserve::<u8>(mib)?);
         self.start("churn", move |stop, progress| {
-            churn(mib, &stop, &progress.done)
+            churn(&stop, &progress.done, CHURN_RETRY, |fill| {
+                mem::filled(mib, fill)
+            })
         })
     }
 
@@ -283,10 +285,31 @@ fn check_and_rewrite(set: &mut [u64], done: u64, progress: &Progress) {
     }
 }
 
-fn churn(mib: u64, stop: &AtomicBool, cycles: &AtomicU64) -> Result<(), AllocError> {
+/// How long the churn waits before asking again when memory is short for a moment.
+const CHURN_RETRY: Duration = Duration::from_millis(50);
+
+/// Allocates (through `filled`, with a new fill byte each time), touches and frees memory in a
+/// loop until `stop`, counting `cycles`.
+fn churn(
+    stop: &AtomicBool,
+    cycles: &AtomicU64,
+    retry: Duration,
+    mut filled: impl FnMut(u8) -> Result<Vec<u8>, AllocError>,
+) -> Result<(), AllocError> {
     let mut fill: u8 = 1;
     while !stop.load(Ordering::Relaxed) {
-        let memory = mem::filled(mib, fill)?;
+        let memory = match filled(fill) {
+            Ok(memory) => memory,
+            // MemAvailable dips for a while: a free page report in flight holds up to 64 MiB
+            // off the free lists (Linux isolates the pages until the device answers), and a
+            // hinting round takes every free page until the host is done. Churning is meant
+            // to go on through both; a stall that lasts is the host's to see (no progress).
+            Err(AllocError::Unavailable { .. }) => {
+                std::thread::sleep(retry);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         drop(memory);
         fill = fill.wrapping_add(1).max(1);
         cycles.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +346,29 @@ mod tests {
             "{pages} pages in {elapsed:?}"
         );
         assert_eq!(w.stop().unwrap(), "kind=none");
+    }
+
+    #[test]
+    fn churn_waits_out_a_memory_shortage_and_stops_on_a_real_error() {
+        let (stop, cycles) = (AtomicBool::new(false), AtomicU64::new(0));
+        let mut calls = 0;
+        let result = churn(&stop, &cycles, Duration::ZERO, |fill| {
+            calls += 1;
+            match calls {
+                // Short of memory twice (a report in flight), then fine, then gone for good.
+                1 | 2 => Err(AllocError::Unavailable {
+                    mib: 64,
+                    available_mib: 62,
+                }),
+                3 | 4 => Ok(vec![fill; 8]),
+                _ => Err(AllocError::OutOfMemory { mib: 64 }),
+            }
+        });
+        assert!(
+            matches!(result, Err(AllocError::OutOfMemory { .. })),
+            "{result:?}"
+        );
+        assert_eq!(cycles.load(Ordering::Relaxed), 2);
     }
 
     #[test]
