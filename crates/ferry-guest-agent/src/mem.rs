@@ -50,7 +50,11 @@ pub fn reserve<T>(mib: u64) -> Result<Vec<T>, AllocError> {
 pub fn filled(mib: u64, byte: u8) -> Result<Vec<u8>, AllocError> {
     let mut v = reserve::<u8>(mib)?;
     v.resize(elements_in::<u8>(mib)?, byte);
-    Ok(v)
+    // The buffer escapes to code the optimizer cannot see, so the allocation and the writes
+    // stay even where the caller drops it unread (`freed`, the churn). Without this, once
+    // inlined into the churn loop, LLVM removed both: the guest churned nothing, thousands
+    // of empty "cycles" a second, and the restore test saw no free page report.
+    Ok(std::hint::black_box(v))
 }
 
 #[cfg(test)]

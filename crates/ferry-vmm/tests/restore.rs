@@ -572,7 +572,11 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
         let meminfo = agent
             .command("meminfo", COMMAND_TIMEOUT)
             .map_err(|e| with_vcpus(e.into(), &vmm).context(format!("last save:\n{last_saved}")))?;
-        eprintln!("hop {hop}: {meminfo}");
+        let cycles = churn_cycles(&mut agent).map_or_else(|e| format!("{e:#}"), |c| c.to_string());
+        eprintln!(
+            "hop {hop}: {meminfo}; churn cycles {cycles}; reports published {:?}",
+            reports_published(&vmm)
+        );
         // The guest makes progress, not just answers: its churn loop completes a cycle.
         if let Err(e) = churn_progresses(&mut agent) {
             // Where the guest's threads wait (a stuck churn thread's kernel stack).
