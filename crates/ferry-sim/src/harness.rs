@@ -3,6 +3,8 @@
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 
 use ferry_migration::{
@@ -62,6 +64,9 @@ pub enum Fault {
     None,
     /// Connection 0 is cut after this many bytes from the source.
     CutAfter(u64),
+    /// Connection 0 is cut after this many bytes from the destination (its handshake reply,
+    /// progress, acknowledgement), both directions at once, like a broken link.
+    CutBackAfter(u64),
     /// One byte of connection 0 is flipped at this offset of the source's stream.
     FlipAt(u64),
     /// The destination drops the received VM instead of acknowledging it (a lost
@@ -76,7 +81,7 @@ pub enum Fault {
 /// Copies `from` to `to`, applying `fault` to the bytes, until either side closes. A cut
 /// kills both directions, like a broken link; otherwise only this direction ends, so what
 /// the other side still says (the destination's error record) gets through.
-fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
+fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault, counted: &AtomicU64) {
     let mut buf = vec![0u8; 64 << 10];
     let mut offset = 0u64;
     loop {
@@ -102,21 +107,27 @@ fn pump(mut from: UnixStream, mut to: UnixStream, fault: Fault) {
         if to.write_all(chunk).is_err() {
             break;
         }
+        counted.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = from.shutdown(Shutdown::Read);
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// A connection pair with a tampering proxy in the source-to-destination direction.
-fn proxied_pair(fault: Fault) -> (Connection, Connection) {
+/// A connection pair with a tampering proxy, which counts the bytes it passes each way.
+fn proxied_pair(fault: Fault, counted: &Arc<[AtomicU64; 2]>) -> (Connection, Connection) {
     let (src, src_proxy) = UnixStream::pair().expect("socket pair");
     let (dst_proxy, dst) = UnixStream::pair().expect("socket pair");
     let (a, b) = (
         src_proxy.try_clone().expect("clone"),
         dst_proxy.try_clone().expect("clone"),
     );
-    thread::spawn(move || pump(src_proxy, dst_proxy, fault));
-    thread::spawn(move || pump(b, a, Fault::None));
+    let (forward, backward) = match fault {
+        Fault::CutBackAfter(at) => (Fault::None, Fault::CutAfter(at)),
+        other => (other, Fault::None),
+    };
+    let (there, back) = (counted.clone(), counted.clone());
+    thread::spawn(move || pump(src_proxy, dst_proxy, forward, &there[0]));
+    thread::spawn(move || pump(b, a, backward, &back[1]));
     (
         Connection::from_unix(src).expect("connection"),
         Connection::from_unix(dst).expect("connection"),
@@ -214,6 +225,38 @@ pub fn run_faulty(
     src_mem: &crate::SimMemory,
     fault: Fault,
 ) -> Result<Outcome, (MigrationError, Option<ReceiveError>)> {
+    let a = attempt(s, vm, src_mem, fault);
+    match (a.source, a.destination) {
+        (Ok(stats), Ok(dest_mismatches)) => Ok(Outcome {
+            stats,
+            mismatches: a.mismatches,
+            dest_mismatches,
+            vm: vm.clone(),
+        }),
+        (Ok(_), Err(e)) => Err((MigrationError::Destination(e.to_string()), Some(e))),
+        (Err(e), r) => Err((e, r.err())),
+    }
+}
+
+/// What one migration attempt left on both sides, whatever happened.
+#[derive(Debug)]
+pub struct Attempt {
+    /// What the source's engine returned.
+    pub source: Result<MigrationStats, MigrationError>,
+    /// What the destination did: `Ok` when it acknowledged the VM (a real destination then
+    /// runs the guest), with its own check of the received RAM against the transferred guest
+    /// state; `Err` when it discarded what it received.
+    pub destination: Result<Vec<Mismatch>, ReceiveError>,
+    /// The destination's RAM against the source guest's pages, when it acknowledged (empty
+    /// otherwise): a page written on the source and missing here is a lost write.
+    pub mismatches: Vec<Mismatch>,
+    /// Bytes the proxy passed on connection 0: source to destination, and back.
+    pub bytes: [u64; 2],
+}
+
+/// Migrates `vm` as [`run_faulty`] does and reports both sides without judging.
+pub fn attempt(s: &Scenario, vm: &SimVm, src_mem: &crate::SimMemory, fault: Fault) -> Attempt {
+    let counted = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let vm = vm.clone();
     let src_mem = src_mem.clone();
     let dst_size = if fault == Fault::OtherLayout {
@@ -232,7 +275,7 @@ pub fn run_faulty(
     let (src_conns, dst_conns): (Vec<_>, Vec<_>) = (0..s.connections)
         .map(|i| {
             if i == 0 {
-                proxied_pair(fault)
+                proxied_pair(fault, &counted)
             } else {
                 Connection::pair().expect("pair")
             }
@@ -297,19 +340,19 @@ pub fn run_faulty(
         m.run(src_conns)
     })();
     let received = receiver.join().expect("receiver thread");
-    match (result, received) {
-        (Ok(stats), Ok(dest_mismatches)) => {
-            let layout =
-                ferry_migration::MemoryLayout::from_guest_memory(&dst_mem).expect("layout");
-            let mismatches = verify(vm.lock().guest.page_states(), &dst_mem, &layout);
-            Ok(Outcome {
-                stats,
-                mismatches,
-                dest_mismatches,
-                vm,
-            })
-        }
-        (Ok(_), Err(e)) => Err((MigrationError::Destination(e.to_string()), Some(e))),
-        (Err(e), r) => Err((e, r.err())),
+    let mismatches = if received.is_ok() {
+        let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst_mem).expect("layout");
+        verify(vm.lock().guest.page_states(), &dst_mem, &layout)
+    } else {
+        Vec::new()
+    };
+    Attempt {
+        source: result,
+        destination: received,
+        mismatches,
+        bytes: [
+            counted[0].load(Ordering::Relaxed),
+            counted[1].load(Ordering::Relaxed),
+        ],
     }
 }

@@ -276,3 +276,109 @@ fn after_the_round_limit_the_policy_cancels_or_switches_over() {
     assert!(out.stats.rounds.last().is_some_and(|r| r.is_final));
     assert!(out.mismatches.is_empty() && out.dest_mismatches.is_empty());
 }
+
+/// Checks one attempt against the handover's promise: never two running copies, the copy that
+/// runs has every write, and a source that is neither running nor handed over waits for the
+/// operator (outcome unknown) with its memory untouched.
+fn exactly_one_copy(what: &str, vm: &SimVm, a: &ferry_sim::harness::Attempt) {
+    let source_runs = !vm.lock().paused;
+    let destination_runs = a.destination.is_ok();
+    assert!(
+        !(source_runs && destination_runs),
+        "{what}: two running copies (source {:?}, destination {:?})",
+        a.source.as_ref().err().map(ToString::to_string),
+        a.destination.as_ref().err().map(ToString::to_string)
+    );
+    if destination_runs {
+        let dest_check = a.destination.as_ref().unwrap();
+        assert!(
+            a.mismatches.is_empty() && dest_check.is_empty(),
+            "{what}: the running destination lost writes: {} pages differ from the source, \
+             {} from the state it received",
+            a.mismatches.len(),
+            dest_check.len()
+        );
+    }
+    if !source_runs && !destination_runs {
+        assert!(
+            matches!(a.source, Err(MigrationError::OutcomeUnknown(_))),
+            "{what}: no copy runs and the source does not say it waits for the operator: {:?}",
+            a.source.as_ref().err().map(ToString::to_string)
+        );
+    }
+    if source_runs {
+        assert!(
+            a.source.is_err(),
+            "{what}: the source reports success but runs on"
+        );
+    }
+}
+
+/// The link breaks at every phase of a migration, in either direction: during the handshake,
+/// the bulk round, later rounds, the final round, the device state, Complete and the
+/// acknowledgement. Whatever the moment, exactly one copy of the guest runs (or, once the
+/// acknowledgement may have been lost, the source waits paused for the operator), and the one
+/// that runs has every page the guest wrote. The cut points are spread over the bytes a clean
+/// migration sends each way, with the last bytes of each direction taken one by one (where
+/// Complete and the acknowledgement travel).
+#[test]
+fn a_link_cut_at_any_moment_leaves_one_running_copy_with_every_write() {
+    use ferry_sim::harness::attempt;
+    let mut s = scenario();
+    s.connections = 1;
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+    let clean = attempt(&s, &vm, &mem, Fault::None);
+    exactly_one_copy("no fault", &vm, &clean);
+    assert!(clean.source.is_ok() && clean.destination.is_ok());
+    let [forward, backward] = clean.bytes;
+    assert!(forward > 1 << 20 && backward > 0, "{forward} {backward}");
+
+    let points = |total: u64| -> Vec<u64> {
+        let spread = (0..16).map(move |i| total * i / 16);
+        let last = (1..=12).map(move |k| total.saturating_sub(k));
+        let mut all: Vec<u64> = spread.chain(last).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    };
+    let mut outcomes = std::collections::BTreeMap::new();
+    for (direction, total) in [("forward", forward), ("backward", backward)] {
+        for at in points(total) {
+            let fault = if direction == "forward" {
+                Fault::CutAfter(at)
+            } else {
+                Fault::CutBackAfter(at)
+            };
+            let mem = create_memory(MEMORY).unwrap();
+            let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+            // The guest runs a while first, so that rounds have dirty pages to send.
+            for _ in 0..20 {
+                vm.tick();
+            }
+            let a = attempt(&s, &vm, &mem, fault);
+            let what = format!("cut {direction} after {at} of {total} bytes");
+            exactly_one_copy(&what, &vm, &a);
+            let kind = match (&a.source, &a.destination) {
+                (Ok(_), Ok(_)) => "completed",
+                (Err(MigrationError::OutcomeUnknown(_)), Ok(_)) => "unknown, destination runs",
+                (Err(MigrationError::OutcomeUnknown(_)), Err(_)) => "unknown, nothing runs",
+                (Err(_), _) => "failed, source runs",
+                (Ok(_), Err(_)) => "completed without a destination",
+            };
+            *outcomes.entry(kind).or_insert(0) += 1;
+        }
+    }
+    // The sweep reached every kind of ending, or it did not test the handover.
+    for kind in [
+        "failed, source runs",
+        "unknown, destination runs",
+        "unknown, nothing runs",
+    ] {
+        assert!(
+            outcomes.contains_key(kind),
+            "no cut ended as {kind:?}: {outcomes:?}"
+        );
+    }
+    eprintln!("outcomes: {outcomes:?}");
+}
