@@ -11,6 +11,7 @@ pub const STAT_ENTRIES_MAX: usize = 64;
 
 /// The latest statistics the guest reported. Fields the guest did not supply are `None`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct BalloonStats {
     /// Memory swapped in, bytes (tag 0).
     pub swap_in: Option<u64>,

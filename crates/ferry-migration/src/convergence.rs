@@ -9,6 +9,7 @@ use crate::layout::PAGE_SIZE;
 /// What to do when `rounds_max` iterative rounds did not bring the expected downtime within
 /// the limit (a guest that dirties memory faster than the link, even throttled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum OnNoConvergence {
     /// Switch over anyway: the migration ends, and the guest is paused longer than the limit.

@@ -178,6 +178,7 @@ impl HintSink {
 
 /// Per-source counters kept by the inbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SourceStats {
     /// Source name.
     pub name: String,

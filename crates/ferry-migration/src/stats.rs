@@ -6,6 +6,7 @@ use crate::hint::SourceStats;
 
 /// What one precopy round did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RoundStats {
     /// Round number; 0 is the bulk round.
     pub round: u32,
@@ -44,6 +45,7 @@ impl RoundStats {
 
 /// The whole migration's statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MigrationStats {
     /// Guest RAM size in bytes.
     pub guest_bytes: u64,

@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use api::{ApiClient, ApiError, Request};
+pub use api::{ApiClient, ApiError, ErrorCode, Refusal, Request};
 pub use builder::IncomingVm;
 pub use config::{BalloonConfig, ConfigError, RunArgs, SerialTarget, VmConfig};
 pub use exit::ExitReason;
@@ -85,21 +85,20 @@ pub(crate) fn finish_replies(server: Option<&api::ApiServer>) {
 /// The VMM as the API sees it, with its migration (if any).
 struct ApiVmm(Arc<Vmm>, migration::Supervisor);
 
-fn json<T: Serialize>(v: T) -> Result<Value, String> {
-    serde_json::to_value(v).map_err(|e| e.to_string())
+fn json<T: Serialize>(v: T) -> Result<Value, Refusal> {
+    serde_json::to_value(v).map_err(Refusal::internal)
 }
 
 impl api::ApiHandler for ApiVmm {
-    fn handle(&self, request: Request) -> Result<Value, String> {
+    fn handle(&self, request: Request) -> Result<Value, Refusal> {
         let vmm = &self.0;
-        let err = |e: Error| e.to_string();
         use migration::StateChange;
         let migration = &self.1;
         match request {
             Request::Status => Ok(migration.annotate(json(vmm.status())?)),
             // Run-state and memory changes are refused while a migration owns the VM.
             Request::Pause => migration.unless_migrating(StateChange::Pause, || {
-                vmm.pause().map(|()| Value::Null).map_err(err)
+                vmm.pause().map(|()| Value::Null).map_err(Refusal::from)
             }),
             Request::Resume => migration.unless_migrating(StateChange::Resume, || {
                 vmm.resume();
@@ -109,20 +108,20 @@ impl api::ApiHandler for ApiVmm {
                 migration.unless_migrating(StateChange::BalloonSet, || {
                     vmm.balloon_set_target(target_bytes)
                         .map(|()| Value::Null)
-                        .map_err(err)
+                        .map_err(Refusal::from)
                 })
             }
-            Request::BalloonGet => json(vmm.balloon_info().map_err(err)?),
-            Request::BalloonStats => json(vmm.balloon_stats().map_err(err)?),
+            Request::BalloonGet => json(vmm.balloon_info()?),
+            Request::BalloonStats => json(vmm.balloon_stats()?),
             Request::Shutdown => {
                 vmm.request_exit(ExitReason::Shutdown);
                 Ok(Value::Null)
             }
             Request::Migrate { to, options } => migration.handle(vmm, &to, options),
             Request::MigrateCancel => migration.cancel().map(|()| Value::Null),
-            Request::Vcpus => migration.unless_migrating(StateChange::Vcpus, || {
-                json(vmm.vcpu_reports().map_err(err)?)
-            }),
+            Request::Vcpus => {
+                migration.unless_migrating(StateChange::Vcpus, || json(vmm.vcpu_reports()?))
+            }
         }
     }
 }

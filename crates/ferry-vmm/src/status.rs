@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Whether the guest runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// vCPUs run.
@@ -15,7 +15,7 @@ pub enum RunState {
 }
 
 /// What `vcpus` reports for one vCPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VcpuReport {
     /// vCPU index.
     pub id: u8,
@@ -30,7 +30,7 @@ pub struct VcpuReport {
 }
 
 /// What `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Status {
     /// Running or paused.
     pub state: RunState,
@@ -48,7 +48,7 @@ pub struct Status {
 }
 
 /// The balloon as the API reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BalloonInfo {
     /// Bytes the device asks the guest to give up.
     pub target_bytes: u64,

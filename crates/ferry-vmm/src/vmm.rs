@@ -77,6 +77,25 @@ pub enum VmmError {
     BalloonTarget(u64),
 }
 
+impl VmmError {
+    /// The control API's code for this error.
+    pub fn code(&self) -> crate::api::ErrorCode {
+        use crate::api::ErrorCode;
+        match self {
+            VmmError::NoBalloon => ErrorCode::NoBalloon,
+            VmmError::Paused => ErrorCode::VmPaused,
+            VmmError::BalloonTarget(_) => ErrorCode::InvalidArgument,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<VmmError> for crate::api::Refusal {
+    fn from(e: VmmError) -> Self {
+        Self::new(e.code(), e.to_string())
+    }
+}
+
 /// Everything needed to recreate the VM elsewhere, except guest RAM (sent by the engine).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineState {

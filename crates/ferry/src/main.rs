@@ -93,6 +93,9 @@ enum Command {
     },
     /// Print ferry's manual page (roff) to stdout, e.g. `ferry man | man -l -`.
     Man,
+    /// Print the control API's JSON Schema (every request, reply, result and error code) to
+    /// stdout; the same as docs/api-schema.json.
+    ApiSchema,
     /// Receiving side of `ferry sim` (started by it).
     #[command(hide = true)]
     SimReceive(cmd::sim::ReceiveArgs),
@@ -124,6 +127,10 @@ fn main() -> ExitCode {
             clap_complete::generate(*shell, &mut Cli::command(), "ferry", &mut script);
             write_stdout(&script, "the completion script")
         }
+        Command::ApiSchema => write_stdout(
+            ferry_vmm::api::schema::schema_text().as_bytes(),
+            "the API schema",
+        ),
         Command::Man => {
             let mut page = Vec::new();
             clap_mangen::Man::new(Cli::command())

@@ -2,7 +2,7 @@
 
 use ferry_migration::ReceiveError;
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ErrorCode, Refusal};
 use crate::config::ConfigError;
 use crate::exit::ExitReason;
 use crate::state_format::StateFormatError;
@@ -85,5 +85,20 @@ impl MigrateError {
             self,
             MigrateError::Engine(ferry_migration::MigrationError::OutcomeUnknown(_))
         )
+    }
+
+    /// The control API's code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            MigrateError::Options(_) => ErrorCode::InvalidArgument,
+            MigrateError::Busy(_) => ErrorCode::MigrationActive,
+            e if e.outcome_unknown() => ErrorCode::OutcomeUnknown,
+            _ => ErrorCode::MigrationFailed,
+        }
+    }
+
+    /// This error as the control API's refusal.
+    pub fn refusal(&self) -> Refusal {
+        Refusal::new(self.code(), self.to_string())
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::MigrateError;
 
 /// Migration settings, as given to `ferry migrate` and in the API's `options` object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MigrateOptions {
     /// Use hint sources (balloon hints, reported ranges, never-populated memory).

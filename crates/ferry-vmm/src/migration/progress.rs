@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::lock;
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationPhase {
     /// Connecting and handshaking.
@@ -31,7 +31,7 @@ pub enum MigrationPhase {
 }
 
 /// A migration's progress, reported by `status` under `migration`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigrationProgress {
     /// The destination.
     pub to: String,
@@ -74,7 +74,7 @@ pub struct MigrationProgress {
 }
 
 impl MigrationProgress {
-    pub(super) fn new(to: &str, hints: bool) -> Self {
+    pub(crate) fn new(to: &str, hints: bool) -> Self {
         Self {
             to: to.to_owned(),
             hints,

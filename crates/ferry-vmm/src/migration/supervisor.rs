@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::{
     migrate, MigrateError, MigrateOptions, MigrationPhase, MigrationProgress, ProgressTracker,
 };
+use crate::api::{ErrorCode, Refusal};
 use crate::bus::lock;
 use crate::exit::ExitReason;
 use crate::vmm::Vmm;
@@ -46,17 +47,17 @@ impl Supervisor {
     /// Handles the API's `migrate` request: runs the migration on its own thread, waits for
     /// it and answers with its statistics. After a success the VMM exits
     /// [`EXIT_LINGER`] later.
-    pub fn handle(&self, vmm: &Arc<Vmm>, to: &str, options: Value) -> Result<Value, String> {
+    pub fn handle(&self, vmm: &Arc<Vmm>, to: &str, options: Value) -> Result<Value, Refusal> {
         let options: MigrateOptions = if options.is_null() {
             MigrateOptions::default()
         } else {
             serde_json::from_value(options)
-                .map_err(|e| MigrateError::Options(e.to_string()).to_string())?
+                .map_err(|e| MigrateError::Options(e.to_string()).refusal())?
         };
         let endpoint: Endpoint = to
             .parse()
-            .map_err(|e: String| MigrateError::Options(e).to_string())?;
-        let progress = self.claim(to, options.hints).map_err(|e| e.to_string())?;
+            .map_err(|e: String| MigrateError::Options(e).refusal())?;
+        let progress = self.claim(to, options.hints).map_err(|e| e.refusal())?;
         let cancel = lock(&self.cancel).clone();
         let (tx, rx) = mpsc::channel();
         let vmm = vmm.clone();
@@ -111,12 +112,12 @@ impl Supervisor {
                 p.phase = MigrationPhase::Failed;
                 p.error = Some(msg.clone());
             }
-            return Err(msg);
+            return Err(Refusal::internal(msg));
         }
         match rx.recv() {
-            Ok(Ok(stats)) => serde_json::to_value(stats).map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the migration thread died".into()),
+            Ok(Ok(stats)) => serde_json::to_value(stats).map_err(Refusal::internal),
+            Ok(Err(e)) => Err(e.refusal()),
+            Err(_) => Err(Refusal::internal("the migration thread died")),
         }
     }
 
@@ -129,8 +130,8 @@ impl Supervisor {
     pub fn unless_migrating<T>(
         &self,
         what: StateChange,
-        change: impl FnOnce() -> Result<T, String>,
-    ) -> Result<T, String> {
+        change: impl FnOnce() -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
         let current = lock(&self.current);
         if let Some(p) = current.as_ref() {
             let mut p = lock(p);
@@ -149,15 +150,21 @@ impl Supervisor {
                     return result;
                 }
                 MigrationPhase::Completed => {
-                    return Err(format!(
-                        "{what} refused: the VM was migrated to {} and runs there now",
-                        p.to
+                    return Err(Refusal::new(
+                        ErrorCode::MigratedAway,
+                        format!(
+                            "{what} refused: the VM was migrated to {} and runs there now",
+                            p.to
+                        ),
                     ))
                 }
                 _ => {
-                    return Err(format!(
-                        "{what} refused: a migration to {} owns the VM until it ends",
-                        p.to
+                    return Err(Refusal::new(
+                        ErrorCode::MigrationActive,
+                        format!(
+                            "{what} refused: a migration to {} owns the VM until it ends",
+                            p.to
+                        ),
                     ))
                 }
             }
@@ -184,10 +191,13 @@ impl Supervisor {
     /// then fails it (the guest keeps running here, resumed if it was paused for the
     /// switchover) and the `migrate` request answers with "migration cancelled". Too late
     /// once the guest was handed over: the destination may run it already.
-    pub fn cancel(&self) -> Result<(), String> {
+    pub fn cancel(&self) -> Result<(), Refusal> {
         let current = lock(&self.current);
         let Some(p) = current.as_ref() else {
-            return Err("no migration to cancel".into());
+            return Err(Refusal::new(
+                ErrorCode::NoMigration,
+                "no migration to cancel",
+            ));
         };
         let p = lock(p);
         match p.phase {
@@ -196,15 +206,25 @@ impl Supervisor {
                 tracing::info!("cancelling the migration to {}", p.to);
                 Ok(())
             }
-            MigrationPhase::Completed => Err(format!(
-                "too late to cancel: the VM was migrated to {} and runs there",
-                p.to
+            MigrationPhase::Completed => Err(Refusal::new(
+                ErrorCode::HandedOver,
+                format!(
+                    "too late to cancel: the VM was migrated to {} and runs there",
+                    p.to
+                ),
             )),
-            MigrationPhase::OutcomeUnknown => Err(format!(
-                "too late to cancel: the VM was handed over to {} (outcome unknown; see status)",
-                p.to
+            MigrationPhase::OutcomeUnknown => Err(Refusal::new(
+                ErrorCode::HandedOver,
+                format!(
+                    "too late to cancel: the VM was handed over to {} (outcome unknown; see \
+                     status)",
+                    p.to
+                ),
             )),
-            MigrationPhase::Failed => Err("no migration to cancel (the last one failed)".into()),
+            MigrationPhase::Failed => Err(Refusal::new(
+                ErrorCode::NoMigration,
+                "no migration to cancel (the last one failed)",
+            )),
         }
     }
 }
@@ -258,14 +278,17 @@ mod tests {
         ] {
             lock(&p).phase = phase;
             let e = change(&s).unwrap_err();
+            assert_eq!(e.code, ErrorCode::MigrationActive);
             assert!(
-                e.contains("resume refused: a migration to tcp:h:1 owns"),
+                e.message
+                    .contains("resume refused: a migration to tcp:h:1 owns"),
                 "{e}"
             );
         }
         lock(&p).phase = MigrationPhase::Completed;
         let e = change(&s).unwrap_err();
-        assert!(e.contains("runs there now"), "{e}");
+        assert_eq!(e.code, ErrorCode::MigratedAway);
+        assert!(e.message.contains("runs there now"), "{e}");
         // With the outcome unknown the operator decides: a resume here is accepted, and
         // ends the wait (a new migration may be claimed after it, not before).
         lock(&p).phase = MigrationPhase::OutcomeUnknown;
@@ -280,14 +303,18 @@ mod tests {
     #[test]
     fn cancel_sets_the_running_migrations_flag_only() {
         let s = Supervisor::default();
-        assert!(s.cancel().unwrap_err().contains("no migration"));
+        let e = s.cancel().unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoMigration);
+        assert!(e.message.contains("no migration"), "{e}");
         let p = s.claim("tcp:h:1", true).unwrap();
         let flag = lock(&s.cancel).clone();
         lock(&p).phase = MigrationPhase::Precopy;
         s.cancel().unwrap();
         assert!(flag.load(std::sync::atomic::Ordering::SeqCst));
         lock(&p).phase = MigrationPhase::OutcomeUnknown;
-        assert!(s.cancel().unwrap_err().contains("too late"));
+        let e = s.cancel().unwrap_err();
+        assert_eq!(e.code, ErrorCode::HandedOver);
+        assert!(e.message.contains("too late"), "{e}");
         lock(&p).phase = MigrationPhase::Failed;
         // The next migration starts with a fresh flag.
         s.claim("tcp:h:2", true).unwrap();

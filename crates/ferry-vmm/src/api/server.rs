@@ -1,0 +1,133 @@
+//! The server side: one thread per client, a greeting, then one reply per request line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    answer, ApiError, ApiHandler, ErrorCode, Greeting, Reply, CLIENTS_MAX, REQUEST_BYTES_MAX,
+};
+
+/// The running API server: what a VMM needs to exit without cutting a reply short.
+#[derive(Debug, Clone, Default)]
+pub struct ApiServer {
+    /// Requests read and not yet fully answered.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ApiServer {
+    /// Waits until no request is being answered, at most `timeout`; returns whether it got
+    /// there. A VMM calls this before it exits: a reply it still owes (the statistics of the
+    /// migration that ended the VM here, the answer to `shutdown`) is then in the client's
+    /// socket, and survives the process.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.in_flight.load(SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+/// Counts a request as in flight until dropped (on every way out of answering it).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Binds `path` and serves requests on a background thread for the life of the process.
+pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, ApiError> {
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    let server = ApiServer::default();
+    let in_flight = server.in_flight.clone();
+    let clients = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ferry-api".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if clients.fetch_add(1, SeqCst) >= CLIENTS_MAX {
+                    clients.fetch_sub(1, SeqCst);
+                    let line =
+                        Reply::refusal_line(ErrorCode::TooManyClients, "too many API clients");
+                    let _ = writeln!(stream, "{line}");
+                    continue;
+                }
+                let (handler, clients) = (handler.clone(), clients.clone());
+                let in_flight = in_flight.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ferry-api-client".into())
+                    .spawn(move || {
+                        serve_client(stream, handler.as_ref(), &in_flight);
+                        clients.fetch_sub(1, SeqCst);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("cannot start an API client thread");
+                }
+            }
+        })
+        .map_err(|source| ApiError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(server)
+}
+
+fn serve_client(stream: UnixStream, handler: &dyn ApiHandler, in_flight: &Arc<AtomicUsize>) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let Ok(greeting) = serde_json::to_string(&Greeting::this()) else {
+        return;
+    };
+    if writeln!(out, "{greeting}").is_err() {
+        return;
+    }
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        let n = match reader.by_ref().take(REQUEST_BYTES_MAX).read_line(&mut line) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        if !line.ends_with('\n') && n as u64 >= REQUEST_BYTES_MAX {
+            let line = Reply::refusal_line(ErrorCode::RequestTooLong, "request line too long");
+            let _ = writeln!(out, "{line}");
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let _answering = InFlight::start(in_flight);
+        let reply = answer(handler, line.trim());
+        let Ok(text) = serde_json::to_string(&reply) else {
+            return;
+        };
+        if writeln!(out, "{text}").is_err() {
+            return;
+        }
+    }
+}
