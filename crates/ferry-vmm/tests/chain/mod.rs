@@ -140,9 +140,13 @@ impl Node {
 
     /// Runs an agent command; when it gets no answer, the error carries the VMM's log and
     /// where its threads wait in the kernel (a frozen guest vs. a stuck VMM).
+    /// Sends an agent command and waits for its answer. A guest that does not answer is a
+    /// lab fault when the evidence says so (the binary then ends as one); otherwise the error
+    /// carries the VMM's log, its threads' kernel stacks and what every vCPU is doing.
     pub fn command(&mut self, command: &str) -> Result<String> {
         let (log, pid) = (self.log.clone(), self.child.id());
-        self.agent
+        let answer = self
+            .agent
             .command(command, COMMAND_TIMEOUT)
             .with_context(|| {
                 format!(
@@ -151,7 +155,11 @@ impl Node {
                     std::fs::read_to_string(&log).unwrap_or_default(),
                     kernel_stacks(pid)
                 )
-            })
+            });
+        answer.map_err(|e| {
+            let e = or_lab_fault(&[&*self], e);
+            e.context(format!("vCPUs of {}:\n{}", self.name, vcpu_states(self)))
+        })
     }
 
     /// Fails with the console around each kernel error line, if there is one.
@@ -457,11 +465,19 @@ pub fn lab_fault(node: &Node) -> Option<String> {
     if bad.is_empty() {
         return None;
     }
-    let states: Vec<String> = vcpus
-        .iter()
-        .map(|v| format!("vCPU {}: {}", v.id, v.state))
-        .collect();
-    Some(format!("{}\n{}", bad.join("\n"), states.join("\n")))
+    Some(format!("{}\n{}", bad.join("\n"), vcpu_states(node)))
+}
+
+/// What every vCPU of `node` is doing, read through its API (one line each).
+pub fn vcpu_states(node: &Node) -> String {
+    match ApiClient::connect(&node.api).and_then(|mut api| api.vcpus()) {
+        Ok(vcpus) => vcpus
+            .iter()
+            .map(|v| format!("vCPU {}: {}", v.id, v.state))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("cannot read them: {e}"),
+    }
 }
 
 /// `error`, unless one of `nodes` shows a lab fault: then the test binary ends as one
@@ -479,11 +495,7 @@ pub fn diagnose(node: &mut Node) -> String {
     let mut out = String::new();
     if let Ok(mut api) = ApiClient::connect(&node.api) {
         out += &format!("status: {:?}\n", api.status());
-        if let Ok(vcpus) = api.vcpus() {
-            for v in vcpus {
-                out += &format!("vCPU {}: {}\n", v.id, v.state);
-            }
-        }
+        out += &format!("{}\n", vcpu_states(node));
         out += &format!("balloon stats: {:?}\n", api.balloon_stats());
         std::thread::sleep(Duration::from_secs(3));
         out += &format!("balloon stats 3 s later: {:?}\n", api.balloon_stats());
