@@ -13,6 +13,7 @@
 
 pub mod acpi;
 pub mod api;
+pub mod api_schema;
 pub mod boot;
 pub mod builder;
 pub mod bus;

@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             write_stdout(&script, "the completion script")
         }
         Command::ApiSchema => write_stdout(
-            ferry_vmm::api::schema::schema_text().as_bytes(),
+            ferry_vmm::api_schema::schema_text().as_bytes(),
             "the API schema",
         ),
         Command::Man => {

@@ -18,7 +18,6 @@
 #![forbid(unsafe_code)]
 
 mod client;
-pub mod schema;
 mod server;
 #[cfg(test)]
 mod tests;
@@ -62,7 +61,7 @@ pub struct ServerInfo {
 }
 
 impl Greeting {
-    fn this() -> Self {
+    pub(crate) fn this() -> Self {
         Self {
             ferry: ServerInfo {
                 api: API_VERSION,
@@ -276,7 +275,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn from_result(r: Result<Value, Refusal>) -> Self {
+    pub(crate) fn from_result(r: Result<Value, Refusal>) -> Self {
         match r {
             Ok(v) => Self {
                 ok: true,

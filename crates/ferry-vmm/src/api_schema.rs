@@ -1,6 +1,7 @@
 //! The control API's JSON Schema (draft 2020-12), generated from the Rust types that the
 //! server writes and reads, so that it cannot drift from them. `ferry api-schema` prints it;
-//! `docs/api-schema.json` is the published copy, checked against this in a test.
+//! `docs/api-schema.json` is the published copy, checked against this in a test. A module of
+//! its own, above both the API and the migration types it describes.
 //!
 //! The document validates any line of the protocol (`anyOf` greeting, request, reply) and
 //! names, under `x-results`, the schema of each request's `result` (by `cmd`).
@@ -9,7 +10,7 @@ use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
-use super::{ErrorCode, Greeting, Reply, Request, API_VERSION};
+use crate::api::{ErrorCode, Greeting, Reply, Request, API_VERSION};
 use crate::migration::{MigrateOptions, MigrationProgress};
 use crate::status::{BalloonInfo, Status, VcpuReport};
 
