@@ -385,14 +385,15 @@ impl VcpuState {
         let e = &self.vcpu_events;
         let hex = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:#x}"));
         format!(
-            "vCPU {}: mp_state={} rip={:#x} rsp={:#x} rflags={:#x} (IF={}) cr0={:#x} cr3={:#x} \
-             cr4={:#x} efer={:#x} cr2={:#x} lstar={}; events: exception injected={} pending={} \
+            "vCPU {}: mp_state={} cs={:#x} rip={:#x} rsp={:#x} rflags={:#x} (IF={}) cr0={:#x} \
+             cr3={:#x} cr4={:#x} efer={:#x} cr2={:#x} lstar={} gs={:#x} kernel_gs={}; events: exception injected={} pending={} \
              nr={} error_code={:#x} payload={} interrupt injected={} nr={} shadow={} \
              nmi injected={} pending={} masked={}; \
              lapic: svr={:#x} tpr={:#x} isr_max={:?} irr_max={:?} lvt_timer={:#x} tmict={:#x} \
              tmcct={:#x}; tsc={} tsc_deadline={}",
             self.id,
             self.mp_state.mp_state,
+            self.sregs.cs.selector,
             self.regs.rip,
             self.regs.rsp,
             self.regs.rflags,
@@ -403,6 +404,8 @@ impl VcpuState {
             self.sregs.efer,
             self.sregs.cr2,
             hex(self.msr(msr::LSTAR)),
+            self.sregs.gs.base,
+            hex(self.msr(msr::KERNEL_GS_BASE)),
             e.exception.injected,
             e.exception.pending,
             e.exception.nr,
@@ -569,7 +572,11 @@ mod tests {
         assert_eq!(back.tsc_khz, Some(2_994_374));
         // What a stopped guest's diagnosis shows.
         let line = back.describe();
-        assert!(line.starts_with("vCPU 1: mp_state=0 rip=0x1234 "), "{line}");
+        assert!(
+            line.starts_with("vCPU 1: mp_state=0 cs=0x0 rip=0x1234 "),
+            "{line}"
+        );
+        assert!(line.contains(" gs=0x0 kernel_gs=-;"), "{line}");
         assert!(line.contains("tsc=0x63 tsc_deadline=-"), "{line}");
     }
 }
