@@ -21,6 +21,24 @@ forbid ferry-migration '^(kvm-ioctls|kvm-bindings|virtio-|ferry-vmm|ferry-balloo
 forbid ferry-balloon '^(kvm-ioctls|kvm-bindings|ferry-vmm)$' "devices know nothing of KVM or the VMM"
 forbid ferry-sim '^(kvm-ioctls|kvm-bindings|virtio-|ferry-vmm|ferry-balloon)$' "the simulation is engine-only"
 
+# The product: the engine, the balloon, the VMM and the `ferry` binary without its developer
+# commands (`--no-default-features`) link no test or developer tooling.
+product_tooling='^(ferry-sim|ferry-lab|ferry-bench|ferry-guest-agent)$'
+for crate in ferry-migration ferry-balloon ferry-vmm; do
+    forbid "$crate" "$product_tooling" "a product crate links no test or developer tooling"
+done
+tree=$(cargo tree -p ferry --no-default-features -e normal --prefix none 2>/dev/null | awk '{print $1}' | sort -u)
+if [[ -z "$tree" ]]; then
+    echo "check-deps: cannot list the dependencies of ferry --no-default-features"
+    status=1
+elif bad=$(grep -E "$product_tooling" <<<"$tree"); then
+    echo "check-deps: ferry --no-default-features must not depend on $(tr '\n' ' ' <<<"$bad")(the product binary links no test or developer tooling)"
+    status=1
+fi
+if ! cargo check --quiet -p ferry --no-default-features 2>/dev/null; then
+    echo "check-deps: ferry does not build without its developer commands (--no-default-features)"
+    status=1
+fi
 for lib in crates/ferry-migration/src/lib.rs crates/ferry-sim/src/lib.rs crates/ferry-balloon/src/lib.rs \
     crates/ferry/src/main.rs; do
     if [[ -f "$lib" ]] && ! grep -q '#!\[forbid(unsafe_code)\]' "$lib"; then

@@ -71,16 +71,21 @@ enum Command {
     Migrate(cmd::migrate::MigrateArgs),
     #[command(flatten)]
     Control(cmd::control::ControlCommand),
+    #[cfg(feature = "dev-tools")]
     /// The demo: boot the Debian guest image under ferry's VMM (in the lab without hardware
     /// KVM), free most of its memory, live-migrate it with hints off, then on, and compare.
     Demo(cmd::vmdemo::VmDemoArgs),
+    #[cfg(feature = "dev-tools")]
     /// Migrate a simulated guest between two processes over loopback TCP.
     Sim(cmd::sim::SimArgs),
+    #[cfg(feature = "dev-tools")]
     /// The engine-only demo: a simulated guest with freed memory migrated between two
     /// processes with hints off, then on (no VM, no lab).
     SimDemo,
+    #[cfg(feature = "dev-tools")]
     /// Print the engine's benchmark table.
     Bench(cmd::bench::BenchArgs),
+    #[cfg(feature = "dev-tools")]
     /// Benchmark live migration of a real guest: ferry (hints off/on) vs QEMU (free-page-hint
     /// off/on) on the workload matrix; markdown table, JSON and PNG charts (in the lab without
     /// hardware KVM).
@@ -96,6 +101,7 @@ enum Command {
     /// Print the control API's JSON Schema (every request, reply, result and error code) to
     /// stdout; the same as docs/api-schema.json.
     ApiSchema,
+    #[cfg(feature = "dev-tools")]
     /// Receiving side of `ferry sim` (started by it).
     #[command(hide = true)]
     SimReceive(cmd::sim::ReceiveArgs),
@@ -112,14 +118,20 @@ fn main() -> ExitCode {
         Command::Receive(a) => cmd::receive::run(a.clone()),
         Command::Migrate(a) => cmd::migrate::run(a),
         Command::Control(c) => cmd::control::run(c),
+        #[cfg(feature = "dev-tools")]
         Command::Demo(a) => cmd::vmdemo::run(a),
+        #[cfg(feature = "dev-tools")]
         Command::Sim(a) => cmd::sim::run(a),
+        #[cfg(feature = "dev-tools")]
         Command::SimDemo => {
             let args = cmd::sim::SimArgs::demo();
             cmd::sim::run(&args)
         }
+        #[cfg(feature = "dev-tools")]
         Command::Bench(a) => cmd::bench::run(a),
+        #[cfg(feature = "dev-tools")]
         Command::BenchVm(a) => cmd::bench_vm::run(a),
+        #[cfg(feature = "dev-tools")]
         Command::SimReceive(a) => cmd::sim::receive(a),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe).
@@ -174,7 +186,8 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-#[cfg(test)]
+// The documented command lines include the developer commands.
+#[cfg(all(test, feature = "dev-tools"))]
 mod docs_examples {
     //! Every `ferry ...` command line shown in a code block of README.md or docs/*.md parses
     //! with this build's command line, so the documentation cannot drift from the CLI.

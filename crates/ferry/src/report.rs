@@ -56,6 +56,7 @@ pub fn skipped_by_source(s: &MigrationStats) -> String {
 }
 
 /// Side by side: hints off vs on.
+#[cfg(feature = "dev-tools")]
 pub fn compare_table(off: &MigrationStats, on: &MigrationStats) -> String {
     let ratio = |a: f64, b: f64| {
         if a > 0.0 {
