@@ -39,7 +39,7 @@ if ! cargo check --quiet -p ferry --no-default-features 2>/dev/null; then
     echo "check-deps: ferry does not build without its developer commands (--no-default-features)"
     status=1
 fi
-for lib in crates/ferry-migration/src/lib.rs crates/ferry-sim/src/lib.rs crates/ferry-balloon/src/lib.rs \
+for lib in crates/ferry-migration/src/lib.rs testing/ferry-sim/src/lib.rs crates/ferry-balloon/src/lib.rs \
     crates/ferry/src/main.rs; do
     if [[ -f "$lib" ]] && ! grep -q '#!\[forbid(unsafe_code)\]' "$lib"; then
         echo "check-deps: $lib must declare #![forbid(unsafe_code)]"

@@ -50,7 +50,7 @@ impl GuestImage {
 /// The workspace root, known at compile time. Inside the lab the repository has the same path,
 /// so binaries built on the host find the image there too.
 pub fn workspace_root() -> &'static Path {
-    // crates/ferry-lab -> the workspace root.
+    // testing/ferry-lab -> the workspace root.
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
