@@ -34,11 +34,10 @@ struct Base {
 
 impl Base {
     fn new(config: VmConfig) -> Result<Self, VmmError> {
-        let allow_pvm = std::env::var_os("FERRY_ALLOW_PVM").is_some_and(|v| v == "1");
         check_kvm(
             &config.kvm_path,
             std::path::Path::new("/sys/module"),
-            allow_pvm,
+            config.allow_pvm,
         )?;
         let kvm = KvmVm::new(&config.kvm_path)?;
         let ram = GuestRam::new(&layout::ram_regions(config.memory_bytes))?;

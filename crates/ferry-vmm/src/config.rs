@@ -89,8 +89,8 @@ pub enum ConfigError {
     /// /dev/kvm is PVM, which cannot run an unmodified guest at usable speed.
     #[error(
         "{0} is provided by the kvm_pvm module (/sys/module/kvm_pvm exists): it cannot run a \
-         stock Linux guest at usable speed. Run ferry inside the lab instead: `lab/run -- ferry run ...` \
-         (set FERRY_ALLOW_PVM=1 to try anyway)"
+         stock Linux guest at usable speed. Run ferry on a host with hardware KVM (VMX or SVM), \
+         or pass --allow-pvm to try anyway"
     )]
     Pvm(PathBuf),
 }
@@ -213,6 +213,10 @@ pub struct RunArgs {
     /// Also append everything the guest prints on the console to this file.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+    /// Run even on PVM's /dev/kvm (the kvm_pvm module), which boots a stock Linux guest only
+    /// very slowly: for smoke tests.
+    #[arg(long)]
+    pub allow_pvm: bool,
 }
 
 impl RunArgs {
@@ -230,6 +234,7 @@ impl RunArgs {
             kvm_path: self.kvm,
             xsave: !self.no_xsave,
             console_log: self.console_log,
+            allow_pvm: self.allow_pvm,
         }
     }
 }
@@ -260,6 +265,9 @@ pub struct VmConfig {
     /// A file that gets a copy of the console output.
     #[serde(default)]
     pub console_log: Option<PathBuf>,
+    /// Accept PVM's /dev/kvm (see [`check_kvm`]).
+    #[serde(default)]
+    pub allow_pvm: bool,
 }
 
 impl VmConfig {
@@ -281,6 +289,7 @@ impl VmConfig {
             kvm_path: PathBuf::from("/dev/kvm"),
             xsave: true,
             console_log: None,
+            allow_pvm: false,
         }
     }
 
@@ -525,14 +534,14 @@ mod tests {
     }
 
     #[test]
-    fn pvm_is_refused_with_a_pointer_to_the_lab() {
+    fn pvm_is_refused_unless_allowed() {
         let d = tmpdir("kvm");
         let dev = d.join("kvm");
         std::fs::write(&dev, b"").unwrap();
         let sys = d.join("module");
         std::fs::create_dir_all(sys.join("kvm_pvm")).unwrap();
         let e = check_kvm(&dev, &sys, false).unwrap_err().to_string();
-        assert!(e.contains("kvm_pvm") && e.contains("lab/run"), "{e}");
+        assert!(e.contains("kvm_pvm") && e.contains("--allow-pvm"), "{e}");
         check_kvm(&dev, &sys, true).unwrap();
         assert!(matches!(
             check_kvm(&d.join("nope"), &sys, false),

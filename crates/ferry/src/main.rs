@@ -155,6 +155,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {}", error_chain(&e));
+            // The lab is test tooling: only a developer build knows of it.
+            #[cfg(feature = "dev-tools")]
+            if error_chain(&e).contains("kvm_pvm") {
+                eprintln!(
+                    "ferry: hint: in a ferry checkout, `lab/run -- ferry ...` runs the command in \
+                     the lab, a host with hardware KVM (docs/lab.md)"
+                );
+            }
             ExitCode::FAILURE
         }
     }
