@@ -247,6 +247,19 @@ impl Balloon {
             );
             return;
         }
+        // §3.1.1: ACKNOWLEDGE, then DRIVER, then FEATURES_OK. A status out of that order is
+        // ignored, so that the device only ever holds a status a restore accepts (a guest must
+        // not be able to make its own migration fail: found by the balloon_queue fuzzer).
+        let out_of_order = (new & VIRTIO_CONFIG_S_DRIVER != 0
+            && new & VIRTIO_CONFIG_S_ACKNOWLEDGE == 0)
+            || (new & VIRTIO_CONFIG_S_FEATURES_OK != 0 && new & VIRTIO_CONFIG_S_DRIVER == 0);
+        if out_of_order {
+            self.guest_error(
+                u64::from(VIRTIO_MMIO_STATUS),
+                "status bits set out of order (ACKNOWLEDGE, DRIVER, FEATURES_OK)",
+            );
+            return;
+        }
         let added = new & !keep;
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.config.device_features();

@@ -65,3 +65,20 @@ fn mutated_seeds_run_clean() {
         harness::run(&input);
     }
 }
+
+/// Every input a fuzzer once failed on (`fuzz/regressions/balloon_queue`, one file each, named
+/// for what it found) passes the harness's checks now.
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/balloon_queue");
+    let mut ran = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let input = std::fs::read(&path).unwrap();
+        let outcome = std::panic::catch_unwind(|| harness::run(&input));
+        assert!(outcome.is_ok(), "{} fails again", path.display());
+        ran += 1;
+    }
+    assert!(ran > 0, "no regression inputs under {}", dir.display());
+}
