@@ -22,6 +22,8 @@ for t in $targets; do
     mkdir -p "$corpus"
     seeds=()
     [[ -d "seeds/$t" ]] && seeds=("seeds/$t")
+    # Inputs that once failed (kept as regression tests) start every run too.
+    [[ -d "regressions/$t" ]] && seeds+=("regressions/$t")
     echo "fuzz: running $t for ${seconds}s"
     log="target/fuzz-$t.log"
     mkdir -p target
