@@ -25,6 +25,7 @@ pub mod kvm;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod receive;
 pub mod serial;
 pub mod state_format;
 pub mod status;

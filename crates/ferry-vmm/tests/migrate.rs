@@ -2,7 +2,7 @@
 //! guest (Debian's kernel, its virtio_balloon driver, ferry's guest agent).
 //!
 //! The source is the `ferry-vmm` binary, asked to migrate through its control API. Each
-//! destination is a separate process running `ferry_vmm::migration::receive` (this test
+//! destination is a separate process running `ferry_vmm::receive::receive` (this test
 //! binary, re-executed as `destination_process`). The guest hops from VMM to VMM: after every
 //! migration the agent's data set must verify on the destination, heartbeats must continue,
 //! the source process must exit, and no console may show a kernel error.

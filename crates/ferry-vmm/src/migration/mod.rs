@@ -8,7 +8,7 @@
 //! leaves the VM running, dirty logging off and the balloon's hinting ended (DONE). After
 //! a success the VM stays paused: the destination acknowledged that it runs the guest now.
 //!
-//! Destination ([`receive`]): an [`IncomingVm`](crate::IncomingVm) with zeroed RAM receives the stream; the
+//! Destination ([`crate::receive`]): an [`IncomingVm`](crate::IncomingVm) with zeroed RAM receives the stream; the
 //! machine state is decoded and restored, the control API is bound, and only then is the
 //! source acknowledged and the guest resumed. A failure before the acknowledgement rejects
 //! the migration (the source resumes its VM) and discards everything here.
@@ -20,7 +20,6 @@
 #![forbid(unsafe_code)]
 
 mod client;
-mod destination;
 mod error;
 mod options;
 mod progress;
@@ -28,7 +27,6 @@ mod source;
 mod supervisor;
 
 pub use client::{query_progress, request_migration};
-pub use destination::{receive, ReceiveObserver};
 pub use error::MigrateError;
 pub use options::MigrateOptions;
 pub use progress::{MigrationPhase, MigrationProgress, ProgressTracker};

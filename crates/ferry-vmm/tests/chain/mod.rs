@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use ferry_lab::{AgentClient, GuestConfig, GuestImage};
 use ferry_migration::{Endpoint, MigrationStats, ReceiveStats};
-use ferry_vmm::migration::{request_migration, MigrateOptions, ReceiveObserver};
+use ferry_vmm::migration::{request_migration, MigrateOptions};
+use ferry_vmm::receive::ReceiveObserver;
 use ferry_vmm::{ApiClient, SerialTarget, VmConfig};
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -326,7 +327,7 @@ pub fn destination_process() -> Result<()> {
         .try_init();
     let spec: DestinationSpec = serde_json::from_str(spec.to_str().context("spec")?)?;
     let listen: Endpoint = spec.listen.parse().map_err(anyhow::Error::msg)?;
-    let reason = ferry_vmm::migration::receive(spec.config, &listen, &mut Print)?;
+    let reason = ferry_vmm::receive::receive(spec.config, &listen, &mut Print)?;
     eprintln!("destination: the VM stopped: {reason:?}");
     Ok(())
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use ferry_migration::{Endpoint, ReceiveStats};
-use ferry_vmm::migration::ReceiveObserver;
+use ferry_vmm::receive::ReceiveObserver;
 use ferry_vmm::{ExitReason, RunArgs};
 
 /// `ferry receive` arguments.
@@ -38,7 +38,7 @@ impl ReceiveObserver for Tell {
 
 /// Runs `ferry receive` until the migrated VM stops.
 pub fn run(args: ReceiveArgs) -> Result<()> {
-    match ferry_vmm::migration::receive(args.vm.into_config(), &args.listen, &mut Tell)? {
+    match ferry_vmm::receive::receive(args.vm.into_config(), &args.listen, &mut Tell)? {
         ExitReason::Shutdown | ExitReason::GuestPowerOff => Ok(()),
         ExitReason::GuestReset => bail!("the guest reset the machine"),
         ExitReason::Error(e) => bail!("the VM failed: {e}"),

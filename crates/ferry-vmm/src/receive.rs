@@ -1,15 +1,17 @@
-//! The destination side: [`receive`] one migration into an empty VM and run it.
+//! The destination side: [`receive`] one migration into an empty VM and run it, serving the
+//! VM's control API. A module of its own, above the migration glue and the control API's
+//! handler it brings together (neither imports the other through it).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use ferry_migration::{Destination, Endpoint, Listener, ReceiveConfig, ReceiveStats};
 
-use super::{MigrateError, Supervisor};
 use crate::api;
 use crate::builder::IncomingVm;
 use crate::config::{check_socket_free, VmConfig};
 use crate::exit::ExitReason;
+use crate::migration::{MigrateError, Supervisor};
 use crate::state_format;
 
 /// What [`receive`] tells its caller along the way.
