@@ -3,12 +3,14 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::config::ConfigError;
 use crate::layout::{self, E820Entry};
 
 /// The boot protocol's "undefined boot loader" id.
@@ -220,6 +222,52 @@ impl ZeroPage<'_> {
                 source,
             })
     }
+}
+
+/// Offset of the setup header's "HdrS" magic in a bzImage.
+const HDRS_OFFSET: u64 = 0x202;
+/// `xloadflags` bit: the kernel has a 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1 << 0;
+
+/// Checks that `path` is a bzImage with the 64-bit boot protocol (>= 2.12, XLF_KERNEL_64).
+pub fn check_bzimage(path: &Path) -> Result<(), ConfigError> {
+    let unreadable = |source| ConfigError::Unreadable {
+        what: "kernel",
+        path: path.to_owned(),
+        source,
+    };
+    let bad = |reason: &str| ConfigError::BadKernel {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut f = File::open(path).map_err(unreadable)?;
+    // Read from the magic through xloadflags (0x236..0x238).
+    let mut hdr = [0u8; 0x238 - HDRS_OFFSET as usize];
+    f.seek(SeekFrom::Start(HDRS_OFFSET)).map_err(unreadable)?;
+    match f.read_exact(&mut hdr) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+            return Err(bad("file too short for a setup header"))
+        }
+        Err(e) => return Err(unreadable(e)),
+    }
+    if &hdr[0..4] != b"HdrS" {
+        return Err(bad("no \"HdrS\" magic at offset 0x202"));
+    }
+    let version = u16::from_le_bytes([hdr[4], hdr[5]]);
+    if version < 0x020c {
+        return Err(bad(&format!(
+            "boot protocol {}.{} is older than 2.12",
+            version >> 8,
+            version & 0xff
+        )));
+    }
+    let at = |off: u64| (off - HDRS_OFFSET) as usize;
+    let xloadflags = u16::from_le_bytes([hdr[at(0x236)], hdr[at(0x237)]]);
+    if xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(bad("no 64-bit entry point (XLF_KERNEL_64 unset)"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

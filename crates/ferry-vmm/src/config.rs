@@ -6,7 +6,6 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -300,7 +299,7 @@ impl VmConfig {
         if self.cmdline.len() > CMDLINE_BYTES_MAX || self.cmdline.contains('\0') {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
-        check_bzimage(&self.kernel)?;
+        crate::boot::check_bzimage(&self.kernel)?;
         if let Some(initrd) = &self.initrd {
             let len = File::open(initrd)
                 .and_then(|f| f.metadata())
@@ -340,52 +339,6 @@ impl VmConfig {
         }
         Ok(())
     }
-}
-
-/// Offset of the setup header's "HdrS" magic in a bzImage.
-const HDRS_OFFSET: u64 = 0x202;
-/// `xloadflags` bit: the kernel has a 64-bit entry point at +0x200.
-const XLF_KERNEL_64: u16 = 1 << 0;
-
-/// Checks that `path` is a bzImage with the 64-bit boot protocol (>= 2.12, XLF_KERNEL_64).
-pub fn check_bzimage(path: &Path) -> Result<(), ConfigError> {
-    let unreadable = |source| ConfigError::Unreadable {
-        what: "kernel",
-        path: path.to_owned(),
-        source,
-    };
-    let bad = |reason: &str| ConfigError::BadKernel {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let mut f = File::open(path).map_err(unreadable)?;
-    // Read from the magic through xloadflags (0x236..0x238).
-    let mut hdr = [0u8; 0x238 - HDRS_OFFSET as usize];
-    f.seek(SeekFrom::Start(HDRS_OFFSET)).map_err(unreadable)?;
-    match f.read_exact(&mut hdr) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-            return Err(bad("file too short for a setup header"))
-        }
-        Err(e) => return Err(unreadable(e)),
-    }
-    if &hdr[0..4] != b"HdrS" {
-        return Err(bad("no \"HdrS\" magic at offset 0x202"));
-    }
-    let version = u16::from_le_bytes([hdr[4], hdr[5]]);
-    if version < 0x020c {
-        return Err(bad(&format!(
-            "boot protocol {}.{} is older than 2.12",
-            version >> 8,
-            version & 0xff
-        )));
-    }
-    let at = |off: u64| (off - HDRS_OFFSET) as usize;
-    let xloadflags = u16::from_le_bytes([hdr[at(0x236)], hdr[at(0x237)]]);
-    if xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(bad("no 64-bit entry point (XLF_KERNEL_64 unset)"));
-    }
-    Ok(())
 }
 
 /// Checks that nobody listens on the Unix socket `path`; removes a stale socket file.
@@ -434,7 +387,7 @@ mod tests {
         d
     }
 
-    /// A file with just enough of a setup header to pass [`check_bzimage`].
+    /// A file with just enough of a setup header to pass [`crate::boot::check_bzimage`].
     pub(crate) fn fake_bzimage(path: &Path, version: u16, xloadflags: u16) {
         let mut img = vec![0u8; 0x1000];
         img[0x202..0x206].copy_from_slice(b"HdrS");
