@@ -10,7 +10,6 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::config::ConfigError;
 use crate::layout::{self, E820Entry};
 
 /// The boot protocol's "undefined boot loader" id.
@@ -229,17 +228,19 @@ const HDRS_OFFSET: u64 = 0x202;
 /// `xloadflags` bit: the kernel has a 64-bit entry point at +0x200.
 const XLF_KERNEL_64: u16 = 1 << 0;
 
+/// Why a file is not a kernel ferry can boot ([`check_bzimage`]).
+#[derive(Debug)]
+pub enum BzImageError {
+    /// It cannot be read.
+    Unreadable(std::io::Error),
+    /// It is not a 64-bit bzImage: why.
+    Bad(String),
+}
+
 /// Checks that `path` is a bzImage with the 64-bit boot protocol (>= 2.12, XLF_KERNEL_64).
-pub fn check_bzimage(path: &Path) -> Result<(), ConfigError> {
-    let unreadable = |source| ConfigError::Unreadable {
-        what: "kernel",
-        path: path.to_owned(),
-        source,
-    };
-    let bad = |reason: &str| ConfigError::BadKernel {
-        path: path.to_owned(),
-        reason: reason.to_owned(),
-    };
+pub fn check_bzimage(path: &Path) -> Result<(), BzImageError> {
+    let unreadable = BzImageError::Unreadable;
+    let bad = |reason: &str| BzImageError::Bad(reason.to_owned());
     let mut f = File::open(path).map_err(unreadable)?;
     // Read from the magic through xloadflags (0x236..0x238).
     let mut hdr = [0u8; 0x238 - HDRS_OFFSET as usize];

@@ -14,6 +14,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::{check_kvm, VmConfig};
+use crate::console::{self, SerialInput};
 use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
 use crate::gate::Gate;
 use crate::kvm::cpuid::CpuOptions;
@@ -21,7 +22,7 @@ use crate::kvm::state::saveable_msrs;
 use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, Vcpus};
 use crate::kvm::vm::{configure_boot, KvmVm, VmError};
 use crate::memory::{register_slots, GuestMemory, GuestRam};
-use crate::serial::{self, SerialConsole, SerialInput};
+use crate::serial::SerialConsole;
 use crate::vmm::{MachineState, Vmm, VmmError, MACHINE_STATE_VERSION};
 use crate::{acpi, boot, layout};
 
@@ -83,9 +84,9 @@ fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmErro
     let mut mmio = Bus::new();
 
     let serial_irq = kvm.irqfd(layout::SERIAL_GSI)?;
-    let (out, serial_in) = serial::open(&config.serial)?;
+    let (out, serial_in) = console::open(&config.serial)?;
     let out = match &config.console_log {
-        Some(path) => serial::ConsoleOut::with_log(out, path)?,
+        Some(path) => console::ConsoleOut::with_log(out, path)?,
         None => out.into(),
     };
     let console = match state {

@@ -299,7 +299,17 @@ impl VmConfig {
         if self.cmdline.len() > CMDLINE_BYTES_MAX || self.cmdline.contains('\0') {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
-        crate::boot::check_bzimage(&self.kernel)?;
+        crate::boot::check_bzimage(&self.kernel).map_err(|e| match e {
+            crate::boot::BzImageError::Unreadable(source) => ConfigError::Unreadable {
+                what: "kernel",
+                path: self.kernel.clone(),
+                source,
+            },
+            crate::boot::BzImageError::Bad(reason) => ConfigError::BadKernel {
+                path: self.kernel.clone(),
+                reason,
+            },
+        })?;
         if let Some(initrd) = &self.initrd {
             let len = File::open(initrd)
                 .and_then(|f| f.metadata())

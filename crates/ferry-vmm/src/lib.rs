@@ -18,6 +18,7 @@ pub mod boot;
 pub mod builder;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod devices;
 mod exit;
 pub mod gate;
