@@ -135,14 +135,7 @@ impl From<SerialOut> for ConsoleOut {
 impl ConsoleOut {
     /// `out` with a copy appended to the file at `path`.
     pub fn with_log(out: SerialOut, path: &Path) -> Result<Self, SerialError> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| SerialError::File {
-                path: path.display().to_string(),
-                source,
-            })?;
+        let log = append(path)?;
         Ok(Self {
             out,
             log: Some(log),
@@ -185,17 +178,7 @@ pub fn open(target: &SerialTarget) -> Result<(SerialOut, SerialInput), SerialErr
     let (out, input) = match target {
         SerialTarget::Stdio => (SerialOut::Stdout, Input::Stdin),
         SerialTarget::None => (SerialOut::Sink, Input::None),
-        SerialTarget::File(path) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| SerialError::File {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            (SerialOut::File(f), Input::None)
-        }
+        SerialTarget::File(path) => (SerialOut::File(append(path)?), Input::None),
         SerialTarget::Socket(path) => {
             let listener = bind(path)?;
             let slot = Arc::new(Mutex::new(SocketSlot::default()));
@@ -245,6 +228,18 @@ impl SerialInput {
         };
         handle.map(Some).map_err(SerialError::Thread)
     }
+}
+
+/// Opens `path` for appending console output, creating it.
+fn append(path: &Path) -> Result<File, SerialError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| SerialError::File {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn bind(path: &Path) -> Result<UnixListener, SerialError> {
