@@ -252,7 +252,12 @@ fn a_guest_that_never_converges_is_throttled_and_the_policy_ends_the_migration()
     let stats = migration
         .join()
         .expect("the migration thread panicked")
-        .map_err(|e| or_lab_fault(&[&node], e.into()))?;
+        .map_err(|e| {
+            // A guest that stopped during the throttled migration: the VMM's log has its last
+            // vCPU state (a triple fault's events), kept with the error.
+            let e = anyhow::Error::from(e).context(format!("source VMM log:\n{}", node.log()));
+            or_lab_fault(&[&node], e)
+        })?;
     for r in &stats.rounds {
         eprintln!(
             "round {}: {} pages sent, {} dirtied ({:.0} pages/s), throttle {}%, {:.0} ms",
