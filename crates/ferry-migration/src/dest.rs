@@ -345,7 +345,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     let secondary = matches!(
                         &e,
                         ReceiveError::Wire {
-                            source: WireError::Io(_) | WireError::Closed,
+                            source: WireError::Io(_)
+                                | WireError::Closed
+                                | WireError::Truncated { .. },
                             ..
                         }
                     );
