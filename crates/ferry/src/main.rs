@@ -105,6 +105,10 @@ enum Command {
     /// Receiving side of `ferry sim` (started by it).
     #[command(hide = true)]
     SimReceive(cmd::sim::ReceiveArgs),
+    #[cfg(feature = "dev-tools")]
+    /// Sending side of a simulated migration, alone (for tests that kill it).
+    #[command(hide = true)]
+    SimSend(cmd::sim::SendArgs),
 }
 
 fn main() -> ExitCode {
@@ -133,6 +137,8 @@ fn main() -> ExitCode {
         Command::BenchVm(a) => cmd::bench_vm::run(a),
         #[cfg(feature = "dev-tools")]
         Command::SimReceive(a) => cmd::sim::receive(a),
+        #[cfg(feature = "dev-tools")]
+        Command::SimSend(a) => cmd::sim::send(a),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe).
             let mut script = Vec::new();

@@ -1,9 +1,16 @@
-//! A destination *process* killed (SIGKILL, as a crash or the OOM killer would) at any phase
-//! of a migration: the handshake, the bulk round, later rounds, the final round, the state,
-//! Complete, the acknowledgement. The source, ferry's engine with a simulated guest in this
-//! process, must never report success unless the destination acknowledged first, must keep its
-//! guest running when it fails (or wait paused when the acknowledgement may have been lost:
-//! then no copy runs and the operator decides), and must end within its timeouts.
+//! Either *process* of a migration killed (SIGKILL, as a crash or the OOM killer would) at any
+//! phase: the handshake, the bulk round, later rounds, the final round, the state, Complete, the
+//! acknowledgement.
+//!
+//! - A destination process killed: the source, ferry's engine with a simulated guest in this
+//!   process, must never report success unless the destination acknowledged first, must keep its
+//!   guest running when it fails (or wait paused when the acknowledgement may have been lost:
+//!   then no copy runs and the operator decides), and must end within its timeouts.
+//! - A source process killed (`ferry sim-send`): the destination, ferry's receiver in this
+//!   process, must refuse every stream that ends before its last byte (so nothing half-received
+//!   is ever restored), must end within its timeouts, and when it did receive everything, its
+//!   memory must hold every page the source's guest wrote (checked against the guest state that
+//!   travelled in the stream).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -13,8 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_migration::{BitmapDirtyLog, Connection, Migration, MigrationConfig, MigrationError};
-use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimDriver, SimVm, Workload};
+use ferry_migration::{
+    BitmapDirtyLog, Connection, Destination, Endpoint, Listener, MemoryLayout, Migration,
+    MigrationConfig, MigrationError, ReceiveConfig,
+};
+use ferry_sim::{
+    create_memory, verify, Guest, HintBehavior, SimConfig, SimDriver, SimVm, Workload,
+};
 
 const MEMORY: u64 = 16 << 20;
 
@@ -57,8 +69,11 @@ fn pump(
             if let Some(pid) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
-            // The rest of what the source sent dies with the process.
+            // The rest of what the source sent dies with the process; and nothing after it
+            // (a killed source's socket may still hold bytes it wrote: forwarding them would
+            // leave a hole in the stream, a corruption rather than a kill).
             std::thread::sleep(Duration::from_millis(20));
+            break;
         }
     }
     let _ = from.shutdown(Shutdown::Both);
@@ -202,5 +217,172 @@ fn a_destination_killed_at_any_phase_never_leaves_the_source_wrong() {
     }
     eprintln!("endings: {endings:?}");
     assert_eq!(endings.len(), 2, "both endings reached: {endings:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How a destination in this process ended when its source process was killed.
+#[derive(Debug)]
+enum Received {
+    /// It refused the migration (nothing would be restored).
+    Refused(String),
+    /// It received the whole stream: pages of the guest state that differ in its memory (None:
+    /// the state did not decode), and whether its acknowledgement was written.
+    Whole {
+        mismatches: Option<usize>,
+        acknowledged: bool,
+    },
+}
+
+struct SourceRun {
+    received: Received,
+    /// How long the destination took, from its first connection to its verdict.
+    elapsed: Duration,
+    bytes: [u64; 2],
+    killed: bool,
+    source_output: String,
+}
+
+fn receive_killing_source(dir: &std::path::Path, kill: KillAt) -> SourceRun {
+    let name = format!("{kill:?}").replace(['(', ')', ' '], "_");
+    let dest_socket = dir.join(format!("recv-{name}.sock"));
+    let proxy_socket = dir.join(format!("proxy-{name}.sock"));
+    let _ = std::fs::remove_file(&dest_socket);
+    let _ = std::fs::remove_file(&proxy_socket);
+    let endpoint: Endpoint = format!("unix:{}", dest_socket.display()).parse().unwrap();
+    let listener = Listener::bind(&endpoint).expect("destination listener");
+    let receiver = std::thread::spawn(move || {
+        let mem = create_memory(MEMORY).unwrap();
+        let config = ReceiveConfig {
+            accept_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            ..ReceiveConfig::default()
+        };
+        let dest = Destination::new(&mem, config).unwrap();
+        let first = Instant::now();
+        let received = match dest.accept(&listener) {
+            Err(e) => Received::Refused(e.to_string()),
+            Ok(r) => {
+                let layout = MemoryLayout::from_guest_memory(&mem).unwrap();
+                let mismatches = ferry_sim::state::decode(&r.device_state)
+                    .map(|states| verify(&states, &mem, &layout).len());
+                Received::Whole {
+                    mismatches,
+                    acknowledged: r.acknowledge().is_ok(),
+                }
+            }
+        };
+        (received, first.elapsed())
+    });
+
+    let proxy = std::os::unix::net::UnixListener::bind(&proxy_socket).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["sim-send", "--memory", "16M", "--connect"])
+        .arg(format!("unix:{}", proxy_socket.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ferry sim-send");
+    let pid = child.id() as i32;
+    let (source, _) = proxy.accept().expect("the source connects");
+    let dest = UnixStream::connect(&dest_socket).expect("connect to the destination");
+    let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let (forward_kill, backward_kill) = match kill {
+        KillAt::Never => (None, None),
+        KillAt::Forward(at) => (Some(at), None),
+        KillAt::Backward(at) => (None, Some(at)),
+    };
+    let pumps = [
+        {
+            let (from, to, c) = (
+                source.try_clone().unwrap(),
+                dest.try_clone().unwrap(),
+                counted[0].clone(),
+            );
+            std::thread::spawn(move || pump(from, to, c, forward_kill, pid))
+        },
+        {
+            let (from, to, c) = (dest, source, counted[1].clone());
+            std::thread::spawn(move || pump(from, to, c, backward_kill, pid))
+        },
+    ];
+    let (received, elapsed) = receiver.join().expect("the destination thread");
+    let mut source_output = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut source_output);
+    }
+    let status = child.wait().unwrap();
+    for p in pumps {
+        p.join().unwrap();
+    }
+    SourceRun {
+        received,
+        elapsed,
+        bytes: [
+            counted[0].load(Ordering::SeqCst),
+            counted[1].load(Ordering::SeqCst),
+        ],
+        killed: std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
+        source_output,
+    }
+}
+
+#[test]
+fn a_source_killed_at_any_phase_never_leaves_a_wrong_destination() {
+    let dir = std::env::temp_dir().join(format!("ferry-kill-source-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let clean = receive_killing_source(&dir, KillAt::Never);
+    assert!(
+        matches!(
+            clean.received,
+            Received::Whole {
+                mismatches: Some(0),
+                acknowledged: true
+            }
+        ),
+        "{:?}",
+        clean.received
+    );
+    assert!(!clean.killed && clean.source_output.starts_with("SENT "));
+    let [forward, backward] = clean.bytes;
+    assert!(forward > 1 << 20 && backward > 0, "{forward} {backward}");
+
+    // Spread over the stream, then the last bytes one by one (Complete and its end); on the way
+    // back the destination's preamble and reply to the handshake (the source dies before the
+    // first page) and the last byte of its acknowledgement (the destination has everything).
+    let mut points: Vec<KillAt> = (0..8).map(|i| KillAt::Forward(forward * i / 8)).collect();
+    points.extend((1..=3).map(|k| KillAt::Forward(forward - k)));
+    points.extend([KillAt::Backward(0), KillAt::Backward(backward - 1)]);
+    let (mut refused, mut whole) = (0, 0);
+    for kill in points {
+        let run = receive_killing_source(&dir, kill);
+        assert!(
+            run.elapsed < Duration::from_secs(30),
+            "{kill:?}: the destination took {:?}",
+            run.elapsed
+        );
+        let before_the_end = match kill {
+            KillAt::Forward(_) | KillAt::Backward(0) => true,
+            KillAt::Backward(_) | KillAt::Never => false,
+        };
+        match &run.received {
+            Received::Refused(reason) if before_the_end => {
+                assert!(run.killed, "{kill:?}: the source was not killed");
+                eprintln!("{kill:?}: refused ({reason})");
+                refused += 1;
+            }
+            Received::Whole { .. } if before_the_end => panic!(
+                "{kill:?}: the destination accepted a stream the source never finished \
+                 ({forward} bytes in a whole one): {:?}",
+                run.received
+            ),
+            Received::Whole {
+                mismatches: Some(0),
+                ..
+            } => whole += 1,
+            other => panic!("{kill:?}: {other:?}"),
+        }
+    }
+    eprintln!("source killed: {refused} refused by the destination, {whole} received whole");
+    assert_eq!((refused, whole), (12, 1));
     let _ = std::fs::remove_dir_all(&dir);
 }

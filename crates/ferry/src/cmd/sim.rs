@@ -14,7 +14,9 @@ use ferry_migration::{
     connect, BitmapDirtyLog, Destination, Endpoint, Listener, MemoryLayout, Migration,
     MigrationConfig, MigrationStats, Policy, ReceiveConfig, UnpopulatedSource,
 };
-use ferry_sim::{create_memory, verify, Guest, HintBehavior, SimConfig, SimVm, Workload};
+use ferry_sim::{
+    create_memory, verify, Guest, HintBehavior, SimConfig, SimDriver, SimVm, Workload,
+};
 
 use crate::progress::Bar;
 use crate::report;
@@ -88,6 +90,21 @@ pub struct ReceiveArgs {
     /// Guest RAM size; must match the source.
     #[arg(long, value_parser = parse_size)]
     pub memory: u64,
+}
+
+/// `ferry sim-send` arguments: the sending side alone, against a given destination (a test
+/// kills this process at chosen moments of its migration).
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// Where the destination listens (HOST:PORT or unix:PATH).
+    #[arg(long)]
+    pub connect: Endpoint,
+    /// Guest RAM size; must match the destination.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: u64,
+    /// Seed of the guest's behaviour.
+    #[arg(long, default_value_t = 5)]
+    pub seed: u64,
 }
 
 /// What the receiving process reports on stdout, as one JSON line.
@@ -276,6 +293,42 @@ pub fn receive(args: &ReceiveArgs) -> Result<()> {
     if mismatches > 0 {
         bail!("{mismatches} in-use pages differ");
     }
+    Ok(())
+}
+
+/// Runs `ferry sim-send`: a simulated guest that churns memory and hints honestly, migrated
+/// to `--connect`. Deterministic for a seed: the guest moves only when the engine reports
+/// progress, so two runs send the same bytes. Prints `SENT` and the statistics on success.
+pub fn send(args: &SendArgs) -> Result<()> {
+    let mem = create_memory(args.memory).context("allocating guest memory")?;
+    let vm = SimVm::new(
+        Guest::new(mem.clone(), args.seed),
+        SimConfig {
+            used_percent: 40,
+            workload: Workload::Churn { pages_per_tick: 16 },
+            hints: Some(HintBehavior::Honest { delay_ticks: 1 }),
+            zero_on_alloc: true,
+        },
+    );
+    for _ in 0..20 {
+        vm.tick();
+    }
+    let config = MigrationConfig {
+        handshake_timeout: Duration::from_secs(5),
+        stall_timeout: Duration::from_secs(5),
+        timeout: Duration::from_secs(60),
+        ..MigrationConfig::default()
+    };
+    let mut dirty = BitmapDirtyLog::lazy(mem.clone());
+    let (mut control, mut driver) = (vm.clone(), SimDriver(vm.clone()));
+    let mut hints = vm.hint_source();
+    let conns = connect(&args.connect, 1).context("connecting to the destination")?;
+    let mut m = Migration::new(&mem, &mut dirty, &mut control, &mut driver, config)?;
+    if let Some(h) = hints.as_mut() {
+        m.add_source(h);
+    }
+    let stats = m.run(conns).context("migration failed")?;
+    println!("SENT {}", serde_json::to_string(&stats)?);
     Ok(())
 }
 
