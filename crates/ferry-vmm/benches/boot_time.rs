@@ -8,40 +8,14 @@
 //!     target/release/deps/boot_time-<hash> [RUNS]'
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ferry_lab::{Guest, GuestConfig, GuestImage, QemuMicrovm, Vmm};
+use ferry_lab::{FerryLaunch, FerryVmm, Guest, GuestConfig, GuestImage, QemuMicrovm, Vmm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Boots per VMM unless given on the command line.
 const RUNS_DEFAULT: usize = 3;
-
-struct FerryVmm(PathBuf);
-
-impl Vmm for FerryVmm {
-    fn name(&self) -> &str {
-        "ferry-vmm"
-    }
-
-    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
-        let mut c = Command::new(&self.0);
-        c.arg("--kernel")
-            .arg(&guest.image.kernel)
-            .arg("--initrd")
-            .arg(&guest.image.initrd)
-            .args(["--memory", &format!("{}M", guest.mem_mib)])
-            .args(["--vcpus", &guest.vcpus.to_string()])
-            .args(["--cmdline", &guest.cmdline])
-            .args(["--balloon", "hint,report"])
-            .arg("--serial")
-            .arg(format!("socket:{}", serial_socket.display()))
-            .arg("--no-xsave");
-        c
-    }
-}
 
 fn boot_once(vmm: &dyn Vmm, config: &GuestConfig) -> Result<Duration> {
     let start = Instant::now();
@@ -68,7 +42,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let config = GuestConfig::new(GuestImage::locate()?);
-    let ferry = FerryVmm(PathBuf::from(env!("CARGO_BIN_EXE_ferry-vmm")));
+    let ferry = FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm);
     let qemu = QemuMicrovm::default();
     println!("| run | VMM | boot to FERRY-AGENT READY |");
     println!("|---|---|---|");

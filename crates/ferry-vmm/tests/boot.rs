@@ -7,55 +7,16 @@
 //! lab/run -- target/debug/deps/boot-<hash> --ignored --nocapture
 //! ```
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_lab::{Guest, GuestConfig, GuestImage};
+use ferry_lab::{FerryLaunch, FerryVmm, Guest, GuestConfig, GuestImage};
 use ferry_vmm::ApiClient;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
-
-/// ferry-vmm as a `ferry_lab::Vmm`.
-struct FerryVmm {
-    binary: PathBuf,
-    api_socket: PathBuf,
-}
-
-impl ferry_lab::Vmm for FerryVmm {
-    fn name(&self) -> &str {
-        "ferry-vmm"
-    }
-
-    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
-        let mut balloon = vec!["stats"];
-        if guest.free_page_hint {
-            balloon.push("hint");
-        }
-        if guest.free_page_reporting {
-            balloon.push("report");
-        }
-        let mut c = Command::new(&self.binary);
-        c.arg("--kernel")
-            .arg(&guest.image.kernel)
-            .arg("--initrd")
-            .arg(&guest.image.initrd)
-            .args(["--memory", &format!("{}M", guest.mem_mib)])
-            .args(["--vcpus", &guest.vcpus.to_string()])
-            .args(["--cmdline", &guest.cmdline])
-            .args(["--balloon", &balloon.join(",")])
-            .arg("--serial")
-            .arg(format!("socket:{}", serial_socket.display()))
-            .arg("--api-socket")
-            .arg(&self.api_socket)
-            // The lab's nested CPUID has inconsistent XSAVE sizes (as with QEMU there).
-            .arg("--no-xsave");
-        c
-    }
-}
 
 fn api(path: &Path) -> Result<ApiClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -96,10 +57,9 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
     let image = GuestImage::locate().context("the guest image (run lab/build)")?;
     let dir = std::env::temp_dir().join(format!("ferry-vmm-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vmm = FerryVmm {
-        binary: PathBuf::from(env!("CARGO_BIN_EXE_ferry-vmm")),
-        api_socket: dir.join("api.sock"),
-    };
+    let api_socket = dir.join("api.sock");
+    let vmm = FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm)
+        .with_api_socket(&api_socket);
     let config = GuestConfig::new(image);
     let started = Instant::now();
     let mut guest = Guest::spawn(&vmm, &config)?;
@@ -118,7 +78,7 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
         ensure!(features.contains("FREE_PAGE_HINT"), "{features}");
         ensure!(features.contains("PAGE_REPORTING"), "{features}");
 
-        let mut api = api(&vmm.api_socket)?;
+        let mut api = api(&api_socket)?;
         let status = api.status()?;
         ensure!(
             status.state == ferry_vmm::vmm::RunState::Running,
@@ -200,10 +160,8 @@ fn boots_with_ram_above_the_32_bit_mmio_window() -> Result<()> {
     );
     let dir = std::env::temp_dir().join(format!("ferry-vmm-4g-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vmm = FerryVmm {
-        binary: PathBuf::from(env!("CARGO_BIN_EXE_ferry-vmm")),
-        api_socket: dir.join("api.sock"),
-    };
+    let vmm = FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm)
+        .with_api_socket(dir.join("api.sock"));
     let mut config = GuestConfig::new(GuestImage::locate()?);
     config.mem_mib = 4096;
     config.vcpus = 2;

@@ -33,4 +33,4 @@ pub use fault::{exit_lab_fault, page_walks_outside_ram, LAB_FAULT_EXIT};
 pub use guest::{Guest, GuestError};
 pub use image::{GuestImage, ImageError};
 pub use kvm::hw_kvm_usable;
-pub use vmm::{GuestConfig, QemuMicrovm, Vmm};
+pub use vmm::{FerryLaunch, FerryVmm, GuestConfig, QemuMicrovm, Vmm};

@@ -149,9 +149,133 @@ impl Vmm for QemuMicrovm {
     }
 }
 
+/// How [`FerryVmm`] starts ferry's VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FerryLaunch {
+    /// The `ferry-vmm` binary: the VM's flags alone.
+    Vmm,
+    /// `ferry run`.
+    Run,
+    /// `ferry receive --listen ADDR`: a destination that waits for a migration.
+    Receive(String),
+}
+
+/// ferry's VMM as a [`Vmm`]: the one place that turns a [`GuestConfig`] into ferry's command
+/// line, for the tests, the benchmarks and bench-vm alike.
+#[derive(Debug, Clone)]
+pub struct FerryVmm {
+    /// The `ferry-vmm` or `ferry` binary (see [`FerryLaunch`]).
+    pub binary: PathBuf,
+    /// Which command.
+    pub launch: FerryLaunch,
+    /// The control API socket, if the caller wants one.
+    pub api_socket: Option<PathBuf>,
+}
+
+impl FerryVmm {
+    /// `binary` started as `launch`, without a control API socket.
+    pub fn new(binary: impl Into<PathBuf>, launch: FerryLaunch) -> Self {
+        Self {
+            binary: binary.into(),
+            launch,
+            api_socket: None,
+        }
+    }
+
+    /// The same with the control API on `socket`.
+    pub fn with_api_socket(mut self, socket: impl Into<PathBuf>) -> Self {
+        self.api_socket = Some(socket.into());
+        self
+    }
+}
+
+impl Vmm for FerryVmm {
+    fn name(&self) -> &str {
+        match self.launch {
+            FerryLaunch::Vmm => "ferry-vmm",
+            FerryLaunch::Run => "ferry-run",
+            FerryLaunch::Receive(_) => "ferry-receive",
+        }
+    }
+
+    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
+        let mut balloon = Vec::new();
+        if guest.free_page_hint {
+            balloon.push("hint");
+        }
+        if guest.free_page_reporting {
+            balloon.push("report");
+        }
+        balloon.push("stats");
+        let mut serial = OsString::from("socket:");
+        serial.push(serial_socket);
+        let mut command = Command::new(&self.binary);
+        match &self.launch {
+            FerryLaunch::Vmm => &mut command,
+            FerryLaunch::Run => command.arg("run"),
+            FerryLaunch::Receive(listen) => command.args(["receive", "--listen", listen]),
+        }
+        .arg("--kernel")
+        .arg(&guest.image.kernel)
+        .arg("--initrd")
+        .arg(&guest.image.initrd)
+        .args(["--cmdline", &guest.cmdline])
+        .args(["--memory", &format!("{}M", guest.mem_mib)])
+        .args(["--vcpus", &guest.vcpus.to_string()])
+        .args(["--balloon", &balloon.join(",")])
+        // The lab's nested CPUID has inconsistent XSAVE sizes (QEMU gets xsave=off too).
+        .arg("--no-xsave")
+        .arg("--serial")
+        .arg(serial);
+        if let Some(api) = &self.api_socket {
+            command.arg("--api-socket").arg(api);
+        }
+        command
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ferry_command_lines_for_each_launch() {
+        let mut config = GuestConfig::new(GuestImage {
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+        });
+        config.mem_mib = 1024;
+        config.free_page_reporting = false;
+        let args = |vmm: &FerryVmm| -> Vec<String> {
+            vmm.command(&config, Path::new("/run/s.sock"))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let after = |args: &[String], flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1].clone()
+        };
+        let run = FerryVmm::new("/bin/ferry", FerryLaunch::Run).with_api_socket("/run/a.api");
+        let run_args = args(&run);
+        assert_eq!(run_args[0], "run");
+        assert_eq!(after(&run_args, "--memory"), "1024M");
+        assert_eq!(after(&run_args, "--balloon"), "hint,stats");
+        assert_eq!(after(&run_args, "--serial"), "socket:/run/s.sock");
+        assert_eq!(after(&run_args, "--api-socket"), "/run/a.api");
+        assert!(run_args.contains(&"--no-xsave".to_string()));
+        assert_eq!(run.name(), "ferry-run");
+
+        let receive = FerryVmm::new("/bin/ferry", FerryLaunch::Receive("127.0.0.1:0".into()));
+        let receive_args = args(&receive);
+        assert_eq!(receive_args[..3], ["receive", "--listen", "127.0.0.1:0"]);
+        assert!(!receive_args.contains(&"--api-socket".to_string()));
+        assert_eq!(receive.name(), "ferry-receive");
+
+        let vmm = FerryVmm::new("/bin/ferry-vmm", FerryLaunch::Vmm);
+        assert_eq!(args(&vmm)[0], "--kernel");
+        assert_eq!(vmm.name(), "ferry-vmm");
+    }
 
     #[test]
     fn qemu_command_line_boots_microvm_with_the_hinting_balloon() {

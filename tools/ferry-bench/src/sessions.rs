@@ -8,11 +8,11 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_lab::{AgentClient, Guest, GuestConfig, QemuMicrovm, Vmm};
+use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, Guest, GuestConfig, QemuMicrovm, Vmm};
 use ferry_vmm::memory::DEBUG_DIGEST_ENV;
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use serde_json::json;
@@ -46,62 +46,6 @@ pub trait Session {
     /// unknown.
     fn ram_differences(&self) -> Option<String> {
         None
-    }
-}
-
-/// ferry's VMM as a [`Vmm`] for `ferry-lab`: `ferry run`, or `ferry receive` when `listen` is
-/// set (a destination that waits for a migration).
-#[derive(Debug, Clone)]
-pub struct FerryVmm {
-    /// The `ferry` binary.
-    pub binary: PathBuf,
-    /// The control API socket.
-    pub api_socket: PathBuf,
-    /// `ferry receive --listen` address.
-    pub listen: Option<String>,
-}
-
-impl Vmm for FerryVmm {
-    fn name(&self) -> &str {
-        if self.listen.is_some() {
-            "ferry-receive"
-        } else {
-            "ferry-run"
-        }
-    }
-
-    fn command(&self, guest: &GuestConfig, serial_socket: &Path) -> Command {
-        let mut balloon = Vec::new();
-        if guest.free_page_hint {
-            balloon.push("hint");
-        }
-        if guest.free_page_reporting {
-            balloon.push("report");
-        }
-        balloon.push("stats");
-        let mut serial = OsString::from("socket:");
-        serial.push(serial_socket);
-        let mut command = Command::new(&self.binary);
-        match &self.listen {
-            Some(listen) => command.args(["receive", "--listen", listen]),
-            None => command.arg("run"),
-        };
-        command
-            .arg("--kernel")
-            .arg(&guest.image.kernel)
-            .arg("--initrd")
-            .arg(&guest.image.initrd)
-            .args(["--cmdline", &guest.cmdline])
-            .args(["--memory", &format!("{}M", guest.mem_mib)])
-            .args(["--vcpus", &guest.vcpus.to_string()])
-            .args(["--balloon", &balloon.join(",")])
-            // The lab's nested CPUID has inconsistent XSAVE sizes (QEMU gets xsave=off too).
-            .arg("--no-xsave")
-            .arg("--serial")
-            .arg(serial)
-            .arg("--api-socket")
-            .arg(&self.api_socket);
-        command
     }
 }
 
@@ -153,11 +97,11 @@ impl FerryNode {
             dir.join(format!("vm{hop}.api")),
             dir.join(format!("vm{hop}.log")),
         );
-        let vmm = FerryVmm {
-            binary: binary.to_path_buf(),
-            api_socket: api.clone(),
-            listen: listen.map(str::to_string),
+        let launch = match listen {
+            Some(listen) => FerryLaunch::Receive(listen.to_string()),
+            None => FerryLaunch::Run,
         };
+        let vmm = FerryVmm::new(binary, launch).with_api_socket(&api);
         let io = |what: &str, source| BenchError::Io {
             what: format!("{what} {}", log.display()),
             source,
@@ -662,7 +606,6 @@ impl Session for QemuSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_lab::GuestImage;
 
     #[test]
     fn digests_that_differ_name_the_pages_and_what_each_side_has() {
@@ -689,41 +632,5 @@ mod tests {
         assert!(digest_differences(&sent, &sent[..8])
             .unwrap()
             .contains("different sizes"));
-    }
-
-    #[test]
-    fn ferry_command_lines_for_the_source_and_a_destination() {
-        let mut config = GuestConfig::new(GuestImage {
-            kernel: "/img/vmlinuz".into(),
-            initrd: "/img/initrd".into(),
-        });
-        config.mem_mib = 1024;
-        config.free_page_reporting = false;
-        let mut vmm = FerryVmm {
-            binary: "/bin/ferry".into(),
-            api_socket: "/run/a.api".into(),
-            listen: None,
-        };
-        let args = |vmm: &FerryVmm| -> Vec<String> {
-            vmm.command(&config, Path::new("/run/s.sock"))
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect()
-        };
-        let run = args(&vmm);
-        assert_eq!(run[0], "run");
-        let after = |args: &[String], flag: &str| {
-            let i = args.iter().position(|a| a == flag).unwrap();
-            args[i + 1].clone()
-        };
-        assert_eq!(after(&run, "--memory"), "1024M");
-        assert_eq!(after(&run, "--balloon"), "hint,stats");
-        assert_eq!(after(&run, "--serial"), "socket:/run/s.sock");
-        assert_eq!(after(&run, "--api-socket"), "/run/a.api");
-        assert!(run.contains(&"--no-xsave".to_string()));
-        vmm.listen = Some("127.0.0.1:0".into());
-        let receive = args(&vmm);
-        assert_eq!(receive[..3], ["receive", "--listen", "127.0.0.1:0"]);
-        assert_eq!(vmm.name(), "ferry-receive");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_lab::{AgentClient, GuestConfig, GuestImage};
+use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, GuestConfig, GuestImage, Vmm};
 use ferry_migration::{Endpoint, MigrationStats, ReceiveStats};
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use ferry_vmm::receive::ReceiveObserver;
@@ -101,28 +101,14 @@ impl Node {
         let (SerialTarget::Socket(serial), Some(api)) = (&c.serial, &c.api_socket) else {
             unreachable!()
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-vmm"))
-            .arg("--kernel")
-            .arg(&c.kernel)
-            .arg("--initrd")
-            .arg(c.initrd.as_ref().unwrap())
-            .args([
-                "--cmdline",
-                &c.cmdline,
-                "--memory",
-                &format!("{MEMORY_MIB}M"),
-            ])
-            .args([
-                "--vcpus",
-                &vcpus.to_string(),
-                "--balloon",
-                "hint,report,stats",
-                "--no-xsave",
-            ])
-            .arg("--serial")
-            .arg(format!("socket:{}", serial.display()))
-            .arg("--api-socket")
-            .arg(api)
+        let mut guest = GuestConfig::new(GuestImage::locate()?);
+        guest.mem_mib = MEMORY_MIB as u32;
+        guest.vcpus = u32::from(vcpus);
+        guest.cmdline = c.cmdline.clone();
+        let vmm =
+            FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm).with_api_socket(api);
+        let mut child = vmm
+            .command(&guest, serial)
             .env("FERRY_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)

@@ -6,16 +6,17 @@
 //! Needs hardware KVM; on a machine without it (PVM) it re-runs itself inside the lab
 //! (`lab/run`, see docs/lab.md).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Args;
 
+use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, GuestConfig, GuestImage, Vmm};
 use ferry_migration::MigrationStats;
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 
@@ -24,8 +25,6 @@ use crate::report;
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-const CMDLINE: &str = "console=ttyS0 loglevel=5 panic=-1 edd=off initcall_blacklist=cmos_init \
-    cryptomgr.notests mitigations=off tsc=unstable trace_clock=global";
 /// `ferry demo` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct VmDemoArgs {
@@ -48,72 +47,16 @@ pub struct VmDemoArgs {
     pub here: bool,
 }
 
-fn hw_kvm_usable() -> bool {
-    let m = |p: &str| Path::new("/sys/module").join(p).exists();
-    Path::new("/dev/kvm").exists() && !m("kvm_pvm") && (m("kvm_intel") || m("kvm_amd"))
-}
-
-/// The guest agent on a serial console socket.
-struct Console {
-    lines: Receiver<String>,
-    writer: UnixStream,
-    errors: Vec<String>,
-}
-
-impl Console {
-    fn connect(path: &Path) -> Result<Self> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => {
-                    return Err(e).with_context(|| format!("console {}", path.display()))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+/// The guest agent on the console socket at `path` (the VMM may still be creating it).
+fn connect_console(path: &Path) -> Result<AgentClient> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(AgentClient::new(s.try_clone()?, s)),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("console {}", path.display()))
             }
-        };
-        let (tx, lines) = mpsc::channel();
-        let reader = BufReader::new(stream.try_clone()?);
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                let _ = tx.send(line.trim_end_matches('\r').to_owned());
-            }
-        });
-        Ok(Self {
-            lines,
-            writer: stream,
-            errors: Vec::new(),
-        })
-    }
-
-    fn until(&mut self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .with_context(|| format!("no {what} from the guest within {timeout:?}"))?;
-            if ferry_lab::KERNEL_ERROR_MARKERS
-                .iter()
-                .any(|m| line.contains(m))
-            {
-                self.errors.push(line.clone());
-            }
-            if f(&line) {
-                return Ok(line);
-            }
-        }
-    }
-
-    fn command(&mut self, command: &str) -> Result<String> {
-        writeln!(self.writer, "{command}")?;
-        let answer = self.until(command, COMMAND_TIMEOUT, |l| {
-            l.starts_with("OK ") || l.starts_with("ERR ")
-        })?;
-        match answer.strip_prefix("OK ") {
-            Some(ok) => Ok(ok.to_owned()),
-            None => bail!("the guest agent refused `{command}`: {answer}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }
@@ -132,41 +75,35 @@ impl Drop for Vm {
     }
 }
 
-fn vm_args(dir: &Path, name: &str, memory_mib: u64) -> (Vec<String>, PathBuf, PathBuf) {
+/// The command that starts VM `name` (its API socket and console socket in `dir`) as `launch`,
+/// with the same guest flags as every test VM (`ferry_lab::FerryVmm`).
+fn vm_command(
+    dir: &Path,
+    name: &str,
+    memory_mib: u64,
+    launch: FerryLaunch,
+) -> Result<(Command, PathBuf, PathBuf)> {
     let (api, serial) = (
         dir.join(format!("{name}.api")),
         dir.join(format!("{name}.serial")),
     );
-    let args = [
-        "--kernel",
-        &format!("{REPO}/build/guest/vmlinuz"),
-        "--initrd",
-        &format!("{REPO}/build/guest/initramfs.cpio.gz"),
-        "--memory",
-        &format!("{memory_mib}M"),
-        "--vcpus",
-        "2",
-        "--balloon",
-        "hint,report,stats",
-        "--no-xsave",
-        "--cmdline",
-        CMDLINE,
-        "--serial",
-        &format!("socket:{}", serial.display()),
-        "--api-socket",
-        &api.display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    (args, api, serial)
+    let mut guest =
+        GuestConfig::new(GuestImage::locate().context("the guest image (run lab/build)")?);
+    guest.mem_mib = u32::try_from(memory_mib).context("--memory-mib is too large")?;
+    guest.vcpus = 2;
+    let vmm = FerryVmm::new(std::env::current_exe()?, launch).with_api_socket(&api);
+    Ok((vmm.command(&guest, &serial), api, serial))
 }
 
 /// Starts `ferry receive` and returns it with the address it listens on.
 fn receiver(dir: &Path, name: &str, memory_mib: u64) -> Result<(Vm, String)> {
-    let (args, api, serial) = vm_args(dir, name, memory_mib);
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["receive", "--listen", "127.0.0.1:0"])
-        .args(&args)
+    let (mut command, api, serial) = vm_command(
+        dir,
+        name,
+        memory_mib,
+        FerryLaunch::Receive("127.0.0.1:0".into()),
+    )?;
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -200,11 +137,15 @@ fn hop(
     dir: &Path,
     args: &VmDemoArgs,
     src: &mut Vm,
-    console: &mut Console,
+    console: &mut AgentClient,
     name: &str,
     hints: bool,
-) -> Result<(Vm, Console, MigrationStats, String)> {
-    console.command(&format!("workload freed {}", args.freed_mib))?;
+    errors: &mut Vec<String>,
+) -> Result<(Vm, AgentClient, MigrationStats, String)> {
+    console.command(
+        &format!("workload freed {}", args.freed_mib),
+        COMMAND_TIMEOUT,
+    )?;
     let (mut dest, to) = receiver(dir, name, args.memory_mib)?;
     let label = if hints { "on" } else { "off" };
     eprintln!("migrating with hints {label} to {to} ...");
@@ -222,16 +163,16 @@ fn hop(
         std::thread::sleep(Duration::from_millis(100));
     }
     ensure!(dest.child.try_wait()?.is_none(), "ferry receive exited");
-    let mut c = Console::connect(&dest.serial)?;
-    c.until("heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
-    let verdict = c.command("verify")?;
-    c.errors.append(&mut console.errors);
+    errors.extend(console.kernel_errors());
+    let mut c = connect_console(&dest.serial)?;
+    c.wait_for("heartbeat", COMMAND_TIMEOUT, |l| l.starts_with("HB "))?;
+    let verdict = c.command("verify", COMMAND_TIMEOUT)?;
     Ok((dest, c, stats, verdict))
 }
 
 /// Runs `ferry demo`.
 pub fn run(args: &VmDemoArgs) -> Result<()> {
-    if !args.here && !hw_kvm_usable() {
+    if !args.here && !ferry_lab::hw_kvm_usable() {
         eprintln!("no hardware KVM here: running the demo inside the lab (lab/run)");
         let status = Command::new(format!("{REPO}/lab/run"))
             .args(["--timeout", "1200", "--"])
@@ -253,30 +194,41 @@ pub fn run(args: &VmDemoArgs) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (vm_args, api, serial) = vm_args(&dir, "source", args.memory_mib);
-    let child = Command::new(std::env::current_exe()?)
-        .arg("run")
-        .args(&vm_args)
+    let (mut command, api, serial) = vm_command(&dir, "source", args.memory_mib, FerryLaunch::Run)?;
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .context("starting ferry run")?;
     let mut src = Vm { child, api, serial };
-    let mut console = Console::connect(&src.serial)?;
+    let mut console = connect_console(&src.serial)?;
     eprintln!("booting the guest image under ferry's VMM ...");
-    console.until("FERRY-AGENT READY", BOOT_TIMEOUT, |l| {
-        l == "FERRY-AGENT READY"
-    })?;
-    let features = console.command("features")?;
-    let dataset = console.command("dataset 64")?;
-    console.command("heartbeat 500")?;
+    console.wait_ready(BOOT_TIMEOUT)?;
+    let features = console.command("features", COMMAND_TIMEOUT)?;
+    let dataset = console.command("dataset 64", COMMAND_TIMEOUT)?;
+    console.command("heartbeat 500", COMMAND_TIMEOUT)?;
     println!("guest balloon driver: {features}\nguest data set: {dataset}");
 
-    let (mut mid, mut mid_console, off, verdict_off) =
-        hop(&dir, args, &mut src, &mut console, "mid", false)?;
+    let mut errors = Vec::new();
+    let (mut mid, mut mid_console, off, verdict_off) = hop(
+        &dir,
+        args,
+        &mut src,
+        &mut console,
+        "mid",
+        false,
+        &mut errors,
+    )?;
     drop(src);
-    let (dest, mut dest_console, on, verdict_on) =
-        hop(&dir, args, &mut mid, &mut mid_console, "dest", true)?;
+    let (dest, mut dest_console, on, verdict_on) = hop(
+        &dir,
+        args,
+        &mut mid,
+        &mut mid_console,
+        "dest",
+        true,
+        &mut errors,
+    )?;
     drop(mid);
 
     println!(
@@ -286,8 +238,8 @@ pub fn run(args: &VmDemoArgs) -> Result<()> {
     print!("{}", report::compare_table(&off, &on));
     println!("\nintegrity on the destination after hints off: {verdict_off}");
     println!("integrity on the destination after hints on:  {verdict_on}");
-    dest_console.command("shutdown")?;
-    let errors = std::mem::take(&mut dest_console.errors);
+    dest_console.command("shutdown", COMMAND_TIMEOUT)?;
+    errors.extend(dest_console.kernel_errors());
     drop(dest);
     let _ = std::fs::remove_dir_all(&dir);
     ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
