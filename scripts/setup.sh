@@ -6,7 +6,7 @@ set -euo pipefail
 
 # One package per line; append what your part of the project needs.
 PACKAGES=(
-    qemu-system-x86 # the lab host (TCG) and the reference VMM inside it
+    qemu-system-x86 # the reference VMM inside the lab; its firmware boots the lab (lab/build-qemu)
     busybox-static  # userland of the lab host and guest initramfs
     cpio            # initramfs archives
     gzip            # initramfs compression
@@ -16,6 +16,15 @@ PACKAGES=(
     iproute2        # networking inside the lab
     jq              # lab/test: reading cargo's JSON output
     fonts-dejavu-core # ferry bench-vm: text in the PNG charts
+    # Building the lab's patched emulator (lab/build-qemu); meson comes from backports below.
+    curl patch gcc make pkg-config ninja-build flex bison python3-venv
+    libglib2.0-dev libpixman-1-dev libfdt-dev libcap-ng-dev libattr1-dev
+)
+# From bookworm-backports: QEMU 10 (see below) and what building QEMU 10 needs.
+BACKPORTS=(
+    qemu-system-x86 # the reference VMM inside the lab (bench-vm, tests)
+    meson           # >= 1.5 for lab/build-qemu (bookworm has 1.0)
+    python3-pycotap # QEMU's configure checks for it next to meson
 )
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,7 +62,7 @@ if ((${#missing[@]})); then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# The lab host needs QEMU 10 or later. Debian 12's QEMU 7.2 emulates nested SVM with bugs that
+# The lab needs QEMU 10 or later. Debian 12's QEMU 7.2 emulates nested SVM with bugs that
 # lose the lab (measured with lab/soak: an interrupt taken with GIF clear crashes the lab host
 # kernel in __svm_vcpu_run, both lab vCPUs soft-lock inside KVM_RUN for minutes, a guest's
 # serial interrupt goes missing); Debian's backport of QEMU 10 ran the same soak clean.
@@ -70,7 +79,13 @@ backports=''
 if [[ "$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")" == bookworm ]]; then
     backports=bookworm-backports
 fi
-if (($(qemu_major) < QEMU_MAJOR_MIN)) && [[ -n "$backports" ]]; then
+backports_missing() {
+    (($(qemu_major) < QEMU_MAJOR_MIN)) && return 0
+    local package
+    for package in "${BACKPORTS[@]:1}"; do installed "$package" || return 0; done
+    return 1
+}
+if backports_missing && [[ -n "$backports" ]]; then
     # Same mirror as the machine's own bookworm entry, backports suite.
     list=/etc/apt/sources.list.d/ferry-backports.list
     if ! apt-get indextargets --format '$(CODENAME)' 2>/dev/null | grep -qx "$backports"; then
@@ -84,9 +99,9 @@ if (($(qemu_major) < QEMU_MAJOR_MIN)) && [[ -n "$backports" ]]; then
         printf 'deb %s %s main\n' "$site" "$backports" | as_root tee "$list" >/dev/null
     fi
     as_root apt-get update -q
-    log "installing qemu-system-x86 from $backports"
+    log "installing ${BACKPORTS[*]} from $backports"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        -t "$backports" qemu-system-x86
+        -t "$backports" "${BACKPORTS[@]}"
 fi
 if (($(qemu_major) < QEMU_MAJOR_MIN)); then
     log "warning: qemu-system-x86 $(qemu_major) is older than $QEMU_MAJOR_MIN: the lab will be unreliable"
