@@ -35,12 +35,12 @@ step "unit, simulation and CLI tests" env FERRY_SIM_SEEDS="${FERRY_SIM_SEEDS:-12
 step "fuzz (brief)" scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-20}"
 # The lab runs under QEMU built with the lab's patches (lab/build-qemu): Debian's QEMU has a race
 # in its TCG that now and then lost the lab host or handed a guest the lab host's registers
-# (docs/lab.md, "The lab's emulator and its race"). The soak gates CI again: 12 hops of one
+# (docs/lab.md, "The lab's emulator and its race"). The soak gates CI again: 20 hops of one
 # 2-vCPU guest along a chain of VMMs, 0-3 s between hops (FERRY_SOAK_HOPS and FERRY_SOAK_GAP_MS
 # override). Retries stay for what the lab itself may still do: a lab host crash (exit 125, its
 # console printed) runs the test binaries that had not passed yet again; a test binary that
 # proves a lab fault ("LAB FAULT", exit 125) runs again; anything else fails.
-export FERRY_SOAK_HOPS="${FERRY_SOAK_HOPS:-12}" FERRY_SOAK_GAP_MS="${FERRY_SOAK_GAP_MS:-3000}"
+export FERRY_SOAK_HOPS="${FERRY_SOAK_HOPS:-20}" FERRY_SOAK_GAP_MS="${FERRY_SOAK_GAP_MS:-3000}"
 lab_args=(--crash-retries "${FERRY_LAB_CRASH_RETRIES:-4}")
 if [[ "${FERRY_SKIP_LAB:-}" == 1 ]]; then
     printf '\n==> lab tests: skipped (FERRY_SKIP_LAB=1)\n'
