@@ -80,6 +80,44 @@ fn pump(
     let _ = to.shutdown(Shutdown::Both);
 }
 
+/// Both directions between the source's end and the destination, pumped on two threads, with
+/// `pid` killed where `kill` says.
+struct Proxy {
+    pumps: [std::thread::JoinHandle<()>; 2],
+    counted: [Arc<AtomicU64>; 2],
+}
+
+impl Proxy {
+    fn start(source: UnixStream, dest: UnixStream, kill: KillAt, pid: i32) -> Self {
+        let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let (forward_kill, backward_kill) = match kill {
+            KillAt::Never => (None, None),
+            KillAt::Forward(at) => (Some(at), None),
+            KillAt::Backward(at) => (None, Some(at)),
+        };
+        let (from, to, c) = (
+            source.try_clone().unwrap(),
+            dest.try_clone().unwrap(),
+            counted[0].clone(),
+        );
+        let forward = std::thread::spawn(move || pump(from, to, c, forward_kill, pid));
+        let c = counted[1].clone();
+        let backward = std::thread::spawn(move || pump(dest, source, c, backward_kill, pid));
+        Self {
+            pumps: [forward, backward],
+            counted,
+        }
+    }
+
+    /// Waits for both directions to end; the bytes each carried.
+    fn join(self) -> [u64; 2] {
+        for p in self.pumps {
+            p.join().unwrap();
+        }
+        self.counted.map(|c| c.load(Ordering::SeqCst))
+    }
+}
+
 struct Run {
     result: Result<ferry_migration::MigrationStats, MigrationError>,
     source_paused: bool,
@@ -106,26 +144,7 @@ fn migrate_killing(dir: &std::path::Path, kill: KillAt) -> Run {
 
     let dest = UnixStream::connect(&socket).expect("connect to the destination");
     let (source_end, proxy_end) = UnixStream::pair().unwrap();
-    let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let (forward_kill, backward_kill) = match kill {
-        KillAt::Never => (None, None),
-        KillAt::Forward(at) => (Some(at), None),
-        KillAt::Backward(at) => (None, Some(at)),
-    };
-    let pumps = [
-        {
-            let (from, to, c) = (
-                proxy_end.try_clone().unwrap(),
-                dest.try_clone().unwrap(),
-                counted[0].clone(),
-            );
-            std::thread::spawn(move || pump(from, to, c, forward_kill, pid))
-        },
-        {
-            let (from, to, c) = (dest, proxy_end, counted[1].clone());
-            std::thread::spawn(move || pump(from, to, c, backward_kill, pid))
-        },
-    ];
+    let proxy = Proxy::start(proxy_end, dest, kill, pid);
 
     let mem = create_memory(MEMORY).unwrap();
     let vm = SimVm::new(
@@ -159,17 +178,12 @@ fn migrate_killing(dir: &std::path::Path, kill: KillAt) -> Run {
     })();
     let elapsed = started.elapsed();
     let status = child.wait().unwrap();
-    for p in pumps {
-        p.join().unwrap();
-    }
+    let bytes = proxy.join();
     let source_paused = vm.lock().paused;
     Run {
         result,
         source_paused,
-        bytes: [
-            counted[0].load(Ordering::SeqCst),
-            counted[1].load(Ordering::SeqCst),
-        ],
+        bytes,
         killed: std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
         elapsed,
     }
@@ -274,7 +288,7 @@ fn receive_killing_source(dir: &std::path::Path, kill: KillAt) -> SourceRun {
         (received, first.elapsed())
     });
 
-    let proxy = std::os::unix::net::UnixListener::bind(&proxy_socket).unwrap();
+    let proxy_listener = std::os::unix::net::UnixListener::bind(&proxy_socket).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["sim-send", "--memory", "16M", "--connect"])
         .arg(format!("unix:{}", proxy_socket.display()))
@@ -283,44 +297,20 @@ fn receive_killing_source(dir: &std::path::Path, kill: KillAt) -> SourceRun {
         .spawn()
         .expect("ferry sim-send");
     let pid = child.id() as i32;
-    let (source, _) = proxy.accept().expect("the source connects");
+    let (source, _) = proxy_listener.accept().expect("the source connects");
     let dest = UnixStream::connect(&dest_socket).expect("connect to the destination");
-    let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let (forward_kill, backward_kill) = match kill {
-        KillAt::Never => (None, None),
-        KillAt::Forward(at) => (Some(at), None),
-        KillAt::Backward(at) => (None, Some(at)),
-    };
-    let pumps = [
-        {
-            let (from, to, c) = (
-                source.try_clone().unwrap(),
-                dest.try_clone().unwrap(),
-                counted[0].clone(),
-            );
-            std::thread::spawn(move || pump(from, to, c, forward_kill, pid))
-        },
-        {
-            let (from, to, c) = (dest, source, counted[1].clone());
-            std::thread::spawn(move || pump(from, to, c, backward_kill, pid))
-        },
-    ];
+    let proxy = Proxy::start(source, dest, kill, pid);
     let (received, elapsed) = receiver.join().expect("the destination thread");
     let mut source_output = String::new();
     if let Some(mut out) = child.stdout.take() {
         let _ = out.read_to_string(&mut source_output);
     }
     let status = child.wait().unwrap();
-    for p in pumps {
-        p.join().unwrap();
-    }
+    let bytes = proxy.join();
     SourceRun {
         received,
         elapsed,
-        bytes: [
-            counted[0].load(Ordering::SeqCst),
-            counted[1].load(Ordering::SeqCst),
-        ],
+        bytes,
         killed: std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
         source_output,
     }
