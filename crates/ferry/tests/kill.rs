@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_migration::wire::{Kind, HEADER_LEN, PREAMBLE_LEN};
 use ferry_migration::{
     BitmapDirtyLog, Connection, Destination, Endpoint, Listener, MemoryLayout, Migration,
     MigrationConfig, MigrationError, ReceiveConfig,
@@ -30,29 +31,105 @@ use ferry_sim::{
 
 const MEMORY: u64 = 16 << 20;
 
-/// Where the proxy kills the destination: after this many bytes in one direction.
+/// Where the proxy kills a process: after a number of bytes in one direction, or a number of
+/// bytes before the end of that direction's last record. The stream's length varies a little
+/// from run to run (how many rounds the engine needs depends on the measured bandwidth), so
+/// points near the end are found in the stream itself, not counted from an earlier run.
 #[derive(Debug, Clone, Copy)]
 enum KillAt {
     Never,
+    /// After this many bytes from the source.
     Forward(u64),
+    /// This many bytes before the end of the source's Complete record.
+    ForwardEnd(u64),
+    /// After this many bytes from the destination.
     Backward(u64),
+    /// This many bytes before the end of the destination's Ack record.
+    BackwardEnd(u64),
 }
 
-/// Copies `from` to `to`; once `counted` would pass `kill_after`, forwards up to it and kills
-/// `pid`. Either side closing closes the other, as one connection would.
+/// Where one pump kills.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    /// After this many bytes.
+    At(u64),
+    /// `by` bytes before the end of the first record of type `kind`.
+    BeforeEndOf { kind: Kind, by: u64 },
+}
+
+/// Follows the record boundaries of one direction of a migration stream
+/// (docs/wire-format.md: a preamble, then records of header, payload and CRC).
+struct Framer {
+    offset: u64,
+    skip: u64,
+    header: Vec<u8>,
+}
+
+impl Framer {
+    fn new() -> Self {
+        Self {
+            offset: 0,
+            skip: PREAMBLE_LEN as u64,
+            header: Vec::new(),
+        }
+    }
+
+    /// Takes the next bytes of the stream; returns the offset just past the first record of
+    /// type `kind` whose header they complete.
+    fn feed(&mut self, bytes: &[u8], kind: Kind) -> Option<u64> {
+        let mut found = None;
+        let mut i = 0;
+        while i < bytes.len() {
+            let left = (bytes.len() - i) as u64;
+            if self.skip > 0 {
+                let t = self.skip.min(left);
+                self.skip -= t;
+                i += t as usize;
+                continue;
+            }
+            let t = (HEADER_LEN - self.header.len()).min(left as usize);
+            self.header.extend_from_slice(&bytes[i..i + t]);
+            i += t;
+            if self.header.len() == HEADER_LEN {
+                let payload = u64::from(u32::from_le_bytes(self.header[4..8].try_into().unwrap()));
+                // The payload and its CRC follow the header.
+                self.skip = payload + 4;
+                if self.header[0] == kind as u8 && found.is_none() {
+                    found = Some(self.offset + i as u64 + self.skip);
+                }
+                self.header.clear();
+            }
+        }
+        self.offset += bytes.len() as u64;
+        found
+    }
+}
+
+/// Copies `from` to `to`; once `counted` would pass the `kill` point, forwards up to it and
+/// kills `pid`. Either side closing closes the other, as one connection would.
 fn pump(
     mut from: UnixStream,
     mut to: UnixStream,
     counted: Arc<AtomicU64>,
-    kill_after: Option<u64>,
+    kill: Option<Target>,
     pid: i32,
 ) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut framer = Framer::new();
+    let mut kill_after = match kill {
+        Some(Target::At(at)) => Some(at),
+        _ => None,
+    };
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(Target::BeforeEndOf { kind, by }) = kill {
+            if let Some(end) = framer.feed(&buf[..n], kind) {
+                kill_after.get_or_insert(end - by);
+            }
+        }
         let before = counted.fetch_add(n as u64, Ordering::SeqCst);
         let mut end = n;
         let mut kill = false;
@@ -92,8 +169,22 @@ impl Proxy {
         let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
         let (forward_kill, backward_kill) = match kill {
             KillAt::Never => (None, None),
-            KillAt::Forward(at) => (Some(at), None),
-            KillAt::Backward(at) => (None, Some(at)),
+            KillAt::Forward(at) => (Some(Target::At(at)), None),
+            KillAt::ForwardEnd(by) => (
+                Some(Target::BeforeEndOf {
+                    kind: Kind::Complete,
+                    by,
+                }),
+                None,
+            ),
+            KillAt::Backward(at) => (None, Some(Target::At(at))),
+            KillAt::BackwardEnd(by) => (
+                None,
+                Some(Target::BeforeEndOf {
+                    kind: Kind::Ack,
+                    by,
+                }),
+            ),
         };
         let (from, to, c) = (
             source.try_clone().unwrap(),
@@ -199,16 +290,16 @@ fn a_destination_killed_at_any_phase_never_leaves_the_source_wrong() {
     assert!(forward > 1 << 20 && backward > 0, "{forward} {backward}");
 
     let mut points: Vec<KillAt> = (0..8).map(|i| KillAt::Forward(forward * i / 8)).collect();
-    points.extend((1..=3).map(|k| KillAt::Forward(forward - k)));
+    points.extend((1..=3).map(KillAt::ForwardEnd));
     points.extend((0..4).map(|i| KillAt::Backward(backward * i / 4)));
-    points.extend((1..=4).map(|k| KillAt::Backward(backward - k)));
+    points.extend((1..=4).map(KillAt::BackwardEnd));
     let mut endings = std::collections::BTreeMap::new();
     for kill in points {
         let run = migrate_killing(&dir, kill);
         // Once it has written its acknowledgement the destination may finish (verify, exit)
         // before the signal lands; before that it cannot.
         assert!(
-            run.killed || matches!(kill, KillAt::Backward(_)),
+            run.killed || matches!(kill, KillAt::Backward(_) | KillAt::BackwardEnd(_)),
             "{kill:?}: the destination was not killed"
         );
         assert!(
@@ -340,8 +431,8 @@ fn a_source_killed_at_any_phase_never_leaves_a_wrong_destination() {
     // back the destination's preamble and reply to the handshake (the source dies before the
     // first page) and the last byte of its acknowledgement (the destination has everything).
     let mut points: Vec<KillAt> = (0..8).map(|i| KillAt::Forward(forward * i / 8)).collect();
-    points.extend((1..=3).map(|k| KillAt::Forward(forward - k)));
-    points.extend([KillAt::Backward(0), KillAt::Backward(backward - 1)]);
+    points.extend((1..=3).map(KillAt::ForwardEnd));
+    points.extend([KillAt::Backward(0), KillAt::BackwardEnd(1)]);
     let (mut refused, mut whole) = (0, 0);
     for kill in points {
         let run = receive_killing_source(&dir, kill);
@@ -351,8 +442,8 @@ fn a_source_killed_at_any_phase_never_leaves_a_wrong_destination() {
             run.elapsed
         );
         let before_the_end = match kill {
-            KillAt::Forward(_) | KillAt::Backward(0) => true,
-            KillAt::Backward(_) | KillAt::Never => false,
+            KillAt::Forward(_) | KillAt::ForwardEnd(_) | KillAt::Backward(0) => true,
+            KillAt::Backward(_) | KillAt::BackwardEnd(_) | KillAt::Never => false,
         };
         match &run.received {
             Received::Refused(reason) if before_the_end => {
