@@ -1,5 +1,6 @@
-//! Byte-stream transports: TCP and Unix sockets, one or more connections per migration, and
-//! an optional bandwidth limit.
+//! Byte-stream transports: TCP and Unix sockets, one or more connections per migration,
+//! optionally under mutually authenticated TLS ([`crate::tls`]), and an optional bandwidth
+//! limit.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -9,6 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::tls::{self, Role, Tls};
 
 /// Connections one migration may use at most.
 pub const CONNECTIONS_MAX: u16 = 16;
@@ -105,6 +108,37 @@ impl Connection {
         Self::wrap(s)
     }
 
+    /// Runs a TLS handshake in `role` over `s` (bounded) and wraps the session.
+    fn with_tls<S: Socket>(tls: &Tls, role: Role<'_>, mut s: S) -> io::Result<Self> {
+        let session = tls::handshake(tls, role, &mut s)?;
+        let (reader, writer) = tls::split(session, &s)?;
+        let (c, t, w) = (s.try_clone()?, s.try_clone()?, s);
+        Ok(Self {
+            read_timeout: Box::new(move |d| t.set_read_timeout(d)),
+            write_timeout: Box::new(move |d| w.set_write_timeout(d)),
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            closer: Closer(std::sync::Arc::new(move |how| {
+                let _ = c.shutdown(how);
+            })),
+        })
+    }
+
+    fn tcp(s: TcpStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        match tls {
+            Some((tls, role)) => Self::with_tls(tls, role, s),
+            None => Self::wrap(s),
+        }
+    }
+
+    fn unix(s: UnixStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
+        match tls {
+            Some((tls, role)) => Self::with_tls(tls, role, s),
+            None => Self::wrap(s),
+        }
+    }
+
     fn wrap<S: Socket>(s: S) -> io::Result<Self> {
         let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
         let w = s.try_clone()?;
@@ -147,8 +181,8 @@ impl Connection {
     }
 }
 
-/// What [`Connection`] needs of a stream socket.
-trait Socket: Read + Write + Send + Sync + Sized + 'static {
+/// What [`Connection`] (and TLS over it) needs of a stream socket.
+pub(crate) trait Socket: Read + Write + Send + Sync + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
@@ -176,8 +210,9 @@ macro_rules! impl_socket {
 impl_socket!(TcpStream);
 impl_socket!(UnixStream);
 
-/// Opens `count` connections to `endpoint`.
-pub fn connect(endpoint: &Endpoint, count: u16) -> io::Result<Vec<Connection>> {
+/// Opens `count` connections to `endpoint`, each under TLS when `tls` is given (the
+/// destination's certificate must name the endpoint's host, or the name set on `tls`).
+pub fn connect(endpoint: &Endpoint, count: u16, tls: Option<&Tls>) -> io::Result<Vec<Connection>> {
     if count == 0 || count > CONNECTIONS_MAX {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -186,53 +221,111 @@ pub fn connect(endpoint: &Endpoint, count: u16) -> io::Result<Vec<Connection>> {
     }
     (0..count)
         .map(|_| match endpoint {
-            Endpoint::Tcp(a) => Connection::from_tcp(TcpStream::connect(a)?),
-            Endpoint::Unix(p) => Connection::from_unix(UnixStream::connect(p)?),
+            Endpoint::Tcp(a) => {
+                let role = Role::Client {
+                    host: tls::host_of(a),
+                };
+                Connection::tcp(TcpStream::connect(a)?, tls.map(|t| (t, role)))
+            }
+            Endpoint::Unix(p) => {
+                // A Unix socket has no host name: the certificate must name "localhost" or
+                // the name set on `tls`.
+                let role = Role::Client { host: "localhost" };
+                Connection::unix(UnixStream::connect(p)?, tls.map(|t| (t, role)))
+            }
         })
         .collect()
 }
 
 /// A listening endpoint for the destination.
 #[derive(Debug)]
-pub enum Listener {
-    /// TCP.
+pub struct Listener {
+    socket: ListenSocket,
+    tls: Option<Tls>,
+}
+
+#[derive(Debug)]
+enum ListenSocket {
     Tcp(TcpListener),
-    /// Unix socket; the path is removed when the listener is dropped.
+    /// The path is removed when the listener is dropped.
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
     /// Listens on `endpoint`. A Unix socket path that exists is an error, not replaced.
     pub fn bind(endpoint: &Endpoint) -> io::Result<Self> {
-        match endpoint {
-            Endpoint::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a)?)),
-            Endpoint::Unix(p) => Ok(Self::Unix(UnixListener::bind(p)?, p.clone())),
-        }
+        let socket = match endpoint {
+            Endpoint::Tcp(a) => ListenSocket::Tcp(TcpListener::bind(a)?),
+            Endpoint::Unix(p) => ListenSocket::Unix(UnixListener::bind(p)?, p.clone()),
+        };
+        Ok(Self { socket, tls: None })
+    }
+
+    /// Requires TLS with a certificate signed by `tls`'s CA of every source. A peer that
+    /// fails the handshake is logged and dropped, and the listener keeps waiting: a stranger
+    /// cannot end a destination's wait, let alone feed it a VM.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// The endpoint actually bound (with the real port when port 0 was asked for).
     pub fn local_endpoint(&self) -> io::Result<Endpoint> {
-        Ok(match self {
-            Self::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
-            Self::Unix(_, p) => Endpoint::Unix(p.clone()),
+        Ok(match &self.socket {
+            ListenSocket::Tcp(l) => Endpoint::Tcp(l.local_addr()?.to_string()),
+            ListenSocket::Unix(_, p) => Endpoint::Unix(p.clone()),
         })
     }
 
-    /// Accepts one connection.
+    /// Accepts one connection (with TLS: the first peer that passes the handshake).
     pub fn accept(&self) -> io::Result<Connection> {
-        match self {
-            Self::Tcp(l) => Connection::from_tcp(l.accept()?.0),
-            Self::Unix(l, _) => Connection::from_unix(l.accept()?.0),
+        loop {
+            let stream = match &self.socket {
+                ListenSocket::Tcp(l) => Stream::Tcp(l.accept()?.0),
+                ListenSocket::Unix(l, _) => Stream::Unix(l.accept()?.0),
+            };
+            if let Some(c) = self.establish(stream)? {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Wraps an accepted stream; `None` when the peer failed the TLS handshake (logged).
+    fn establish(&self, stream: Stream) -> io::Result<Option<Connection>> {
+        let tls = self.tls.as_ref().map(|t| (t, Role::Server));
+        let (peer, result) = match stream {
+            Stream::Tcp(s) => (
+                s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+                Connection::tcp(s, tls),
+            ),
+            Stream::Unix(s) => ("a local process".to_owned(), Connection::unix(s, tls)),
+        };
+        match result {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if self.tls.is_some() => {
+                tracing::warn!("refused a connection from {peer}: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
     /// Accepts one connection, giving up at `deadline`.
     pub fn accept_until(&self, deadline: Instant) -> io::Result<Connection> {
+        loop {
+            let stream = self.accept_stream_until(deadline)?;
+            if let Some(c) = self.establish(stream)? {
+                return Ok(c);
+            }
+        }
+    }
+
+    fn accept_stream_until(&self, deadline: Instant) -> io::Result<Stream> {
         self.set_nonblocking(true)?;
         let result = loop {
-            let r = match self {
-                Self::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                Self::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            let r = match &self.socket {
+                ListenSocket::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                ListenSocket::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
             };
             match r {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -248,29 +341,25 @@ impl Listener {
             }
         };
         self.set_nonblocking(false)?;
-        match result? {
-            Stream::Tcp(s) => {
-                s.set_nonblocking(false)?;
-                Connection::from_tcp(s)
-            }
-            Stream::Unix(s) => {
-                s.set_nonblocking(false)?;
-                Connection::from_unix(s)
-            }
+        let stream = result?;
+        match &stream {
+            Stream::Tcp(s) => s.set_nonblocking(false)?,
+            Stream::Unix(s) => s.set_nonblocking(false)?,
         }
+        Ok(stream)
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Self::Tcp(l) => l.set_nonblocking(on),
-            Self::Unix(l, _) => l.set_nonblocking(on),
+        match &self.socket {
+            ListenSocket::Tcp(l) => l.set_nonblocking(on),
+            ListenSocket::Unix(l, _) => l.set_nonblocking(on),
         }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Self::Unix(_, p) = self {
+        if let ListenSocket::Unix(_, p) = &self.socket {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -335,7 +424,7 @@ mod tests {
         let l = Listener::bind(&"127.0.0.1:0".parse().unwrap()).unwrap();
         let ep = l.local_endpoint().unwrap();
         let t = thread::spawn(move || {
-            let mut c = connect(&ep, 2).unwrap();
+            let mut c = connect(&ep, 2, None).unwrap();
             c[1].writer.write_all(b"hi").unwrap();
         });
         let _a = l.accept().unwrap();
@@ -344,7 +433,7 @@ mod tests {
         b.reader.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hi");
         t.join().unwrap();
-        assert!(connect(&"127.0.0.1:1".parse().unwrap(), 0).is_err());
+        assert!(connect(&"127.0.0.1:1".parse().unwrap(), 0, None).is_err());
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum WireError {
     /// The preamble's magic is wrong: not a ferry migration stream.
     #[error("not a ferry migration stream (bad magic {0:02x?})")]
     BadMagic([u8; 8]),
+    /// The peer speaks TLS (its first bytes are a TLS record) to an end without TLS.
+    #[error("the peer speaks TLS and this end does not: give both ends the same --tls-* options")]
+    PeerSpeaksTls,
     /// The peer speaks another format version.
     #[error("unsupported migration format version {0} (this build speaks {FORMAT_VERSION})")]
     Version(u32),
@@ -276,16 +279,30 @@ pub fn write_preamble(w: &mut impl Write, magic: [u8; 8]) -> io::Result<()> {
 
 /// Reads and checks the preamble for one direction.
 pub fn read_preamble(r: &mut impl Read, magic: [u8; 8]) -> Result<(), WireError> {
+    // A TLS record (handshake or alert) starts with its type and major version 3; a TLS
+    // alert is shorter than a preamble, so the check also applies to a cut one.
+    let speaks_tls = |b: &[u8]| matches!(b, [0x15 | 0x16, 0x03, 0x01..=0x04, ..]);
     let mut p = [0u8; PREAMBLE_LEN];
-    r.read_exact(&mut p).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => WireError::Truncated {
-            what: "the stream's preamble".into(),
-        },
-        _ => e.into(),
-    })?;
+    let mut filled = 0;
+    while filled < PREAMBLE_LEN {
+        match r.read(&mut p[filled..]) {
+            Ok(0) if speaks_tls(&p[..filled]) => return Err(WireError::PeerSpeaksTls),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    what: "the stream's preamble".into(),
+                })
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let mut got = [0u8; 8];
     got.copy_from_slice(&p[..8]);
     if got != magic {
+        if speaks_tls(&got) {
+            return Err(WireError::PeerSpeaksTls);
+        }
         return Err(WireError::BadMagic(got));
     }
     match le32(&p[8..12]) {
@@ -752,6 +769,17 @@ mod tests {
             read_preamble(&mut &v[..], MAGIC_DEST),
             Err(WireError::BadMagic(_))
         ));
+        // A TLS peer's first bytes (a ClientHello, or an alert) are named as such.
+        // A ClientHello, and an alert (7 bytes, then the connection ends).
+        let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+        hello.resize(PREAMBLE_LEN, 0);
+        let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
+        for t in [&hello[..], &alert[..]] {
+            assert!(matches!(
+                read_preamble(&mut &t[..], MAGIC_DEST),
+                Err(WireError::PeerSpeaksTls)
+            ));
+        }
         v[8] = 2;
         assert!(matches!(
             read_preamble(&mut &v[..], MAGIC_SOURCE),

@@ -35,11 +35,13 @@ impl Drop for SocketFile {
 
 /// Runs a migration destination: an empty VM for `config` waits on `listen` for one
 /// migration, restores it, resumes the guest and runs it (serving `config.api_socket`) until
-/// it stops. On any failure before the guest resumed, everything is discarded and an error
-/// returned; the source then keeps its VM.
+/// it stops. With `tls`, only a source with a certificate from its CA gets through (others
+/// are logged and the wait goes on). On any failure before the guest resumed, everything is
+/// discarded and an error returned; the source then keeps its VM.
 pub fn receive(
     config: VmConfig,
     listen: &Endpoint,
+    tls: Option<ferry_migration::Tls>,
     observer: &mut dyn ReceiveObserver,
 ) -> Result<ExitReason, MigrateError> {
     if let Some(path) = &config.api_socket {
@@ -50,10 +52,13 @@ pub fn receive(
         what: "cannot create the destination VM",
         source,
     })?;
-    let listener = Listener::bind(listen).map_err(|source| MigrateError::Listen {
+    let mut listener = Listener::bind(listen).map_err(|source| MigrateError::Listen {
         endpoint: listen.to_string(),
         source,
     })?;
+    if let Some(tls) = tls {
+        listener = listener.with_tls(tls);
+    }
     let local = listener
         .local_endpoint()
         .map_err(|source| MigrateError::Listen {

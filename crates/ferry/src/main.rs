@@ -4,6 +4,7 @@
 mod cmd;
 mod progress;
 mod report;
+mod tls;
 mod units;
 
 use std::path::PathBuf;

@@ -13,6 +13,7 @@
 //!   ([`AgentClient::kernel_errors`]).
 //! - [`hw_kvm_usable`] says whether this machine can run such a guest at all (see `lab/run`).
 //! - [`exit_lab_fault`] ends a test binary on a proven fault of the lab itself.
+//! - [`pki`] makes throwaway certificates for the TLS tests and benchmarks.
 //!
 //! The agent's protocol is documented in the `ferry-guest-agent` crate and in docs/lab.md.
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ mod fault;
 mod guest;
 mod image;
 mod kvm;
+pub mod pki;
 mod vmm;
 
 pub use agent::{

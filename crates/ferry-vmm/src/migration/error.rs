@@ -14,6 +14,9 @@ pub enum MigrateError {
     /// Bad options.
     #[error("invalid migration options: {0}")]
     Options(String),
+    /// The TLS credentials cannot be used.
+    #[error("cannot use the TLS credentials: {0}")]
+    Tls(#[from] ferry_migration::TlsError),
     /// A migration of this VM is already running.
     #[error("a migration is already running (to {0})")]
     Busy(String),

@@ -42,6 +42,12 @@ pub struct MigrateOptions {
     /// After `rounds_max` rounds without convergence: `switch-over` anyway (the pause exceeds
     /// `downtime_ms`) or `cancel` (the guest keeps running here).
     pub on_no_convergence: ferry_migration::OnNoConvergence,
+    /// Migrate over mutually authenticated TLS 1.3 with these PEM files (absolute paths,
+    /// read by the VMM when the migration starts); plain when absent.
+    pub tls: Option<ferry_migration::TlsFiles>,
+    /// With `tls`: the name the destination's certificate must carry, when it is not the host
+    /// part of the destination's address.
+    pub tls_server_name: Option<String>,
 }
 
 impl Default for MigrateOptions {
@@ -58,11 +64,30 @@ impl Default for MigrateOptions {
             timeout_s: 30 * 60,
             rounds_max: ferry_migration::Policy::default().rounds_max,
             on_no_convergence: ferry_migration::OnNoConvergence::SwitchOver,
+            tls: None,
+            tls_server_name: None,
         }
     }
 }
 
 impl MigrateOptions {
+    /// The TLS credentials, loaded, when the migration is to use TLS.
+    pub(super) fn tls(&self) -> Result<Option<ferry_migration::Tls>, MigrateError> {
+        let Some(files) = &self.tls else {
+            if self.tls_server_name.is_some() {
+                return Err(MigrateError::Options(
+                    "a TLS server name without TLS files".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut tls = ferry_migration::Tls::from_files(files)?;
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.with_server_name(name)?;
+        }
+        Ok(Some(tls))
+    }
+
     pub(super) fn engine_config(
         &self,
         cancel: Arc<AtomicBool>,

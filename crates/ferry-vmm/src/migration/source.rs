@@ -56,12 +56,14 @@ pub fn migrate(
     cancel: Arc<AtomicBool>,
 ) -> Result<MigrationStats, MigrateError> {
     let config = options.engine_config(cancel)?;
-    let connections = ferry_migration::connect(to, options.connections).map_err(|source| {
-        MigrateError::Connect {
-            endpoint: to.to_string(),
-            source,
-        }
-    })?;
+    let tls = options.tls()?;
+    let connections =
+        ferry_migration::connect(to, options.connections, tls.as_ref()).map_err(|source| {
+            MigrateError::Connect {
+                endpoint: to.to_string(),
+                source,
+            }
+        })?;
     let mut dirty_log = vmm.dirty_log();
     if !options.lazy_dirty_log {
         dirty_log = dirty_log.eager();

@@ -313,7 +313,7 @@ pub fn destination_process() -> Result<()> {
         .try_init();
     let spec: DestinationSpec = serde_json::from_str(spec.to_str().context("spec")?)?;
     let listen: Endpoint = spec.listen.parse().map_err(anyhow::Error::msg)?;
-    let reason = ferry_vmm::receive::receive(spec.config, &listen, &mut Print)?;
+    let reason = ferry_vmm::receive::receive(spec.config, &listen, None, &mut Print)?;
     eprintln!("destination: the VM stopped: {reason:?}");
     Ok(())
 }

@@ -14,8 +14,9 @@ use clap::Args;
 use ferry_migration::hint::{HintInbox, HintTargets};
 use ferry_migration::zero::is_zero;
 use ferry_migration::{
-    BitmapDirtyLog, Connection, Destination, Epoch, GuestRange, HintKind, MemoryLayout, Migration,
-    MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig, RegionDesc, UnpopulatedSource,
+    connect, BitmapDirtyLog, Destination, Epoch, GuestRange, HintKind, Listener, MemoryLayout,
+    Migration, MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig, RegionDesc, Tls,
+    UnpopulatedSource,
 };
 use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimVm, Workload};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -64,10 +65,26 @@ fn raw_tcp(bytes: u64) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
-/// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP.
-fn engine_tcp(bytes: u64, populated_dest: bool) -> Result<(Duration, MigrationStats)> {
-    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, populated_dest)?;
+/// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP
+/// (under TLS when `tls` is given).
+fn engine_tcp(
+    bytes: u64,
+    populated_dest: bool,
+    tls: Option<&Tls>,
+) -> Result<(Duration, MigrationStats)> {
+    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, populated_dest, tls)?;
     Ok((Duration::from_secs_f64(stats.total_ms / 1000.0), stats))
+}
+
+/// Credentials for both ends of a TLS migration on this host, from a throwaway CA.
+fn throwaway_tls() -> Result<Tls> {
+    let ca = ferry_lab::pki::TestCa::new("ferry bench CA");
+    let end = ca.end(&["127.0.0.1"]);
+    Ok(Tls::from_pem(
+        end.cert.as_bytes(),
+        end.key.as_bytes(),
+        ca.pem().as_bytes(),
+    )?)
 }
 
 /// An in-process migration of a simulated guest over loopback TCP.
@@ -77,6 +94,7 @@ fn sim_migration(
     used_percent: u8,
     hints: bool,
     populated_dest: bool,
+    tls: Option<&Tls>,
 ) -> Result<(MigrationStats, u64)> {
     let src = create_memory(bytes)?;
     let dst = create_memory(bytes)?;
@@ -100,17 +118,19 @@ fn sim_migration(
             zero_on_alloc: false,
         },
     );
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
+    let mut l = Listener::bind(&"127.0.0.1:0".parse().map_err(anyhow::Error::msg)?)?;
+    if let Some(t) = tls {
+        l = l.with_tls(t.clone());
+    }
+    let endpoint = l.local_endpoint()?;
     let d = dst.clone();
     let receiver = thread::spawn(move || -> Result<u64> {
-        let conn = Connection::from_tcp(l.accept()?.0)?;
-        let r = Destination::new(&d, ReceiveConfig::default())?.receive(vec![conn])?;
+        let r = Destination::new(&d, ReceiveConfig::default())?.accept(&l)?;
         let pages = r.stats.pages;
         r.acknowledge()?;
         Ok(pages)
     });
-    let conn = Connection::from_tcp(TcpStream::connect(addr)?)?;
+    let conns = connect(&endpoint, 1, tls)?;
     let mut dirty = BitmapDirtyLog::new(src.clone());
     let mut control = vm.clone();
     let mut observer = ferry_sim::SimDriver(vm.clone());
@@ -125,7 +145,7 @@ fn sim_migration(
         m.add_source(h);
     }
     m.add_source(&mut unpopulated);
-    let stats = m.run(vec![conn])?;
+    let stats = m.run(conns)?;
     let pages = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
@@ -192,8 +212,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the engine, non-zero pages, hints off ({})...",
         mib(n)
     );
-    let (engine, es) = engine_tcp(n, false).context("engine")?;
-    let (engine_pop, es_pop) = engine_tcp(n, true).context("engine")?;
+    let (engine, es) = engine_tcp(n, false, None).context("engine")?;
+    let (engine_pop, es_pop) = engine_tcp(n, true, None).context("engine")?;
+    eprintln!("measuring the engine over TLS 1.3 ({})...", mib(n));
+    let tls = throwaway_tls()?;
+    let (engine_tls, es_tls) = engine_tcp(n, true, Some(&tls)).context("engine over TLS")?;
     let zero = zero_detection(n);
     let hint_blocks = hint_application(4 << 30, 1024);
     let hint_pages = hint_application(4 << 30, 1);
@@ -202,8 +225,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         mib(args.guest)
     );
     let freed = Workload::Freed { percent: 75 };
-    let (off, _) = sim_migration(args.guest, freed, 10, false, false)?;
-    let (on, _) = sim_migration(args.guest, freed, 10, true, false)?;
+    let (off, _) = sim_migration(args.guest, freed, 10, false, false, None)?;
+    let (on, _) = sim_migration(args.guest, freed, 10, true, false, None)?;
 
     let raw_rate = gib_per_s(n, raw);
     let engine_rate = gib_per_s(es.bytes, engine);
@@ -218,6 +241,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!(
         "| engine, same, destination memory already populated | {pop_rate:.2} GiB/s ({:.0}% of raw) |",
         100.0 * pop_rate / raw_rate
+    );
+    let tls_rate = gib_per_s(es_tls.bytes, engine_tls);
+    println!(
+        "| engine, same, over TLS 1.3 (mutual authentication) | {tls_rate:.2} GiB/s ({:.0}% of the plain engine) |",
+        100.0 * tls_rate / pop_rate
     );
     println!("| zero-page detection | {:.1} GiB/s |", gib_per_s(n, zero));
     println!(

@@ -15,6 +15,7 @@ use ferry_vmm::ApiClient;
 
 use crate::progress::Bar;
 use crate::report;
+use crate::tls::TlsArgs;
 use crate::units::{mib, parse_rate};
 
 /// How often the progress bar asks the VMM where the migration is.
@@ -71,14 +72,20 @@ pub struct MigrateArgs {
     /// guest pauses longer) or `cancel` (the guest keeps running here).
     #[arg(long, default_value = "switch-over")]
     pub if_not_converged: ferry_migration::OnNoConvergence,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// With TLS: the name the destination's certificate must carry, when it is not the host
+    /// part of --to (e.g. --to 10.0.0.7:4444 --tls-server-name host-b.example).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_server_name: Option<String>,
     /// Print the statistics as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 impl MigrateArgs {
-    fn options(&self) -> MigrateOptions {
-        MigrateOptions {
+    fn options(&self) -> Result<MigrateOptions> {
+        Ok(MigrateOptions {
             hints: self.hints == Hints::On,
             free_page_hint: self.free_page_hint,
             lazy_dirty_log: self.lazy_dirty_log,
@@ -88,8 +95,10 @@ impl MigrateArgs {
             connections: self.connections,
             rounds_max: self.rounds_max,
             on_no_convergence: self.if_not_converged,
+            tls: self.tls.files()?,
+            tls_server_name: self.tls_server_name.clone(),
             ..MigrateOptions::default()
-        }
+        })
     }
 }
 
@@ -136,7 +145,7 @@ pub fn run(args: &MigrateArgs) -> Result<()> {
     if let Err(e) = vmm_sys_util::signal::register_signal_handler(libc::SIGINT, on_interrupt) {
         tracing::warn!("Ctrl-C will not cancel the migration: {e}");
     }
-    let (api, to, options) = (args.api.clone(), args.to.to_string(), args.options());
+    let (api, to, options) = (args.api.clone(), args.to.to_string(), args.options()?);
     let migration = std::thread::spawn(move || request_migration(&api, &to, &options));
     let mut bar = Bar::new("migrate");
     let mut last = None;

@@ -8,6 +8,8 @@ use ferry_migration::{Endpoint, ReceiveStats};
 use ferry_vmm::receive::ReceiveObserver;
 use ferry_vmm::{ExitReason, RunArgs};
 
+use crate::tls::TlsArgs;
+
 /// `ferry receive` arguments.
 #[derive(Debug, Clone, Args)]
 pub struct ReceiveArgs {
@@ -18,6 +20,8 @@ pub struct ReceiveArgs {
     /// match; the kernel and initrd are not loaded: everything comes from the source).
     #[command(flatten)]
     pub vm: RunArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 struct Tell;
@@ -38,7 +42,8 @@ impl ReceiveObserver for Tell {
 
 /// Runs `ferry receive` until the migrated VM stops.
 pub fn run(args: ReceiveArgs) -> Result<()> {
-    match ferry_vmm::receive::receive(args.vm.into_config(), &args.listen, &mut Tell)? {
+    let tls = args.tls.load()?;
+    match ferry_vmm::receive::receive(args.vm.into_config(), &args.listen, tls, &mut Tell)? {
         ExitReason::Shutdown | ExitReason::GuestPowerOff => Ok(()),
         ExitReason::GuestReset => bail!("the guest reset the machine"),
         ExitReason::Error(e) => bail!("the VM failed: {e}"),

@@ -20,6 +20,7 @@ use ferry_sim::{
 
 use crate::progress::Bar;
 use crate::report;
+use crate::tls::TlsArgs;
 use crate::units::{mib, parse_rate, parse_size};
 
 /// What the simulated guest does.
@@ -90,6 +91,8 @@ pub struct ReceiveArgs {
     /// Guest RAM size; must match the source.
     #[arg(long, value_parser = parse_size)]
     pub memory: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `ferry sim-send` arguments: the sending side alone, against a given destination (a test
@@ -105,6 +108,11 @@ pub struct SendArgs {
     /// Seed of the guest's behaviour.
     #[arg(long, default_value_t = 5)]
     pub seed: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// With TLS: the name the destination's certificate must carry.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_server_name: Option<String>,
 }
 
 /// What the receiving process reports on stdout, as one JSON line.
@@ -236,7 +244,8 @@ fn migrate_once(args: &SimArgs, hints: bool) -> Result<(MigrationStats, Verdict)
     let mut sim_hints = vm.hint_source();
     let mut unpopulated = UnpopulatedSource::new(&mem);
     let result = (|| {
-        let conns = connect(&endpoint, args.connections).context("connecting to the receiver")?;
+        let conns =
+            connect(&endpoint, args.connections, None).context("connecting to the receiver")?;
         let mut m = Migration::new(&mem, &mut dirty, &mut control, &mut bar, config)?;
         if let Some(h) = sim_hints.as_mut() {
             m.add_source(h);
@@ -263,8 +272,11 @@ fn migrate_once(args: &SimArgs, hints: bool) -> Result<(MigrationStats, Verdict)
 /// Runs `ferry sim-receive`: receive, verify against the transferred guest state, report.
 pub fn receive(args: &ReceiveArgs) -> Result<()> {
     let mem = create_memory(args.memory).context("allocating guest memory")?;
-    let listener =
+    let mut listener =
         Listener::bind(&args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    if let Some(tls) = args.tls.load()? {
+        listener = listener.with_tls(tls);
+    }
     println!("LISTENING {}", listener.local_endpoint()?);
     let dest = Destination::new(&mem, ReceiveConfig::default())?;
     let received = dest.accept(&listener)?;
@@ -322,7 +334,11 @@ pub fn send(args: &SendArgs) -> Result<()> {
     let mut dirty = BitmapDirtyLog::lazy(mem.clone());
     let (mut control, mut driver) = (vm.clone(), SimDriver(vm.clone()));
     let mut hints = vm.hint_source();
-    let conns = connect(&args.connect, 1).context("connecting to the destination")?;
+    let tls = match (args.tls.load()?, &args.tls_server_name) {
+        (Some(t), Some(name)) => Some(t.with_server_name(name)?),
+        (t, _) => t,
+    };
+    let conns = connect(&args.connect, 1, tls.as_ref()).context("connecting to the destination")?;
     let mut m = Migration::new(&mem, &mut dirty, &mut control, &mut driver, config)?;
     if let Some(h) = hints.as_mut() {
         m.add_source(h);
