@@ -136,3 +136,32 @@ fn completions_and_the_manual_page_cover_every_command() {
         "{page}"
     );
 }
+
+#[test]
+fn outside_a_checkout_the_demo_says_how_to_find_one() {
+    if ferry_lab::hw_kvm_usable() {
+        eprintln!("skipped: with hardware KVM `ferry demo` would boot a guest right here");
+        return;
+    }
+    // The binary as `cargo install` leaves it: outside the checkout, run from elsewhere.
+    let dir = std::env::temp_dir().join(format!("ferry-cli-installed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("ferry");
+    let _ = std::fs::remove_file(&exe);
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_ferry"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_ferry"), &exe).unwrap();
+    }
+    let out = Command::new(&exe)
+        .arg("demo")
+        .current_dir(&dir)
+        .env_remove(ferry_lab::REPO_ENV)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot find a ferry checkout") && err.contains("FERRY_REPO"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

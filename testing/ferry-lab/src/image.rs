@@ -1,6 +1,7 @@
 //! The guest image built by `lab/build`.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use thiserror::Error;
 
@@ -15,7 +16,16 @@ pub enum ImageError {
     /// A file of the image does not exist.
     #[error("guest image file {0} is missing: run lab/build (or scripts/setup.sh)")]
     Missing(PathBuf),
+    /// No ferry checkout around this process.
+    #[error(
+        "cannot find a ferry checkout (a directory with lab/run and Cargo.toml) above this \
+         program or the current directory: run ferry from inside one, or set {REPO_ENV}"
+    )]
+    NoCheckout,
 }
+
+/// Names the ferry checkout whose lab and guest image the tools use.
+pub const REPO_ENV: &str = "FERRY_REPO";
 
 /// The kernel (a bzImage) and initramfs that boot into `ferry-guest-agent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +40,7 @@ impl GuestImage {
     /// The image in the workspace's `build/guest/`, or the files named by `FERRY_GUEST_KERNEL`
     /// and `FERRY_GUEST_INITRD`. Both files must exist.
     pub fn locate() -> Result<Self, ImageError> {
-        let dir = workspace_root().join("build/guest");
+        let dir = workspace_root()?.join("build/guest");
         let pick = |var: &str, default: &str| {
             std::env::var_os(var).map_or_else(|| dir.join(default), PathBuf::from)
         };
@@ -47,11 +57,36 @@ impl GuestImage {
     }
 }
 
-/// The workspace root, known at compile time. Inside the lab the repository has the same path,
-/// so binaries built on the host find the image there too.
-pub fn workspace_root() -> &'static Path {
-    // testing/ferry-lab -> the workspace root.
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+/// The ferry checkout this process works in, found at run time: `FERRY_REPO` if set, else the
+/// first directory holding `lab/run` and `Cargo.toml` above this program (`target/*/ferry`, a
+/// test binary in `target/*/deps`; inside the lab the checkout has the same path) or above the
+/// current directory. Nothing is compiled in, so an installed `ferry` works from inside any
+/// checkout.
+pub fn workspace_root() -> Result<&'static Path, ImageError> {
+    static ROOT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    ROOT.get_or_init(find_checkout)
+        .as_deref()
+        .ok_or(ImageError::NoCheckout)
+}
+
+fn is_checkout(dir: &Path) -> bool {
+    dir.join("lab/run").is_file() && dir.join("Cargo.toml").is_file()
+}
+
+fn find_checkout() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(REPO_ENV) {
+        let dir = PathBuf::from(dir);
+        return is_checkout(&dir).then_some(dir);
+    }
+    [std::env::current_exe().ok(), std::env::current_dir().ok()]
+        .into_iter()
+        .flatten()
+        .find_map(|start| {
+            start
+                .ancestors()
+                .find(|d| is_checkout(d))
+                .map(Path::to_path_buf)
+        })
 }
 
 #[cfg(test)]
@@ -60,6 +95,9 @@ mod tests {
 
     #[test]
     fn workspace_root_holds_the_lab_scripts() {
-        assert!(workspace_root().join("lab/build").is_file());
+        // This test binary lives under the checkout's target/.
+        let root = workspace_root().unwrap();
+        assert!(root.join("lab/build").is_file(), "{}", root.display());
+        assert!(!is_checkout(Path::new("/")));
     }
 }

@@ -28,7 +28,4 @@ pub mod soak;
 pub use results::{Results, Variant, Workload};
 pub use runner::{BenchConfig, BenchError};
 
-/// The workspace root, known at compile time (inside the lab the repository has the same path).
-pub fn workspace_root() -> &'static std::path::Path {
-    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
+pub use ferry_lab::workspace_root;

@@ -100,10 +100,11 @@ pub struct BenchVmArgs {
 }
 
 impl BenchVmArgs {
-    fn out_dir(&self) -> PathBuf {
-        self.out
-            .clone()
-            .unwrap_or_else(|| ferry_bench::workspace_root().join("build/bench"))
+    fn out_dir(&self) -> Result<PathBuf> {
+        match &self.out {
+            Some(dir) => Ok(dir.clone()),
+            None => Ok(ferry_lab::workspace_root()?.join("build/bench")),
+        }
     }
 
     fn config(&self) -> Result<BenchConfig> {
@@ -140,7 +141,7 @@ fn command_line() -> String {
 
 /// Runs `ferry bench-vm`.
 pub fn run(args: &BenchVmArgs) -> Result<()> {
-    let out = args.out_dir();
+    let out = args.out_dir()?;
     let json = out.join("results.json");
     if let Some(path) = &args.render {
         return render(&Results::load(path)?, &out);
@@ -203,7 +204,7 @@ fn soak(args: &BenchVmArgs, hops: u32) -> Result<()> {
 /// the share.
 fn run_in_lab(args: &BenchVmArgs, json: Option<&Path>) -> Result<()> {
     ferry_lab::GuestImage::locate().context("the guest image")?;
-    let lab_run = ferry_bench::workspace_root().join("lab/run");
+    let lab_run = ferry_lab::workspace_root()?.join("lab/run");
     if !lab_run.is_file() {
         bail!("no hardware KVM here and no {}", lab_run.display());
     }

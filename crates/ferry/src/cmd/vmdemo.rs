@@ -22,7 +22,6 @@ use ferry_vmm::migration::{request_migration, MigrateOptions};
 
 use crate::report;
 
-const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// `ferry demo` arguments.
@@ -174,7 +173,7 @@ fn hop(
 pub fn run(args: &VmDemoArgs) -> Result<()> {
     if !args.here && !ferry_lab::hw_kvm_usable() {
         eprintln!("no hardware KVM here: running the demo inside the lab (lab/run)");
-        let status = Command::new(format!("{REPO}/lab/run"))
+        let status = Command::new(ferry_lab::workspace_root()?.join("lab/run"))
             .args(["--timeout", "1200", "--"])
             .arg(std::env::current_exe()?)
             .args(["demo", "--here"])
