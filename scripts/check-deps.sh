@@ -23,7 +23,7 @@ forbid ferry-sim '^(kvm-ioctls|kvm-bindings|virtio-|ferry-vmm|ferry-balloon)$' "
 
 # The product: the engine, the balloon, the VMM and the `ferry` binary without its developer
 # commands (`--no-default-features`) link no test or developer tooling.
-product_tooling='^(ferry-sim|ferry-lab|ferry-bench|ferry-guest-agent)$'
+product_tooling='^(ferry-sim|ferry-lab|ferry-bench|ferry-guest-agent|ferry-e2e)$'
 for crate in ferry-migration ferry-balloon ferry-vmm; do
     forbid "$crate" "$product_tooling" "a product crate links no test or developer tooling"
 done

@@ -22,6 +22,11 @@ pub enum ImageError {
          program or the current directory: run ferry from inside one, or set {REPO_ENV}"
     )]
     NoCheckout,
+    /// A binary of the workspace has not been built.
+    #[error(
+        "{0} is missing: build the workspace's binaries first (cargo build --bins; lab/test does)"
+    )]
+    NoBinary(PathBuf),
 }
 
 /// Names the ferry checkout whose lab and guest image the tools use.
@@ -67,6 +72,25 @@ pub fn workspace_root() -> Result<&'static Path, ImageError> {
     ROOT.get_or_init(find_checkout)
         .as_deref()
         .ok_or(ImageError::NoCheckout)
+}
+
+/// A binary of this workspace (e.g. `ferry-vmm`) for a test: cargo puts test binaries in
+/// `target/<profile>/deps/` and the workspace's binaries one level up, so it is looked for
+/// there (a test in another package than the binary's gets no `CARGO_BIN_EXE_*`).
+pub fn workspace_binary(name: &str) -> Result<PathBuf, ImageError> {
+    let exe = std::env::current_exe().map_err(|_| ImageError::NoBinary(name.into()))?;
+    let profile_dir = exe
+        .parent()
+        .filter(|d| d.ends_with("deps"))
+        .and_then(Path::parent)
+        .or_else(|| exe.parent())
+        .ok_or_else(|| ImageError::NoBinary(name.into()))?;
+    let path = profile_dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ImageError::NoBinary(path))
+    }
 }
 
 fn is_checkout(dir: &Path) -> bool {

@@ -33,6 +33,6 @@ pub use agent::{
 };
 pub use fault::{exit_lab_fault, page_walks_outside_ram, LAB_FAULT_EXIT};
 pub use guest::{Guest, GuestError};
-pub use image::{workspace_root, GuestImage, ImageError, REPO_ENV};
+pub use image::{workspace_binary, workspace_root, GuestImage, ImageError, REPO_ENV};
 pub use kvm::hw_kvm_usable;
 pub use vmm::{FerryLaunch, FerryVmm, GuestConfig, QemuMicrovm, Vmm};

@@ -47,6 +47,21 @@ fn heartbeat_number(line: &str) -> Option<u64> {
     line.strip_prefix("HB ")?.trim().parse().ok()
 }
 
+/// These tests live apart from the VMM's package, so cargo gives them no `CARGO_BIN_EXE_*`: the
+/// binary must be found next to the test binary (`cargo test --workspace` and `lab/test` build
+/// it), or every lab test below would fail on its first line.
+#[test]
+fn the_vmm_binary_is_found_next_to_the_tests() {
+    let bin = ferry_lab::workspace_binary("ferry-vmm").unwrap();
+    assert!(
+        bin.ends_with("ferry-vmm") && bin.is_file(),
+        "{}",
+        bin.display()
+    );
+    let e = ferry_lab::workspace_binary("no-such-binary").unwrap_err();
+    assert!(e.to_string().contains("cargo build --bins"), "{e}");
+}
+
 #[test]
 #[ignore = "needs hardware KVM: run through lab/run"]
 fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
@@ -58,7 +73,7 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("ferry-vmm-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let api_socket = dir.join("api.sock");
-    let vmm = FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm)
+    let vmm = FerryVmm::new(ferry_lab::workspace_binary("ferry-vmm")?, FerryLaunch::Vmm)
         .with_api_socket(&api_socket);
     let config = GuestConfig::new(image);
     let started = Instant::now();
@@ -160,7 +175,7 @@ fn boots_with_ram_above_the_32_bit_mmio_window() -> Result<()> {
     );
     let dir = std::env::temp_dir().join(format!("ferry-vmm-4g-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vmm = FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm)
+    let vmm = FerryVmm::new(ferry_lab::workspace_binary("ferry-vmm")?, FerryLaunch::Vmm)
         .with_api_socket(dir.join("api.sock"));
     let mut config = GuestConfig::new(GuestImage::locate()?);
     config.mem_mib = 4096;

@@ -105,8 +105,8 @@ impl Node {
         guest.mem_mib = MEMORY_MIB as u32;
         guest.vcpus = u32::from(vcpus);
         guest.cmdline = c.cmdline.clone();
-        let vmm =
-            FerryVmm::new(env!("CARGO_BIN_EXE_ferry-vmm"), FerryLaunch::Vmm).with_api_socket(api);
+        let vmm = FerryVmm::new(ferry_lab::workspace_binary("ferry-vmm")?, FerryLaunch::Vmm)
+            .with_api_socket(api);
         let mut child = vmm
             .command(&guest, serial)
             .env("FERRY_LOG", "info")
