@@ -26,6 +26,7 @@ pub mod hint;
 mod lane;
 pub mod layout;
 pub mod progress;
+mod socket;
 pub mod source;
 pub mod stats;
 pub mod tls;

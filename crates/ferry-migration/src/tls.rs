@@ -24,7 +24,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
-use crate::transport::Socket;
+use crate::socket::Socket;
 
 /// How long a TLS handshake may take before the connection is given up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

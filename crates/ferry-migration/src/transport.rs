@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::socket::Socket;
 use crate::tls::{self, Role, Tls};
 
 /// Connections one migration may use at most.
@@ -180,35 +181,6 @@ impl Connection {
         self.closer.clone()
     }
 }
-
-/// What [`Connection`] (and TLS over it) needs of a stream socket.
-pub(crate) trait Socket: Read + Write + Send + Sync + Sized + 'static {
-    fn try_clone(&self) -> io::Result<Self>;
-    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
-    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()>;
-    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()>;
-}
-
-macro_rules! impl_socket {
-    ($t:ty) => {
-        impl Socket for $t {
-            fn try_clone(&self) -> io::Result<Self> {
-                <$t>::try_clone(self)
-            }
-            fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-                <$t>::shutdown(self, how)
-            }
-            fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-                <$t>::set_read_timeout(self, d)
-            }
-            fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
-                <$t>::set_write_timeout(self, d)
-            }
-        }
-    };
-}
-impl_socket!(TcpStream);
-impl_socket!(UnixStream);
 
 /// Opens `count` connections to `endpoint`, each under TLS when `tls` is given (the
 /// destination's certificate must name the endpoint's host, or the name set on `tls`).
