@@ -99,7 +99,7 @@ pub fn receive(
     let socket = SocketFile(api_socket.clone());
     let mut server = None;
     if let Some(path) = &api_socket {
-        let handler = Arc::new(crate::ApiVmm(vmm.clone(), Supervisor::default()));
+        let handler = Arc::new(crate::serve::ApiVmm(vmm.clone(), Supervisor::default()));
         match api::serve(path, handler) {
             Ok(s) => server = Some(s),
             Err(e) => {
@@ -124,7 +124,7 @@ pub fn receive(
     let reason = vmm.wait_exit();
     tracing::info!("VM stopped: {reason:?}");
     vmm.stop();
-    crate::finish_replies(server.as_ref());
+    crate::serve::finish_replies(server.as_ref());
     drop(socket);
     Ok(reason)
 }
