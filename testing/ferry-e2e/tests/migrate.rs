@@ -32,6 +32,12 @@ fn destination_process() -> Result<()> {
 fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
     ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
     let dir = test_dir("matrix")?;
+    let pki = ferry_lab::pki::TestCa::new("ferry e2e CA").write_end(&dir, "tls", &["127.0.0.1"])?;
+    let tls_files = ferry_migration::TlsFiles {
+        cert: pki.cert,
+        key: pki.key,
+        ca: pki.ca,
+    };
     let mut node = boot_source(&dir, "vm0", 2)?;
     let mut table = vec![
         "| workload, hints | MiB sent | total ms | downtime ms | pages sent | zero | skipped hint | skipped report | skipped unpopulated | rounds |".to_owned(),
@@ -52,11 +58,19 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
             "freed" => drop(node.command("workload freed 256")?),
             _ => drop(node.command("workload dirty 64 16")?),
         }
+        // The dirty hops (the most traffic while the guest writes) run over TLS, each end
+        // with a certificate from a test CA for 127.0.0.1.
+        let tls = workload == "dirty";
         let options = MigrateOptions {
             hints,
+            tls: tls.then(|| tls_files.clone()),
             ..base_options()
         };
-        let label = format!("{workload}, {}", if hints { "on" } else { "off" });
+        let label = format!(
+            "{workload}, {}{}",
+            if hints { "on" } else { "off" },
+            if tls { ", TLS" } else { "" }
+        );
         let (mut dest, stats) =
             hop(&dir, &mut node, &format!("vm{}", i + 1), &options).context(label.clone())?;
         eprintln!("{label}: {}", serde_json::to_string(&stats)?);

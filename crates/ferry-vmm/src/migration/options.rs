@@ -172,4 +172,42 @@ mod tests {
         assert_eq!(c.policy.downtime_max, Duration::from_millis(50));
         assert!(!c.hints);
     }
+
+    #[test]
+    fn tls_files_are_read_when_the_migration_starts_and_checked() {
+        let o: MigrateOptions = serde_json::from_str(
+            r#"{"tls":{"cert":"/x/c.pem","key":"/x/k.pem","ca":"/x/ca.pem"},"tls_server_name":"b"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            o.tls.as_ref().unwrap().ca,
+            std::path::Path::new("/x/ca.pem")
+        );
+        let e = o.tls().unwrap_err().to_string();
+        assert!(e.contains("/x/c.pem"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("ferry-vmm-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = ferry_lab::pki::TestCa::new("test CA")
+            .write_end(&dir, "a", &["host-a"])
+            .unwrap();
+        let mut o = MigrateOptions {
+            tls: Some(ferry_migration::TlsFiles {
+                cert: files.cert,
+                key: files.key,
+                ca: files.ca,
+            }),
+            ..Default::default()
+        };
+        assert!(o.tls().unwrap().is_some());
+        o.tls_server_name = Some("host-b.example".into());
+        assert!(o.tls().unwrap().is_some());
+        o.tls_server_name = Some("not a name".into());
+        assert!(o.tls().unwrap_err().to_string().contains("not a DNS name"));
+        o.tls = None;
+        let e = o.tls().unwrap_err().to_string();
+        assert!(e.contains("without TLS files"), "{e}");
+        assert!(MigrateOptions::default().tls().unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

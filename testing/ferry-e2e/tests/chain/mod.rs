@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, GuestConfig, GuestImage, Vmm};
-use ferry_migration::{Endpoint, MigrationStats, ReceiveStats};
+use ferry_migration::{Endpoint, MigrationStats, ReceiveStats, Tls, TlsFiles};
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use ferry_vmm::receive::ReceiveObserver;
 use ferry_vmm::{ApiClient, SerialTarget, VmConfig};
@@ -199,6 +199,9 @@ impl Node {
 pub struct DestinationSpec {
     pub listen: String,
     pub config: VmConfig,
+    /// Accept only a TLS source with a certificate from this end's CA.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 /// A destination process, before the migration arrived.
@@ -214,6 +217,14 @@ pub fn spawn_destination(dir: &Path, name: &str, vcpus: u8) -> Result<Pending> {
 }
 
 pub fn spawn_destination_with(name: &str, config: VmConfig) -> Result<Pending> {
+    spawn_destination_tls(name, config, None)
+}
+
+pub fn spawn_destination_tls(
+    name: &str,
+    config: VmConfig,
+    tls: Option<TlsFiles>,
+) -> Result<Pending> {
     let serial = match &config.serial {
         SerialTarget::Socket(p) => p.clone(),
         _ => unreachable!(),
@@ -223,6 +234,7 @@ pub fn spawn_destination_with(name: &str, config: VmConfig) -> Result<Pending> {
     let spec = serde_json::to_string(&DestinationSpec {
         listen: "127.0.0.1:0".into(),
         config,
+        tls,
     })?;
     let log = log_dir()?.join(format!("{name}.log"));
     let mut child = Command::new(std::env::current_exe()?)
@@ -313,7 +325,8 @@ pub fn destination_process() -> Result<()> {
         .try_init();
     let spec: DestinationSpec = serde_json::from_str(spec.to_str().context("spec")?)?;
     let listen: Endpoint = spec.listen.parse().map_err(anyhow::Error::msg)?;
-    let reason = ferry_vmm::receive::receive(spec.config, &listen, None, &mut Print)?;
+    let tls = spec.tls.as_ref().map(Tls::from_files).transpose()?;
+    let reason = ferry_vmm::receive::receive(spec.config, &listen, tls, &mut Print)?;
     eprintln!("destination: the VM stopped: {reason:?}");
     Ok(())
 }
@@ -374,7 +387,9 @@ pub fn hop(
     name: &str,
     options: &MigrateOptions,
 ) -> Result<(Node, MigrationStats)> {
-    let pending = spawn_destination(dir, name, source.vcpus)?;
+    // A migration over TLS goes to a destination with the same credentials.
+    let config = image_config(dir, name, source.vcpus)?;
+    let pending = spawn_destination_tls(name, config, options.tls.clone())?;
     let stats = match request_migration(&source.api, &pending.endpoint, options) {
         Ok(stats) => stats,
         Err(e) => {
