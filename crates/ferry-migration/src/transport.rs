@@ -100,13 +100,12 @@ impl fmt::Debug for Connection {
 impl Connection {
     /// Wraps a TCP stream (with Nagle off: records are written whole).
     pub fn from_tcp(s: TcpStream) -> io::Result<Self> {
-        s.set_nodelay(true)?;
-        Self::wrap(s)
+        Self::tcp(s, None)
     }
 
     /// Wraps a Unix stream.
     pub fn from_unix(s: UnixStream) -> io::Result<Self> {
-        Self::wrap(s)
+        Self::unix(s, None)
     }
 
     /// Runs a TLS handshake in `role` over `s` (bounded) and wraps the session.
