@@ -108,45 +108,31 @@ impl Connection {
         Self::unix(s, None)
     }
 
-    /// Runs a TLS handshake in `role` over `s` (bounded) and wraps the session.
-    fn with_tls<S: Socket>(tls: &Tls, role: Role<'_>, mut s: S) -> io::Result<Self> {
-        let session = tls::handshake(tls, role, &mut s)?;
-        let (reader, writer) = tls::split(session, &s)?;
+    fn tcp(s: TcpStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
+        s.set_nodelay(true)?;
+        Self::over(s, tls)
+    }
+
+    fn unix(s: UnixStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
+        Self::over(s, tls)
+    }
+
+    /// Wraps `s`, after a (bounded) TLS handshake in `role` when `tls` is given.
+    fn over<S: Socket>(mut s: S, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
+        let (reader, writer): (Box<dyn Read + Send>, Box<dyn Write + Send>) = match tls {
+            Some((tls, role)) => {
+                let session = tls::handshake(tls, role, &mut s)?;
+                let (r, w) = tls::split(session, &s)?;
+                (Box::new(r), Box::new(w))
+            }
+            None => (Box::new(s.try_clone()?), Box::new(s.try_clone()?)),
+        };
         let (c, t, w) = (s.try_clone()?, s.try_clone()?, s);
         Ok(Self {
             read_timeout: Box::new(move |d| t.set_read_timeout(d)),
             write_timeout: Box::new(move |d| w.set_write_timeout(d)),
-            reader: Box::new(reader),
-            writer: Box::new(writer),
-            closer: Closer(std::sync::Arc::new(move |how| {
-                let _ = c.shutdown(how);
-            })),
-        })
-    }
-
-    fn tcp(s: TcpStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
-        s.set_nodelay(true)?;
-        match tls {
-            Some((tls, role)) => Self::with_tls(tls, role, s),
-            None => Self::wrap(s),
-        }
-    }
-
-    fn unix(s: UnixStream, tls: Option<(&Tls, Role<'_>)>) -> io::Result<Self> {
-        match tls {
-            Some((tls, role)) => Self::with_tls(tls, role, s),
-            None => Self::wrap(s),
-        }
-    }
-
-    fn wrap<S: Socket>(s: S) -> io::Result<Self> {
-        let (r, c, t) = (s.try_clone()?, s.try_clone()?, s.try_clone()?);
-        let w = s.try_clone()?;
-        Ok(Self {
-            read_timeout: Box::new(move |d| t.set_read_timeout(d)),
-            write_timeout: Box::new(move |d| w.set_write_timeout(d)),
-            reader: Box::new(r),
-            writer: Box::new(s),
+            reader,
+            writer,
             closer: Closer(std::sync::Arc::new(move |how| {
                 let _ = c.shutdown(how);
             })),
