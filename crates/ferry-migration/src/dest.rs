@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::lane::CHUNK_PAGES;
-use crate::layout::{GuestRange, LayoutError, MemoryLayout, PAGE_SIZE};
+use crate::layout::{GuestRange, LayoutError, MemoryLayout, RegionDesc, PAGE_SIZE};
 use crate::transport::{Closer, Connection, Listener, CONNECTIONS_MAX};
 use crate::wire::{
     self, Decoder, Encoder, Hello, HelloReply, Record, Summary, WireError, MAGIC_DEST, MAGIC_SOURCE,
@@ -136,18 +136,184 @@ impl Default for ReceiveConfig {
     }
 }
 
-/// The receiving end of a migration into `mem`.
+/// A migration whose connections have all arrived and announced themselves ([`Hello`]), not
+/// yet answered. It tells what the source will send (its memory layout and its VM
+/// description) so that the caller can build the memory to receive into, then hands it to
+/// [`Destination::receive_incoming`], or [`refuse`](Self::refuse)s it.
+///
+/// Two phases, as in Cloud Hypervisor's receive path (its source sends the VM's configuration
+/// before any memory and the destination creates the VM from it), so that a destination needs
+/// no VM settings of its own.
 #[derive(Debug)]
-pub struct Destination<'a, M> {
-    mem: &'a M,
-    layout: MemoryLayout,
-    config: ReceiveConfig,
+pub struct Incoming {
+    conns: Vec<Greeted>,
+    closers: Vec<Closer>,
+    started: Instant,
 }
 
 /// A connection whose Hello has been read.
 struct Greeted {
     conn: Connection,
     hello: Hello,
+}
+
+impl std::fmt::Debug for Greeted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Greeted")
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// Accepts one migration's connections on `listener` (waiting as long as it takes for
+    /// the first, then at most `config.accept_timeout` for the others) and reads their Hellos.
+    pub fn accept(listener: &Listener, config: &ReceiveConfig) -> Result<Self, ReceiveError> {
+        let accept_err = |e: std::io::Error| ReceiveError::Accept(e.to_string());
+        let first = greet(0, listener.accept().map_err(accept_err)?, config)?;
+        let started = Instant::now();
+        let n = usize::from(first.hello.connections);
+        let mut conns = vec![first];
+        let deadline = started + config.accept_timeout;
+        while conns.len() < n {
+            let conn = listener.accept_until(deadline).map_err(accept_err)?;
+            conns.push(greet(conns.len(), conn, config)?);
+        }
+        Self::checked(conns, started)
+    }
+
+    /// Reads the Hellos of a migration's already-connected `connections` (any order).
+    pub fn from_connections(
+        connections: Vec<Connection>,
+        config: &ReceiveConfig,
+    ) -> Result<Self, ReceiveError> {
+        let started = Instant::now();
+        let conns = connections
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| greet(i, c, config))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::checked(conns, started)
+    }
+
+    /// Checks that the Hellos agree with each other, puts the connections in order; on a
+    /// mismatch tells the source why and closes everything.
+    fn checked(mut conns: Vec<Greeted>, started: Instant) -> Result<Self, ReceiveError> {
+        let closers = conns.iter().map(|g| g.conn.closer()).collect();
+        match check_hellos(&mut conns) {
+            Ok(()) => Ok(Self {
+                conns,
+                closers,
+                started,
+            }),
+            Err(e) => {
+                Self {
+                    conns,
+                    closers,
+                    started,
+                }
+                .fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The source's guest RAM layout: the memory to receive into must have exactly these
+    /// regions.
+    pub fn regions(&self) -> &[RegionDesc] {
+        &self.conns[0].hello.regions
+    }
+
+    /// The source VMM's description of its VM ([`Hello::description`]); empty if it sent
+    /// none.
+    pub fn description(&self) -> &[u8] {
+        &self.conns[0].hello.description
+    }
+
+    /// Refuses the migration: the source is told `reason` (its VM keeps running there) and
+    /// every connection is closed.
+    pub fn refuse(self, reason: &str) {
+        tracing::warn!("refusing the incoming migration: {reason}");
+        self.fail(&reason);
+    }
+
+    fn fail(self, reason: &dyn std::fmt::Display) {
+        let mut conns = self.conns;
+        if let Some(g) = conns.first_mut() {
+            let mut enc = Encoder::new();
+            enc.error(&reason.to_string());
+            let _ = g.conn.writer.write_all(enc.bytes());
+        }
+        self.closers.iter().for_each(Closer::shutdown);
+    }
+}
+
+/// Reads the preamble and Hello of a new connection.
+fn greet(i: usize, mut conn: Connection, config: &ReceiveConfig) -> Result<Greeted, ReceiveError> {
+    let wire_err = |source| ReceiveError::Wire {
+        connection: i,
+        source,
+    };
+    conn.set_read_timeout(Some(config.idle_timeout))
+        .map_err(|e| wire_err(WireError::Io(e)))?;
+    wire::read_preamble(&mut conn.reader, MAGIC_SOURCE).map_err(wire_err)?;
+    let hello = match Decoder::new(&mut conn.reader)
+        .next_record()
+        .map_err(wire_err)?
+    {
+        Record::Hello(h) => h,
+        r => return Err(protocol(i, format!("expected hello, got {r:?}"))),
+    };
+    // Our preamble only says who we are: acceptance (HelloReply) or refusal (Error)
+    // follows once every connection has arrived.
+    wire::write_preamble(&mut conn.writer, MAGIC_DEST).map_err(|e| wire_err(e.into()))?;
+    Ok(Greeted { conn, hello })
+}
+
+/// Checks that every Hello announces the same migration, and sorts them by index.
+fn check_hellos(conns: &mut [Greeted]) -> Result<(), ReceiveError> {
+    let n = conns.len();
+    for (i, g) in conns.iter().enumerate() {
+        let h = &g.hello;
+        if usize::from(h.connections) != n || n > usize::from(CONNECTIONS_MAX) {
+            return Err(protocol(
+                i,
+                format!("announced {} connections, {n} arrived", h.connections),
+            ));
+        }
+        if u64::from(h.page_size) != PAGE_SIZE {
+            return Err(protocol(
+                i,
+                format!("page size {} is not {PAGE_SIZE}", h.page_size),
+            ));
+        }
+        if h.regions != conns[0].hello.regions {
+            return Err(protocol(
+                i,
+                "the connections announce different memory layouts".into(),
+            ));
+        }
+    }
+    conns.sort_by_key(|g| g.hello.connection);
+    if conns
+        .iter()
+        .enumerate()
+        .any(|(i, g)| usize::from(g.hello.connection) != i)
+    {
+        return Err(protocol(
+            0,
+            "connection indices are not 0..n, each once".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The receiving end of a migration into `mem`.
+#[derive(Debug)]
+pub struct Destination<'a, M> {
+    mem: &'a M,
+    layout: MemoryLayout,
+    config: ReceiveConfig,
 }
 
 impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
@@ -162,56 +328,35 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
 
     /// Accepts one migration's connections on `listener` and receives it.
     pub fn accept(&self, listener: &Listener) -> Result<Received, ReceiveError> {
-        let accept_err = |e: std::io::Error| ReceiveError::Accept(e.to_string());
-        let first = self.greet(0, listener.accept().map_err(accept_err)?)?;
-        let n = usize::from(first.hello.connections);
-        let mut conns = vec![first];
-        let deadline = Instant::now() + self.config.accept_timeout;
-        while conns.len() < n {
-            let conn = listener.accept_until(deadline).map_err(accept_err)?;
-            conns.push(self.greet(conns.len(), conn)?);
-        }
-        self.receive_greeted(conns)
+        self.receive_incoming(Incoming::accept(listener, &self.config)?)
     }
 
     /// Receives a migration over already-connected `connections` (any order).
     pub fn receive(&self, connections: Vec<Connection>) -> Result<Received, ReceiveError> {
-        let greeted = connections
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| self.greet(i, c))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.receive_greeted(greeted)
+        self.receive_incoming(Incoming::from_connections(connections, &self.config)?)
     }
 
-    /// Reads the preamble and Hello of a new connection.
-    fn greet(&self, i: usize, mut conn: Connection) -> Result<Greeted, ReceiveError> {
-        let wire_err = |source| ReceiveError::Wire {
-            connection: i,
-            source,
-        };
-        conn.set_read_timeout(Some(self.config.idle_timeout))
-            .map_err(|e| wire_err(WireError::Io(e)))?;
-        wire::read_preamble(&mut conn.reader, MAGIC_SOURCE).map_err(wire_err)?;
-        let hello = match Decoder::new(&mut conn.reader)
-            .next_record()
-            .map_err(wire_err)?
-        {
-            Record::Hello(h) => h,
-            r => return Err(protocol(i, format!("expected hello, got {r:?}"))),
-        };
-        // Our preamble only says who we are: acceptance (HelloReply) or refusal (Error)
-        // follows once every connection has arrived.
-        wire::write_preamble(&mut conn.writer, MAGIC_DEST).map_err(|e| wire_err(e.into()))?;
-        Ok(Greeted { conn, hello })
-    }
-
-    /// Checks every Hello, answers, and applies all connections in parallel.
-    fn receive_greeted(&self, mut conns: Vec<Greeted>) -> Result<Received, ReceiveError> {
-        let started = Instant::now();
-        let closers: Vec<Closer> = conns.iter().map(|g| g.conn.closer()).collect();
-        let checked = self.check_hellos(&mut conns);
-        let result = checked.and_then(|()| {
+    /// Checks that `incoming`'s layout is this memory's, answers the source, and applies all
+    /// connections in parallel.
+    pub fn receive_incoming(&self, incoming: Incoming) -> Result<Received, ReceiveError> {
+        if incoming.regions() != self.layout.regions() {
+            let e = protocol(
+                0,
+                format!(
+                    "guest memory layout differs: the source has {:x?}, this VM has {:x?}",
+                    incoming.regions(),
+                    self.layout.regions()
+                ),
+            );
+            incoming.fail(&e);
+            return Err(e);
+        }
+        let Incoming {
+            mut conns,
+            closers,
+            started,
+        } = incoming;
+        let result = (|| {
             for g in &mut conns {
                 let mut enc = Encoder::new();
                 enc.hello_reply(HelloReply {
@@ -227,7 +372,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     })?;
             }
             self.apply_all(&mut conns, &closers)
-        });
+        })();
         match result {
             Ok((device_state, summary)) => {
                 let stats = ReceiveStats {
@@ -246,56 +391,15 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "receiving failed; discarding the incoming VM");
-                if let Some(g) = conns.first_mut() {
-                    let mut enc = Encoder::new();
-                    enc.error(&e.to_string());
-                    let _ = g.conn.writer.write_all(enc.bytes());
+                Incoming {
+                    conns,
+                    closers,
+                    started,
                 }
-                closers.iter().for_each(Closer::shutdown);
+                .fail(&e);
                 Err(e)
             }
         }
-    }
-
-    fn check_hellos(&self, conns: &mut [Greeted]) -> Result<(), ReceiveError> {
-        let n = conns.len();
-        for (i, g) in conns.iter().enumerate() {
-            let h = &g.hello;
-            if usize::from(h.connections) != n || n > usize::from(CONNECTIONS_MAX) {
-                return Err(protocol(
-                    i,
-                    format!("announced {} connections, {n} arrived", h.connections),
-                ));
-            }
-            if u64::from(h.page_size) != PAGE_SIZE {
-                return Err(protocol(
-                    i,
-                    format!("page size {} is not {PAGE_SIZE}", h.page_size),
-                ));
-            }
-            if h.regions != self.layout.regions() {
-                return Err(protocol(
-                    i,
-                    format!(
-                        "guest memory layout differs: the source has {:x?}, this VM has {:x?}",
-                        h.regions,
-                        self.layout.regions()
-                    ),
-                ));
-            }
-        }
-        conns.sort_by_key(|g| g.hello.connection);
-        if conns
-            .iter()
-            .enumerate()
-            .any(|(i, g)| usize::from(g.hello.connection) != i)
-        {
-            return Err(protocol(
-                0,
-                "connection indices are not 0..n, each once".into(),
-            ));
-        }
-        Ok(())
     }
 
     /// Applies every connection on its own thread; the first failure shuts all down.

@@ -39,7 +39,7 @@ pub mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
 pub use convergence::{OnNoConvergence, Policy};
-pub use dest::{Destination, ReceiveConfig, ReceiveError, ReceiveStats, Received};
+pub use dest::{Destination, Incoming, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
 pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};
 pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};

@@ -34,8 +34,8 @@ use crate::transport::{Closer, Connection, RateLimiter, CONNECTIONS_MAX};
 use crate::vm::{VmControl, VmControlError};
 use crate::watchdog::{Trip, Watchdog};
 use crate::wire::{
-    self, Decoder, Encoder, Hello, Record, WireError, DEVICE_STATE_BYTES_MAX, MAGIC_DEST,
-    MAGIC_SOURCE,
+    self, Decoder, Encoder, Hello, Record, WireError, DESCRIPTION_BYTES_MAX,
+    DEVICE_STATE_BYTES_MAX, MAGIC_DEST, MAGIC_SOURCE,
 };
 use crate::zero::is_zero;
 
@@ -79,6 +79,9 @@ pub struct MigrationConfig {
     /// Check at the switchover that the dirty log missed no write, and send what it missed
     /// (see [`crate::audit`]); costs downtime.
     pub audit_dirty_log: bool,
+    /// What the destination needs to build the empty VM (see [`Hello::description`]); sent
+    /// as it is, at most [`DESCRIPTION_BYTES_MAX`] bytes.
+    pub description: Vec<u8>,
 }
 
 impl Default for MigrationConfig {
@@ -93,6 +96,7 @@ impl Default for MigrationConfig {
             handshake_timeout: Duration::from_secs(60),
             stall_timeout: Duration::from_secs(60),
             audit_dirty_log: false,
+            description: Vec::new(),
         }
     }
 }
@@ -288,6 +292,13 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 "connections must be between 1 and {CONNECTIONS_MAX}, got {n}"
             )));
         }
+        if self.config.description.len() > DESCRIPTION_BYTES_MAX {
+            return Err(MigrationError::Config(format!(
+                "the VM description is {} bytes long, more than the {DESCRIPTION_BYTES_MAX} \
+                 the stream carries",
+                self.config.description.len()
+            )));
+        }
         let closers: Vec<Closer> = conns.iter().map(Connection::closer).collect();
         let shut = |e: MigrationError| {
             closers.iter().for_each(Closer::shutdown);
@@ -301,6 +312,11 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 connections: n as u16,
                 page_size: PAGE_SIZE as u32,
                 regions: self.layout.regions().to_vec(),
+                description: if i == 0 {
+                    self.config.description.clone()
+                } else {
+                    Vec::new()
+                },
             });
             wire::write_preamble(&mut c.writer, MAGIC_SOURCE)
                 .and_then(|()| c.writer.write_all(enc.bytes()))

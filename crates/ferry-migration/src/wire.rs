@@ -1,4 +1,4 @@
-//! The migration wire format, version 1. Normative description: `docs/wire-format.md`.
+//! The migration wire format, version 2. Normative description: `docs/wire-format.md`.
 //!
 //! Every connection starts with a 16-byte preamble in each direction (magic, format version,
 //! reserved), followed by records:
@@ -23,7 +23,7 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"FERRYMIG";
 /// Destination-to-source preamble magic.
 pub const MAGIC_DEST: [u8; 8] = *b"FERRYDST";
 /// The format version this build speaks. Independent of the crate version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Length of the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Length of a record header.
@@ -36,6 +36,8 @@ pub const ZERO_RUNS_PER_RECORD_MAX: usize = 8192;
 pub const DEVICE_STATE_BYTES_MAX: usize = 16 << 20;
 /// Error message size limit.
 pub const ERROR_BYTES_MAX: usize = 4096;
+/// Size limit of the VM description a `Hello` carries.
+pub const DESCRIPTION_BYTES_MAX: usize = 64 << 10;
 /// The largest payload any record may have.
 pub const PAYLOAD_BYTES_MAX: usize = DEVICE_STATE_BYTES_MAX;
 
@@ -144,7 +146,7 @@ impl Kind {
     /// The largest payload this record type may have.
     fn payload_max(self) -> usize {
         match self {
-            Self::Hello => 16 + REGIONS_MAX * 16,
+            Self::Hello => 16 + REGIONS_MAX * 16 + DESCRIPTION_BYTES_MAX,
             Self::HelloReply => 8,
             Self::Pages => 8 + PAGES_PER_RECORD_MAX * (PAGE + 8),
             Self::ZeroRuns => 8 + ZERO_RUNS_PER_RECORD_MAX * 16,
@@ -167,6 +169,10 @@ pub struct Hello {
     pub page_size: u32,
     /// Guest RAM layout; the destination must have the same.
     pub regions: Vec<RegionDesc>,
+    /// What the destination needs to build the empty VM the migration goes into, in a form
+    /// only the VMMs at both ends know (the engine carries it, it does not read it). Sent on
+    /// connection 0; at most [`DESCRIPTION_BYTES_MAX`] bytes.
+    pub description: Vec<u8>,
 }
 
 /// What the destination answers to [`Hello`].
@@ -367,16 +373,18 @@ impl Encoder {
 
     /// Appends a `Hello`.
     pub fn hello(&mut self, h: &Hello) {
-        let mut p = Vec::with_capacity(16 + h.regions.len() * 16);
+        debug_assert!(h.description.len() <= DESCRIPTION_BYTES_MAX);
+        let mut p = Vec::with_capacity(16 + h.regions.len() * 16 + h.description.len());
         p.extend_from_slice(&h.connection.to_le_bytes());
         p.extend_from_slice(&h.connections.to_le_bytes());
         p.extend_from_slice(&h.page_size.to_le_bytes());
         p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
-        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&(h.description.len() as u32).to_le_bytes());
         for r in &h.regions {
             p.extend_from_slice(&r.gpa.to_le_bytes());
             p.extend_from_slice(&r.size.to_le_bytes());
         }
+        p.extend_from_slice(&h.description);
         self.simple(Kind::Hello, &p);
     }
 
@@ -567,10 +575,12 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
                 return Err(bad());
             }
             let n = le32(&p[8..12]) as usize;
-            if n > REGIONS_MAX || p.len() != 16 + n * 16 {
+            let d = le32(&p[12..16]) as usize;
+            if n > REGIONS_MAX || d > DESCRIPTION_BYTES_MAX || p.len() != 16 + n * 16 + d {
                 return Err(bad());
             }
-            let regions = p[16..]
+            let (regions, description) = p[16..].split_at(n * 16);
+            let regions = regions
                 .chunks_exact(16)
                 .map(|c| RegionDesc {
                     gpa: le64(&c[..8]),
@@ -582,6 +592,7 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
                 connections: u16::from_le_bytes([p[2], p[3]]),
                 page_size: le32(&p[4..8]),
                 regions,
+                description: description.to_vec(),
             })
         }
         Kind::HelloReply => {
@@ -677,6 +688,7 @@ mod tests {
                 gpa: 0,
                 size: 1 << 20,
             }],
+            description: b"{\"vcpus\":2}".to_vec(),
         };
         e.hello(&hello);
         e.hello_reply(HelloReply { zeroed: true });
@@ -742,6 +754,45 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_description_must_fit_its_length_and_limit() {
+        let hello = |regions: u32, description: u32, extra: usize| {
+            let mut p = vec![0u8; 8];
+            p.extend_from_slice(&regions.to_le_bytes());
+            p.extend_from_slice(&description.to_le_bytes());
+            p.resize(p.len() + regions as usize * 16 + extra, 0);
+            let mut e = Encoder::new();
+            e.simple(Kind::Hello, &p);
+            e.take()
+        };
+        let parse = |b: Vec<u8>| match Decoder::new(&b[..]).next_record() {
+            Ok(Record::Hello(h)) => Ok(h.description.len()),
+            Ok(r) => panic!("{r:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(parse(hello(1, 3, 3)), Ok(3));
+        assert_eq!(parse(hello(1, 0, 0)), Ok(0));
+        // Announced and carried lengths disagree.
+        for (n, d, extra) in [(1, 3, 2), (1, 3, 4), (1, 0, 1)] {
+            assert!(parse(hello(n, d, extra))
+                .unwrap_err()
+                .contains("invalid length"));
+        }
+        // Over the limit, even if the bytes are there.
+        let over = DESCRIPTION_BYTES_MAX as u32 + 1;
+        assert!(parse(hello(0, over, over as usize))
+            .unwrap_err()
+            .contains("invalid length"));
+        assert_eq!(
+            parse(hello(
+                0,
+                DESCRIPTION_BYTES_MAX as u32,
+                DESCRIPTION_BYTES_MAX
+            )),
+            Ok(DESCRIPTION_BYTES_MAX)
+        );
+    }
+
+    #[test]
     fn oversized_lengths_are_refused_before_reading() {
         let mut header = vec![Kind::DeviceState as u8, 0, 0, 0];
         header.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -780,10 +831,11 @@ mod tests {
                 Err(WireError::PeerSpeaksTls)
             ));
         }
-        v[8] = 2;
+        // A peer of the first format (before the Hello carried a VM description).
+        v[8] = 1;
         assert!(matches!(
             read_preamble(&mut &v[..], MAGIC_SOURCE),
-            Err(WireError::Version(2))
+            Err(WireError::Version(1))
         ));
     }
 
@@ -814,7 +866,7 @@ mod tests {
         fn mutated_valid_streams_never_panic(idx in 0usize..200, val in any::<u8>()) {
             let mut e = Encoder::new();
             e.hello(&Hello { connection: 0, connections: 1, page_size: 4096,
-                regions: vec![RegionDesc { gpa: 0, size: 8192 }] });
+                regions: vec![RegionDesc { gpa: 0, size: 8192 }], description: vec![1, 2] });
             e.zero_runs(&[(0, 1), (4096, 1)]);
             e.end_of_round(0);
             let mut bytes = e.take();

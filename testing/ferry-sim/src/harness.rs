@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::thread;
 
 use ferry_migration::{
-    BitmapDirtyLog, Connection, Destination, DirtyLog, DirtyLogError, MemoryLayout, Migration,
-    MigrationConfig, MigrationError, MigrationStats, PageBitmap, ReceiveConfig, ReceiveError,
-    UnpopulatedSource,
+    BitmapDirtyLog, Connection, Destination, DirtyLog, DirtyLogError, Incoming, MemoryLayout,
+    Migration, MigrationConfig, MigrationError, MigrationStats, PageBitmap, ReceiveConfig,
+    ReceiveError, UnpopulatedSource,
 };
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -76,7 +76,14 @@ pub enum Fault {
     Refuse,
     /// The destination has a different memory size.
     OtherLayout,
+    /// The destination refuses the migration as soon as it has read the source's Hellos
+    /// (as ferry's VMM does with a VM over its limits), before any memory.
+    RefuseAtHello,
 }
+
+/// The VM description the simulated source sends in its Hello; the destination checks it
+/// arrived intact.
+pub const SIM_DESCRIPTION: &[u8] = b"{\"sim\":true}";
 
 /// Copies `from` to `to`, applying `fault` to the bytes, until either side closes. A cut
 /// kills both directions, like a broken link; otherwise only this direction ends, so what
@@ -284,8 +291,18 @@ pub fn attempt(s: &Scenario, vm: &SimVm, src_mem: &crate::SimMemory, fault: Faul
 
     let dst = dst_mem.clone();
     let receiver = thread::spawn(move || {
+        let incoming = Incoming::from_connections(dst_conns, &receive)?;
+        if incoming.description() != SIM_DESCRIPTION {
+            let e = format!("the description arrived as {:?}", incoming.description());
+            incoming.refuse(&e);
+            return Err(ReceiveError::Source(e));
+        }
+        if fault == Fault::RefuseAtHello {
+            incoming.refuse("refused at the hello, on purpose");
+            return Err(ReceiveError::Source("refused at the hello".into()));
+        }
         let d = Destination::new(&dst, receive)?;
-        let received = d.receive(dst_conns)?;
+        let received = d.receive_incoming(incoming)?;
         let states = crate::state::decode(&received.device_state);
         let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).expect("layout");
         let mismatches = states.map(|st| verify(&st, &dst, &layout));
@@ -329,7 +346,10 @@ pub fn attempt(s: &Scenario, vm: &SimVm, src_mem: &crate::SimMemory, fault: Faul
             &mut dirty,
             &mut control,
             &mut driver,
-            s.migration.clone(),
+            MigrationConfig {
+                description: SIM_DESCRIPTION.to_vec(),
+                ..s.migration.clone()
+            },
         )?;
         if let Some(h) = hints.as_mut() {
             m.add_source(h);

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use ferry_migration::{MigrationConfig, MigrationError, ReceiveError};
-use ferry_sim::harness::{run_faulty, Fault, Scenario};
+use ferry_sim::harness::{attempt, run_faulty, Fault, Scenario};
 use ferry_sim::{create_memory, verify, Guest, HintBehavior, SimConfig, SimVm, Workload};
 
 const MEMORY: u64 = 32 << 20;
@@ -46,7 +46,7 @@ fn fail_then_retry(fault: Fault) -> (MigrationError, Option<ReceiveError>) {
             err.0
         );
         // Sources are started after the handshake; once started, they are always finished.
-        let started = fault != Fault::OtherLayout;
+        let started = !matches!(fault, Fault::OtherLayout | Fault::RefuseAtHello);
         assert_eq!(
             st.hinting_done, started,
             "{fault:?}: hint sources finished (DONE) iff started"
@@ -128,6 +128,29 @@ fn layout_mismatch_is_refused_at_the_handshake() {
         .expect("destination error")
         .to_string()
         .contains("layout differs"));
+}
+
+/// A destination that refuses the VM as soon as it read the Hellos (ferry's VMM does, for a VM
+/// over its limits): the source is told the reason before it sends any memory.
+#[test]
+fn a_refusal_at_the_hello_reaches_the_source_before_any_memory() {
+    let s = scenario();
+    let mem = create_memory(MEMORY).unwrap();
+    let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+    let a = attempt(&s, &vm, &mem, Fault::RefuseAtHello);
+    let src = a.source.expect_err("a refused migration succeeded");
+    assert!(
+        matches!(&src, MigrationError::Destination(m) if m.contains("refused at the hello")),
+        "{src}"
+    );
+    // Preamble and Hello only: not one page left the source.
+    assert!(
+        a.bytes[0] < 4096,
+        "{} bytes sent before the refusal",
+        a.bytes[0]
+    );
+    let (src, _) = fail_then_retry(Fault::RefuseAtHello);
+    assert!(src.to_string().contains("refused at the hello"), "{src}");
 }
 
 #[test]
