@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferry_migration::{Destination, Endpoint, Listener, ReceiveConfig, ReceiveStats};
+use ferry_migration::{Destination, Endpoint, Incoming, Listener, ReceiveConfig, ReceiveStats};
 
 use crate::api;
 use crate::builder::IncomingVm;
-use crate::config::{check_socket_free, VmConfig};
+use crate::config::{check_kvm, check_socket_free, SerialTarget, VmConfig};
+use crate::description::{ReceiveSettings, VmDescription};
 use crate::exit::ExitReason;
 use crate::migration::{MigrateError, Supervisor};
 use crate::state_format;
@@ -18,6 +19,10 @@ use crate::state_format;
 pub trait ReceiveObserver {
     /// Listening; the source may connect to `endpoint` now.
     fn listening(&mut self, endpoint: &Endpoint);
+    /// A source arrived and its VM, built here as `config`, is accepted; its memory follows.
+    fn arriving(&mut self, config: &VmConfig) {
+        let _ = config;
+    }
     /// The guest was restored, the source acknowledged, and the guest runs here.
     fn running(&mut self, stats: &ReceiveStats, state_bytes: usize);
 }
@@ -33,25 +38,36 @@ impl Drop for SocketFile {
     }
 }
 
-/// Runs a migration destination: an empty VM for `config` waits on `listen` for one
-/// migration, restores it, resumes the guest and runs it (serving `config.api_socket`) until
-/// it stops. With `tls`, only a source with a certificate from its CA gets through (others
-/// are logged and the wait goes on). On any failure before the guest resumed, everything is
-/// discarded and an error returned; the source then keeps its VM.
+/// Runs a migration destination: waits on `listen` for one migration, builds the empty VM
+/// the source describes (checked against `settings`' limits and this host), receives and
+/// restores it, resumes the guest and runs it (serving `settings.api_socket`) until it stops.
+/// With `tls`, only a source with a certificate from its CA gets through (others are logged
+/// and the wait goes on). On any failure before the guest resumed, the source is told why,
+/// everything here is discarded and an error returned; the source then keeps its VM.
 pub fn receive(
-    config: VmConfig,
+    settings: ReceiveSettings,
     listen: &Endpoint,
     tls: Option<ferry_migration::Tls>,
     observer: &mut dyn ReceiveObserver,
 ) -> Result<ExitReason, MigrateError> {
-    if let Some(path) = &config.api_socket {
+    // Everything that can be checked before a source arrives is, so that a destination
+    // that could never take a VM says so at once instead of after a source connected.
+    if let Some(path) = &settings.api_socket {
         check_socket_free(path)?;
     }
-    let api_socket = config.api_socket.clone();
-    let incoming = IncomingVm::new(config).map_err(|source| MigrateError::Vm {
+    if let SerialTarget::Socket(path) = &settings.serial {
+        check_socket_free(path)?;
+    }
+    check_kvm(
+        &settings.kvm_path,
+        std::path::Path::new("/sys/module"),
+        settings.allow_pvm,
+    )
+    .map_err(|e| MigrateError::Vm {
         what: "cannot create the destination VM",
-        source,
+        source: e.into(),
     })?;
+    let api_socket = settings.api_socket.clone();
     let mut listener = Listener::bind(listen).map_err(|source| MigrateError::Listen {
         endpoint: listen.to_string(),
         source,
@@ -66,9 +82,31 @@ pub fn receive(
             source,
         })?;
     observer.listening(&local);
-    let received =
-        Destination::new(incoming.memory(), ReceiveConfig::default())?.accept(&listener)?;
+    let receive_config = ReceiveConfig::default();
+    let arrived = Incoming::accept(&listener, &receive_config)?;
     drop(listener);
+    let config = match VmDescription::decode(arrived.description())
+        .and_then(|d| d.config(&settings, arrived.regions()))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            arrived.refuse(&format!("the destination refuses the VM: {e}"));
+            return Err(e.into());
+        }
+    };
+    observer.arriving(&config);
+    let incoming = match IncomingVm::new(config) {
+        Ok(vm) => vm,
+        Err(source) => {
+            arrived.refuse(&format!("the destination cannot create the VM: {source}"));
+            return Err(MigrateError::Vm {
+                what: "cannot create the destination VM",
+                source,
+            });
+        }
+    };
+    let received =
+        Destination::new(incoming.memory(), receive_config)?.receive_incoming(arrived)?;
     let state = match state_format::decode(&received.device_state) {
         Ok(s) => s,
         Err(e) => {

@@ -66,7 +66,7 @@ fn init_logging(cli: &Cli) -> std::io::Result<()> {
 enum Command {
     /// Boot a Linux guest under KVM (ferry's VMM) and serve its control API.
     Run(ferry_vmm::RunArgs),
-    /// Start an empty VM that waits for a live migration, then runs the migrated guest.
+    /// Wait for a live migration, build the VM its source describes, then run the guest.
     Receive(cmd::receive::ReceiveArgs),
     /// Live-migrate a running VM (ask its VMM through --api) to a `ferry receive`.
     Migrate(cmd::migrate::MigrateArgs),

@@ -60,8 +60,6 @@ fn receive_fails_cleanly_when_no_vm_can_be_created() {
         "receive",
         "--listen",
         "127.0.0.1:0",
-        "--kernel",
-        "/nonexistent/vmlinuz",
         "--kvm",
         "/nonexistent/kvm",
     ]);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use chain::*;
 use ferry_vmm::migration::{query_progress, request_migration, MigrateOptions, MigrationPhase};
-use ferry_vmm::ApiClient;
+use ferry_vmm::{ApiClient, ReceiveSettings};
 
 /// The body of a destination process (runs only when spawned by this test binary).
 #[test]
@@ -143,16 +143,22 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
     );
     ensure!(node.command("workload stop")?.contains("kind=dirty"));
     ensure!(node.child.try_wait()?.is_none(), "the source exited");
-    // A destination that cannot restore the state (one vCPU instead of two) refuses it after
-    // receiving all of RAM: it exits with the reason, and the source keeps running.
-    let mut misfit = image_config(&dir, "misfit", 2)?;
-    misfit.vcpus = 1;
-    let mut pending = spawn_destination_with("misfit", misfit)?;
+    // A destination whose limits the VM exceeds (one vCPU at most, the VM has two) refuses
+    // it at the handshake, before any memory: it exits with the reason, the source is told
+    // the same, and keeps running.
+    let misfit = ReceiveSettings {
+        max_vcpus: Some(1),
+        ..destination_settings(&dir, "misfit")
+    };
+    let mut pending = spawn_destination_with("misfit", misfit, 2, None)?;
     let err = request_migration(&node.api, &pending.endpoint, &base_options())
         .err()
-        .context("a destination with the wrong vCPU count accepted the VM")?;
+        .context("a destination limited to one vCPU accepted a VM with two")?;
     eprintln!("source after the refusal: {err}");
-    ensure!(err.to_string().contains("cannot restore"), "{err}");
+    ensure!(
+        err.to_string().contains("refuses the VM") && err.to_string().contains("--max-vcpus"),
+        "{err}"
+    );
     let mut refused = pending.node.take().unwrap();
     let status = refused.wait_exit()?;
     ensure!(
@@ -160,7 +166,7 @@ fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -
         "the refusing destination exited with {status}"
     );
     ensure!(
-        refused.log().contains("nothing was restored") || refused.log().contains("cannot restore"),
+        refused.log().contains("nothing was received") && refused.log().contains("2 vCPUs"),
         "{}",
         refused.log()
     );

@@ -211,22 +211,29 @@ impl Vmm for FerryVmm {
         serial.push(serial_socket);
         let mut command = Command::new(&self.binary);
         match &self.launch {
-            FerryLaunch::Vmm => &mut command,
-            FerryLaunch::Run => command.arg("run"),
-            FerryLaunch::Receive(listen) => command.args(["receive", "--listen", listen]),
+            // A destination takes the VM from its source: only its own sockets are given.
+            FerryLaunch::Receive(listen) => {
+                command.args(["receive", "--listen", listen]);
+            }
+            launch => {
+                if *launch == FerryLaunch::Run {
+                    command.arg("run");
+                }
+                command
+                    .arg("--kernel")
+                    .arg(&guest.image.kernel)
+                    .arg("--initrd")
+                    .arg(&guest.image.initrd)
+                    .args(["--cmdline", &guest.cmdline])
+                    .args(["--memory", &format!("{}M", guest.mem_mib)])
+                    .args(["--vcpus", &guest.vcpus.to_string()])
+                    .args(["--balloon", &balloon.join(",")])
+                    // The lab's nested CPUID has inconsistent XSAVE sizes (QEMU gets
+                    // xsave=off too).
+                    .arg("--no-xsave");
+            }
         }
-        .arg("--kernel")
-        .arg(&guest.image.kernel)
-        .arg("--initrd")
-        .arg(&guest.image.initrd)
-        .args(["--cmdline", &guest.cmdline])
-        .args(["--memory", &format!("{}M", guest.mem_mib)])
-        .args(["--vcpus", &guest.vcpus.to_string()])
-        .args(["--balloon", &balloon.join(",")])
-        // The lab's nested CPUID has inconsistent XSAVE sizes (QEMU gets xsave=off too).
-        .arg("--no-xsave")
-        .arg("--serial")
-        .arg(serial);
+        command.arg("--serial").arg(serial);
         if let Some(api) = &self.api_socket {
             command.arg("--api-socket").arg(api);
         }
@@ -270,6 +277,11 @@ mod tests {
         let receive_args = args(&receive);
         assert_eq!(receive_args[..3], ["receive", "--listen", "127.0.0.1:0"]);
         assert!(!receive_args.contains(&"--api-socket".to_string()));
+        // The VM comes from the source: a destination is given no VM flags.
+        for vm_flag in ["--kernel", "--memory", "--vcpus", "--balloon", "--no-xsave"] {
+            assert!(!receive_args.contains(&vm_flag.to_string()), "{vm_flag}");
+        }
+        assert_eq!(after(&receive_args, "--serial"), "socket:/run/s.sock");
         assert_eq!(receive.name(), "ferry-receive");
 
         let vmm = FerryVmm::new("/bin/ferry-vmm", FerryLaunch::Vmm);

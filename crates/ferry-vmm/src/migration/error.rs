@@ -57,6 +57,9 @@ pub enum MigrateError {
     /// Receiving failed; nothing was restored.
     #[error("receiving the migration failed, nothing was restored: {0}")]
     Receive(#[from] ReceiveError),
+    /// The destination cannot or will not build the source's VM; nothing was received.
+    #[error("the destination refused the source's VM, nothing was received: {0}")]
+    Refused(#[from] crate::description::IncomingError),
     /// The machine state is damaged or foreign; nothing was restored.
     #[error("the source's machine state was refused, nothing was restored: {0}")]
     State(#[from] StateFormatError),

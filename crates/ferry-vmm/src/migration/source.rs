@@ -55,7 +55,8 @@ pub fn migrate(
     observer: &mut dyn Observer,
     cancel: Arc<AtomicBool>,
 ) -> Result<MigrationStats, MigrateError> {
-    let config = options.engine_config(cancel)?;
+    let mut config = options.engine_config(cancel)?;
+    config.description = crate::description::VmDescription::of(&vmm.config).encode();
     let tls = options.tls()?;
     let connections =
         ferry_migration::connect(to, options.connections, tls.as_ref()).map_err(|source| {

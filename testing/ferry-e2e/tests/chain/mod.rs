@@ -15,7 +15,7 @@ use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, GuestConfig, GuestImage, Vmm
 use ferry_migration::{Endpoint, MigrationStats, ReceiveStats, Tls, TlsFiles};
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use ferry_vmm::receive::ReceiveObserver;
-use ferry_vmm::{ApiClient, SerialTarget, VmConfig};
+use ferry_vmm::{ApiClient, ReceiveSettings, SerialTarget, VmConfig};
 
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -55,6 +55,16 @@ pub fn image_config(dir: &Path, name: &str, vcpus: u8) -> Result<VmConfig> {
     // The lab's nested CPUID has inconsistent XSAVE sizes.
     config.xsave = false;
     Ok(config)
+}
+
+/// What a destination named `name` decides itself: its console and API sockets in `dir`
+/// (the VM comes from the source).
+pub fn destination_settings(dir: &Path, name: &str) -> ReceiveSettings {
+    ReceiveSettings {
+        serial: SerialTarget::Socket(dir.join(format!("{name}.serial"))),
+        api_socket: Some(dir.join(format!("{name}.api"))),
+        ..ReceiveSettings::default()
+    }
 }
 
 /// One VMM process with the guest's console attached.
@@ -198,7 +208,7 @@ impl Node {
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct DestinationSpec {
     pub listen: String,
-    pub config: VmConfig,
+    pub settings: ReceiveSettings,
     /// Accept only a TLS source with a certificate from this end's CA.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
@@ -212,28 +222,26 @@ pub struct Pending {
     pub serial: PathBuf,
 }
 
+/// A destination for a source with `vcpus` vCPUs.
 pub fn spawn_destination(dir: &Path, name: &str, vcpus: u8) -> Result<Pending> {
-    spawn_destination_with(name, image_config(dir, name, vcpus)?)
+    spawn_destination_with(name, destination_settings(dir, name), vcpus, None)
 }
 
-pub fn spawn_destination_with(name: &str, config: VmConfig) -> Result<Pending> {
-    spawn_destination_tls(name, config, None)
-}
-
-pub fn spawn_destination_tls(
+/// A destination with `settings` (and TLS credentials) for a source with `vcpus` vCPUs.
+pub fn spawn_destination_with(
     name: &str,
-    config: VmConfig,
+    settings: ReceiveSettings,
+    vcpus: u8,
     tls: Option<TlsFiles>,
 ) -> Result<Pending> {
-    let serial = match &config.serial {
+    let serial = match &settings.serial {
         SerialTarget::Socket(p) => p.clone(),
         _ => unreachable!(),
     };
-    let api = config.api_socket.clone().unwrap();
-    let vcpus = config.vcpus;
+    let api = settings.api_socket.clone().unwrap();
     let spec = serde_json::to_string(&DestinationSpec {
         listen: "127.0.0.1:0".into(),
-        config,
+        settings,
         tls,
     })?;
     let log = log_dir()?.join(format!("{name}.log"));
@@ -326,7 +334,7 @@ pub fn destination_process() -> Result<()> {
     let spec: DestinationSpec = serde_json::from_str(spec.to_str().context("spec")?)?;
     let listen: Endpoint = spec.listen.parse().map_err(anyhow::Error::msg)?;
     let tls = spec.tls.as_ref().map(Tls::from_files).transpose()?;
-    let reason = ferry_vmm::receive::receive(spec.config, &listen, tls, &mut Print)?;
+    let reason = ferry_vmm::receive::receive(spec.settings, &listen, tls, &mut Print)?;
     eprintln!("destination: the VM stopped: {reason:?}");
     Ok(())
 }
@@ -388,8 +396,12 @@ pub fn hop(
     options: &MigrateOptions,
 ) -> Result<(Node, MigrationStats)> {
     // A migration over TLS goes to a destination with the same credentials.
-    let config = image_config(dir, name, source.vcpus)?;
-    let pending = spawn_destination_tls(name, config, options.tls.clone())?;
+    let pending = spawn_destination_with(
+        name,
+        destination_settings(dir, name),
+        source.vcpus,
+        options.tls.clone(),
+    )?;
     let stats = match request_migration(&source.api, &pending.endpoint, options) {
         Ok(stats) => stats,
         Err(e) => {
