@@ -18,7 +18,8 @@ use crate::lane::CHUNK_PAGES;
 use crate::layout::{GuestRange, LayoutError, MemoryLayout, RegionDesc, PAGE_SIZE};
 use crate::transport::{Closer, Connection, Listener, CONNECTIONS_MAX};
 use crate::wire::{
-    self, Decoder, Encoder, Hello, HelloReply, Record, Summary, WireError, MAGIC_DEST, MAGIC_SOURCE,
+    self, Ack, Decoder, Encoder, Hello, HelloReply, Record, Summary, WireError, MAGIC_DEST,
+    MAGIC_SOURCE,
 };
 
 const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
@@ -93,6 +94,9 @@ pub struct Received {
     pub stats: ReceiveStats,
     reply: Connection,
     summary: Summary,
+    /// When the last record arrived: the acknowledgement tells the source how long the
+    /// destination took from there.
+    completed: Instant,
 }
 
 impl Received {
@@ -100,7 +104,10 @@ impl Received {
     /// may then stop its copy. Call it only once the VM can run here.
     pub fn acknowledge(mut self) -> Result<(), WireError> {
         let mut enc = Encoder::new();
-        enc.ack(self.summary);
+        enc.ack(Ack {
+            summary: self.summary,
+            destination_us: u64::try_from(self.completed.elapsed().as_micros()).unwrap_or(u64::MAX),
+        });
         self.reply.writer.write_all(enc.bytes())?;
         self.reply.writer.flush()?;
         Ok(())
@@ -387,6 +394,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     stats,
                     reply,
                     summary,
+                    completed: Instant::now(),
                 })
             }
             Err(e) => {

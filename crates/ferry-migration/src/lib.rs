@@ -45,7 +45,7 @@ pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, Source
 pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
 pub use progress::{Event, NoObserver, Observer};
 pub use source::{Migration, MigrationConfig, MigrationError, HINT_DRAIN_BUDGET};
-pub use stats::{MigrationStats, RoundStats};
+pub use stats::{MigrationStats, RoundStats, SwitchoverStats};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{connect, Connection, Endpoint, Listener};
 pub use unpopulated::UnpopulatedSource;

@@ -175,7 +175,7 @@ pub enum MigrationError {
 }
 
 /// The destination's replies, read on connection 0 by a helper thread.
-type PeerReply = Result<wire::Summary, MigrationError>;
+type PeerReply = Result<wire::Ack, MigrationError>;
 
 /// Where a migration is in its life; decides what cleanup a failure needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -659,22 +659,30 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
     /// Pause, final round without hints, device state, completion, acknowledgement.
     fn switch_over(&mut self, run: &mut Run, round: u32) -> Result<(), MigrationError> {
         let paused_at = Instant::now();
+        let mut lap = Lap(paused_at);
         run.watchdog
             .paused(paused_at, self.config.policy.downtime_max);
         self.vm.pause()?;
         run.phase = Phase::Paused;
+        run.stats.switchover.pause_ms = lap.next();
         self.observer.event(&Event::Paused);
         debug_assert!(run.inbox.is_closed());
         self.dirty_log
             .fetch_and_clear(&self.layout, &mut run.to_send)?;
         run.arming = false;
+        run.stats.switchover.dirty_sync_ms = lap.next();
         // Hinting is over before the device state is saved, so the guest finds its hinted
         // pages released (cmd_id DONE) when it resumes at the destination.
         self.finish_sources(run, Outcome::Switchover);
+        run.stats.switchover.hints_finish_ms = lap.next();
         let t = Instant::now();
         let mut stats = self.send_round_final(run, round)?;
+        run.stats.switchover.final_round_ms = lap.next();
         self.audit(run, round + 1, &mut stats)?;
+        run.stats.switchover.audit_ms = lap.next();
         let state = self.vm.save_state()?;
+        run.stats.switchover.save_state_ms = lap.next();
+        run.stats.switchover.state_bytes = state.len() as u64;
         if state.len() > DEVICE_STATE_BYTES_MAX {
             return Err(MigrationError::Config(format!(
                 "device state of {} bytes exceeds the format's limit of {DEVICE_STATE_BYTES_MAX}",
@@ -688,6 +696,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             stats.bytes += lane.complete()?;
         }
         run.phase = Phase::HandedOver;
+        run.stats.switchover.flush_ms = lap.next();
         if !run.watchdog.handed_over() {
             // Cut while the last records were in flight: they may still arrive.
             return Err(MigrationError::OutcomeUnknown(
@@ -707,13 +716,15 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 )))
             }
         };
+        run.stats.switchover.ack_wait_ms = lap.next();
+        run.stats.switchover.destination_ms = ack.destination_us as f64 / 1000.0;
         let sent: u64 = run.lanes.iter().map(|l| l.summary.pages).sum();
-        if ack.pages != sent {
+        if ack.summary.pages != sent {
             // The destination runs the guest, but did not count what was sent: a bug on one
             // side. Its copy is the one that runs; this one stays paused.
             return Err(MigrationError::OutcomeUnknown(format!(
                 "destination acknowledged {} pages, {sent} were sent",
-                ack.pages
+                ack.summary.pages
             )));
         }
         run.stats.downtime_ms = ms(paused_at.elapsed());
@@ -833,6 +844,19 @@ fn handshake_err(e: WireError, timeout: Duration) -> MigrationError {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A stopwatch for consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// Milliseconds since the last call (or the start), and starts the next phase.
+    fn next(&mut self) -> f64 {
+        let now = Instant::now();
+        let elapsed = ms(now - self.0);
+        self.0 = now;
+        elapsed
+    }
 }
 
 /// Reads the destination's replies (Ack or Error) on connection 0.

@@ -43,6 +43,36 @@ impl RoundStats {
     }
 }
 
+/// Where the switchover's time went, milliseconds. The guest is paused from `pause_ms`'s
+/// start to the acknowledgement: the parts add up to [`MigrationStats::downtime_ms`] (up to
+/// the bookkeeping between them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct SwitchoverStats {
+    /// Stopping the vCPUs and devices.
+    pub pause_ms: f64,
+    /// The last fetch-and-clear of the dirty log.
+    pub dirty_sync_ms: f64,
+    /// Ending free page hinting (the hint sources' `finish`).
+    pub hints_finish_ms: f64,
+    /// Encoding the final round's pages and queueing them to the connections.
+    pub final_round_ms: f64,
+    /// The dirty-log audit (0 when off).
+    pub audit_ms: f64,
+    /// Saving the machine state (vCPUs, irqchip, clocks, devices).
+    pub save_state_ms: f64,
+    /// Machine state size, bytes.
+    pub state_bytes: u64,
+    /// Writing the machine state and `Complete`, until every connection sent everything
+    /// queued (the tail of the final round included).
+    pub flush_ms: f64,
+    /// From the last byte written to the destination's acknowledgement.
+    pub ack_wait_ms: f64,
+    /// The part of `ack_wait_ms` the destination reports it spent between the last record
+    /// and its acknowledgement (restoring the VM); the rest is the network and receiving.
+    pub destination_ms: f64,
+}
+
 /// The whole migration's statistics.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -63,6 +93,9 @@ pub struct MigrationStats {
     pub total_ms: f64,
     /// From pausing the VM to the destination's acknowledgement, milliseconds.
     pub downtime_ms: f64,
+    /// Where the downtime went.
+    #[serde(default)]
+    pub switchover: SwitchoverStats,
     /// Per-source hint counters.
     pub sources: Vec<SourceStats>,
     /// Connections used.

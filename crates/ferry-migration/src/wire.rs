@@ -152,7 +152,8 @@ impl Kind {
             Self::ZeroRuns => 8 + ZERO_RUNS_PER_RECORD_MAX * 16,
             Self::DeviceState => DEVICE_STATE_BYTES_MAX,
             Self::EndOfRound => 8,
-            Self::Complete | Self::Ack => 32,
+            Self::Complete => 32,
+            Self::Ack => 40,
             Self::Error => ERROR_BYTES_MAX,
         }
     }
@@ -195,6 +196,16 @@ pub struct Summary {
     pub rounds: u64,
 }
 
+/// What the destination acknowledges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// The totals over every connection.
+    pub summary: Summary,
+    /// Microseconds the destination took from the last `Complete` to this `Ack` (restoring
+    /// the VM there): the destination's share of the downtime.
+    pub destination_us: u64,
+}
+
 /// A decoded record, borrowing from the reader's buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record<'a> {
@@ -218,7 +229,7 @@ pub enum Record<'a> {
     /// The source's totals for this connection.
     Complete(Summary),
     /// The destination applied everything.
-    Ack(Summary),
+    Ack(Ack),
     /// The peer failed.
     Error(String),
 }
@@ -462,7 +473,7 @@ impl Encoder {
         self.simple(Kind::EndOfRound, &u64::from(round).to_le_bytes());
     }
 
-    fn summary(&mut self, kind: Kind, s: Summary) {
+    fn summary(s: Summary) -> [u8; 32] {
         let mut p = [0u8; 32];
         for (i, v) in [s.page_records, s.pages, s.zero_pages, s.rounds]
             .iter()
@@ -470,17 +481,20 @@ impl Encoder {
         {
             p[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
         }
-        self.simple(kind, &p);
+        p
     }
 
     /// Appends a `Complete`.
     pub fn complete(&mut self, s: Summary) {
-        self.summary(Kind::Complete, s);
+        self.simple(Kind::Complete, &Self::summary(s));
     }
 
     /// Appends an `Ack`.
-    pub fn ack(&mut self, s: Summary) {
-        self.summary(Kind::Ack, s);
+    pub fn ack(&mut self, a: Ack) {
+        let mut p = [0u8; 40];
+        p[..32].copy_from_slice(&Self::summary(a.summary));
+        p[32..].copy_from_slice(&a.destination_us.to_le_bytes());
+        self.simple(Kind::Ack, &p);
     }
 
     /// Appends an `Error`, truncating the message to the limit.
@@ -638,7 +652,8 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
             Record::EndOfRound(round)
         }
         Kind::Complete | Kind::Ack => {
-            if p.len() != 32 {
+            let want = if kind == Kind::Ack { 40 } else { 32 };
+            if p.len() != want {
                 return Err(bad());
             }
             let s = Summary {
@@ -648,7 +663,10 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
                 rounds: le64(&p[24..]),
             };
             if kind == Kind::Ack {
-                Record::Ack(s)
+                Record::Ack(Ack {
+                    summary: s,
+                    destination_us: le64(&p[32..]),
+                })
             } else {
                 Record::Complete(s)
             }
@@ -710,7 +728,11 @@ mod tests {
             rounds: 5,
         };
         e.complete(s);
-        e.ack(s);
+        let ack = Ack {
+            summary: s,
+            destination_us: 1234,
+        };
+        e.ack(ack);
         e.error("boom");
         let bytes = e.take();
         let mut d = Decoder::new(&bytes[..]);
@@ -734,7 +756,7 @@ mod tests {
         assert_eq!(d.next_record().unwrap(), Record::DeviceState(b"state"));
         assert_eq!(d.next_record().unwrap(), Record::EndOfRound(4));
         assert_eq!(d.next_record().unwrap(), Record::Complete(s));
-        assert_eq!(d.next_record().unwrap(), Record::Ack(s));
+        assert_eq!(d.next_record().unwrap(), Record::Ack(ack));
         assert_eq!(d.next_record().unwrap(), Record::Error("boom".into()));
         assert!(matches!(d.next_record(), Err(WireError::Closed)));
     }

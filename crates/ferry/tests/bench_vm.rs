@@ -19,6 +19,7 @@ fn sample(total_ms: f64, mib: u64) -> Sample {
         verified: true,
         verify_answer: "verify pages=8192".into(),
         kernel_errors: Vec::new(),
+        switchover: None,
     }
 }
 
@@ -50,7 +51,18 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
         (Workload::Freed, Variant::QemuOff, 38000.0, 900),
         (Workload::Freed, Variant::QemuHint, 10000.0, 300),
     ] {
-        results.push(w, v, sample(ms, mib));
+        let mut s = sample(ms, mib);
+        if matches!(v, Variant::FerryOff | Variant::FerryOn) {
+            s.switchover = Some(ferry_migration::SwitchoverStats {
+                pause_ms: 2.0,
+                save_state_ms: 5.5,
+                ack_wait_ms: 60.0,
+                destination_ms: 40.0,
+                state_bytes: 64 << 10,
+                ..Default::default()
+            });
+        }
+        results.push(w, v, s);
     }
     let json = dir.join("in.json");
     results.save(&json).unwrap();
@@ -72,6 +84,13 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
     assert!(stdout.contains("| freed bytes, ferry on / QEMU hint | 0.37x | <= 0.25x | MISS |"));
     assert!(stdout.contains("| freed total time, ferry on / QEMU hint | 0.60x | <= 0.50x | MISS |"));
     assert!(stdout.contains("| idle total time, ferry on / fastest QEMU | - | <= 1.00x | n/a |"));
+    // ferry's downtime, phase by phase (QEMU reports no breakdown: no row).
+    assert!(stdout.contains("Where ferry's downtime goes"), "{stdout}");
+    assert!(
+        stdout.contains("| freed | ferry on | 100.0 | 2.0 | 0.0 | 0.0 | 0.0 | 0.0 | 5.5 | 0.0 | 60.0 | 40.0 | 64 |"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("| freed | QEMU"), "{stdout}");
     for png in ["bytes.png", "time.png"] {
         let bytes = std::fs::read(dir.join(png)).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"), "{png}");

@@ -325,3 +325,34 @@ fn whole_ram_hint_floods_cost_a_bounded_amount_of_work_per_checkpoint() {
         out.stats.hint_work
     );
 }
+
+/// The switchover's phases are each measured, lie within the downtime, and the destination's
+/// share (here: its check of every page before it acknowledges) reaches the source.
+#[test]
+fn the_downtime_breakdown_accounts_for_the_pause() {
+    let s = scenario(1, Workload::Dirty { pages_per_tick: 48 }, None);
+    let out = run(&s).unwrap_or_else(|e| panic!("{e:?}"));
+    let w = &out.stats.switchover;
+    let parts = [
+        w.pause_ms,
+        w.dirty_sync_ms,
+        w.hints_finish_ms,
+        w.final_round_ms,
+        w.audit_ms,
+        w.save_state_ms,
+        w.flush_ms,
+        w.ack_wait_ms,
+    ];
+    assert!(parts.iter().all(|p| p.is_finite() && *p >= 0.0), "{w:?}");
+    let sum: f64 = parts.iter().sum();
+    let downtime = out.stats.downtime_ms;
+    assert!(
+        sum <= downtime + 0.01 && sum >= downtime * 0.9,
+        "the phases add up to {sum} ms of a {downtime} ms downtime: {w:?}"
+    );
+    assert!(w.state_bytes > 0, "{w:?}");
+    assert!(
+        w.destination_ms > 0.0 && w.destination_ms <= w.ack_wait_ms,
+        "the destination's share must be inside the wait for it: {w:?}"
+    );
+}

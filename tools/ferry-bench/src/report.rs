@@ -2,7 +2,9 @@
 
 use std::fmt::Write as _;
 
-use crate::results::{Medians, Results, Variant, Workload};
+use ferry_migration::SwitchoverStats;
+
+use crate::results::{median, Medians, Results, Variant, Workload};
 
 /// How a goal came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +240,7 @@ pub fn markdown(results: &Results) -> String {
             g.verdict.word()
         );
     }
+    out.push_str(&downtime_breakdown(results));
     let mut first = true;
     for c in &results.cases {
         for (i, line) in c.samples.iter().flat_map(|s| &s.kernel_errors).enumerate() {
@@ -255,6 +258,56 @@ pub fn markdown(results: &Results) -> String {
         for f in &results.failures {
             let _ = writeln!(out, "- {}", f.replace('\n', "\n  "));
         }
+    }
+    out
+}
+
+/// Medians of where ferry's downtime went, one row per workload and ferry setting; empty
+/// without any ferry sample that reports it.
+fn downtime_breakdown(results: &Results) -> String {
+    type Part = (&'static str, fn(&SwitchoverStats) -> f64);
+    const PARTS: [Part; 9] = [
+        ("pause", |w| w.pause_ms),
+        ("dirty sync", |w| w.dirty_sync_ms),
+        ("end hints", |w| w.hints_finish_ms),
+        ("final round", |w| w.final_round_ms),
+        ("audit", |w| w.audit_ms),
+        ("save state", |w| w.save_state_ms),
+        ("flush", |w| w.flush_ms),
+        ("ack wait", |w| w.ack_wait_ms),
+        ("of which destination", |w| w.destination_ms),
+    ];
+    let mut out = String::new();
+    for c in &results.cases {
+        let parts: Vec<&SwitchoverStats> = c
+            .samples
+            .iter()
+            .filter_map(|s| s.switchover.as_ref())
+            .collect();
+        if parts.is_empty() {
+            continue;
+        }
+        if out.is_empty() {
+            out.push_str("\nWhere ferry's downtime goes (medians, ms; the guest is paused from ");
+            out.push_str("`pause` to the acknowledgement):\n\n| workload | setting | downtime |");
+            for (name, _) in PARTS {
+                let _ = write!(out, " {name} |");
+            }
+            out.push_str(" state KiB |\n|---|---|---:|");
+            out.push_str(&"---:|".repeat(PARTS.len() + 1));
+            out.push('\n');
+        }
+        let downtime = median(c.samples.iter().map(|s| s.downtime_ms).collect());
+        let _ = write!(out, "| {} | {} | {downtime:.1} |", c.workload, c.variant);
+        for (_, get) in PARTS {
+            let _ = write!(
+                out,
+                " {:.1} |",
+                median(parts.iter().map(|w| get(w)).collect())
+            );
+        }
+        let state = median(parts.iter().map(|w| w.state_bytes as f64).collect());
+        let _ = writeln!(out, " {:.0} |", state / 1024.0);
     }
     out
 }
@@ -277,6 +330,7 @@ pub(crate) mod tests {
             verified,
             verify_answer: "verify pages=8192".into(),
             kernel_errors: Vec::new(),
+            switchover: None,
         }
     }
 

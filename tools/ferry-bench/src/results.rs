@@ -162,6 +162,9 @@ pub struct Sample {
     pub verify_answer: String,
     /// Kernel error lines on the source's console (the guest as migrated away).
     pub kernel_errors: Vec<String>,
+    /// Where ferry's downtime went (QEMU does not say).
+    #[serde(default)]
+    pub switchover: Option<ferry_migration::SwitchoverStats>,
 }
 
 /// The samples of one cell of the matrix.

@@ -399,6 +399,7 @@ impl Session for FerrySession {
             verified: false,
             verify_answer: String::new(),
             kernel_errors,
+            switchover: Some(stats.switchover.clone()),
         })
     }
 }
@@ -599,6 +600,7 @@ impl Session for QemuSession {
             verified: false,
             verify_answer: String::new(),
             kernel_errors,
+            switchover: None,
         })
     }
 }
