@@ -258,11 +258,12 @@ fn chain(dir: &Path, vcpus: u8, hops: u64, gap_ms: u64, rng: &mut Rng) -> Result
         match soak_hop(dir, &mut node, &name, &options, pages) {
             Ok((dest, stats, p)) => {
                 eprintln!(
-                    "soak: {vcpus} vCPUs, hop {i}/{hops} ({name}, hints {}, after {gap:?}): {:.1} MiB, {:.0} ms, downtime {:.1} ms, checker at {p} pages",
+                    "soak: {vcpus} vCPUs, hop {i}/{hops} ({name}, hints {}, after {gap:?}): {:.1} MiB, {:.0} ms, downtime {:.1} ms, checker at {p} pages; switchover {}",
                     if hints { "on" } else { "off" },
                     stats.bytes as f64 / f64::from(1 << 20),
                     stats.total_ms,
                     stats.downtime_ms,
+                    serde_json::to_string(&stats.switchover).unwrap_or_default(),
                 );
                 tally.mib.push(stats.bytes as f64 / f64::from(1 << 20));
                 tally.total_ms.push(stats.total_ms);
