@@ -131,6 +131,16 @@ impl GuestRam {
         Ok(Self { mem, memfd })
     }
 
+    /// Whether a migration destination should write received pages through the memfd
+    /// ([`ferry_migration::ReceiveConfig::write_through_file`]) rather than through the
+    /// mapping: yes when the host gives file writes the same page size as the mapping (4 KiB
+    /// for both with shmem THP off, huge for both with `always`/`within_size`), where a write
+    /// then spares a page fault per page; no with `advise`, where only the mapping (advised
+    /// `MADV_HUGEPAGE`) gets huge pages, which fault in 2 MiB at a time.
+    pub fn prefers_file_writes() -> bool {
+        std::fs::read_to_string(SHMEM_THP_SYSFS).is_ok_and(|mode| file_writes_keep_page_size(&mode))
+    }
+
     /// The guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.mem
@@ -217,6 +227,14 @@ const SHMEM_THP_SYSFS: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled
 /// Whether the selected mode (in brackets) lets an MADV_HUGEPAGE memfd get huge pages.
 fn shmem_thp_usable(mode: &str) -> bool {
     ["[always]", "[within_size]", "[advise]", "[force]"]
+        .iter()
+        .any(|m| mode.contains(m))
+}
+
+/// Whether, under shmem THP `mode`, a write to the memfd gets the page size a fault through
+/// an `MADV_HUGEPAGE` mapping gets (see [`GuestRam::prefers_file_writes`]).
+fn file_writes_keep_page_size(mode: &str) -> bool {
+    ["[never]", "[deny]", "[always]", "[within_size]", "[force]"]
         .iter()
         .any(|m| mode.contains(m))
 }
@@ -789,5 +807,13 @@ mod tests {
         assert!(!shmem_thp_usable(
             "always within_size advise never [deny] force"
         ));
+        // Writes to the file: wherever they get the mapping's page size, not with `advise`
+        // (huge pages only through the advised mapping).
+        assert!(!file_writes_keep_page_size(
+            "always within_size [advise] never deny force\n"
+        ));
+        for mode in ["[always]", "[within_size]", "[never]", "[deny]"] {
+            assert!(file_writes_keep_page_size(mode), "{mode}");
+        }
     }
 }

@@ -82,7 +82,10 @@ pub fn receive(
             source,
         })?;
     observer.listening(&local);
-    let receive_config = ReceiveConfig::default();
+    let receive_config = ReceiveConfig {
+        write_through_file: crate::memory::GuestRam::prefers_file_writes(),
+        ..ReceiveConfig::default()
+    };
     let arrived = Incoming::accept(&listener, &receive_config)?;
     drop(listener);
     let config = match VmDescription::decode(arrived.description())

@@ -40,6 +40,9 @@ pub struct Scenario {
     /// RAM reused from an earlier VM would: every page the guest has as zero must then be
     /// sent as a zero record, including pages the engine knows are zero without reading.
     pub dest_prefilled: bool,
+    /// The destination writes pages through its memfds and punches holes for zero pages
+    /// (`ReceiveConfig::write_through_file`) instead of writing through the mappings.
+    pub write_through_file: bool,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -277,6 +280,7 @@ pub fn attempt(s: &Scenario, vm: &SimVm, src_mem: &crate::SimMemory, fault: Faul
     }
     let receive = ReceiveConfig {
         zeroed: !s.dest_prefilled,
+        write_through_file: s.write_through_file,
         ..ReceiveConfig::default()
     };
     let (src_conns, dst_conns): (Vec<_>, Vec<_>) = (0..s.connections)

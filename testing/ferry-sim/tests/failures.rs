@@ -25,6 +25,7 @@ fn scenario() -> Scenario {
         lazy_dirty_log: true,
         dirty_log_drops_every: 0,
         dest_prefilled: false,
+        write_through_file: true,
         migration: MigrationConfig::default(),
     }
 }

@@ -50,6 +50,8 @@ fn scenario(seed: u64, workload: Workload, hints: Option<HintBehavior>) -> Scena
         lazy_dirty_log: seed % 4 < 2,
         dirty_log_drops_every: 0,
         dest_prefilled: false,
+        // Both ways of writing the destination's memory.
+        write_through_file: seed % 2 == 1,
         migration: MigrationConfig::default(),
     }
 }
@@ -267,11 +269,13 @@ fn the_integrity_check_does_detect_a_lost_write() {
 #[test]
 fn reported_pages_reused_later_reach_a_destination_that_holds_junk() {
     for seed in 0..seeds() {
-        for lazy in [false, true] {
+        for (lazy, through_file) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut s = scenario(seed, Workload::ReportedChurn { pages_per_tick: 32 }, None);
             s.unpopulated = true;
+            // Junk at the destination: zero pages must be written (or holes punched).
             s.dest_prefilled = true;
             s.lazy_dirty_log = lazy;
+            s.write_through_file = through_file;
             let out = run(&s).unwrap_or_else(|e| panic!("{s:?} failed: {e:?}"));
             assert!(
                 out.mismatches.is_empty(),

@@ -65,14 +65,22 @@ fn raw_tcp(bytes: u64) -> Result<Duration> {
     Ok(t.elapsed())
 }
 
+/// The destination's memory and how pages get into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    /// Fresh memory, written through the memfd (`ReceiveConfig::write_through_file`, what
+    /// ferry's VMM does).
+    FreshFile,
+    /// Fresh memory, written through the mapping (a fault and a cleared page per page).
+    FreshMapping,
+    /// Memory faulted in beforehand, written through the mapping: the engine's own cost.
+    Populated,
+}
+
 /// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP
 /// (under TLS when `tls` is given).
-fn engine_tcp(
-    bytes: u64,
-    populated_dest: bool,
-    tls: Option<&Tls>,
-) -> Result<(Duration, MigrationStats)> {
-    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, populated_dest, tls)?;
+fn engine_tcp(bytes: u64, dest: Dest, tls: Option<&Tls>) -> Result<(Duration, MigrationStats)> {
+    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, dest, tls)?;
     Ok((Duration::from_secs_f64(stats.total_ms / 1000.0), stats))
 }
 
@@ -93,12 +101,12 @@ fn sim_migration(
     workload: Workload,
     used_percent: u8,
     hints: bool,
-    populated_dest: bool,
+    dest: Dest,
     tls: Option<&Tls>,
 ) -> Result<(MigrationStats, u64)> {
     let src = create_memory(bytes)?;
     let dst = create_memory(bytes)?;
-    if populated_dest {
+    if dest == Dest::Populated {
         // Fault the destination's memory in beforehand, to separate the engine's cost from
         // the kernel's cost of allocating and clearing fresh pages.
         let page = [0u8; 4096];
@@ -125,7 +133,11 @@ fn sim_migration(
     let endpoint = l.local_endpoint()?;
     let d = dst.clone();
     let receiver = thread::spawn(move || -> Result<u64> {
-        let r = Destination::new(&d, ReceiveConfig::default())?.accept(&l)?;
+        let config = ReceiveConfig {
+            write_through_file: dest == Dest::FreshFile,
+            ..ReceiveConfig::default()
+        };
+        let r = Destination::new(&d, config)?.accept(&l)?;
         let pages = r.stats.pages;
         r.acknowledge()?;
         Ok(pages)
@@ -212,11 +224,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the engine, non-zero pages, hints off ({})...",
         mib(n)
     );
-    let (engine, es) = engine_tcp(n, false, None).context("engine")?;
-    let (engine_pop, es_pop) = engine_tcp(n, true, None).context("engine")?;
+    let (engine, es) = engine_tcp(n, Dest::FreshFile, None).context("engine")?;
+    let (engine_map, es_map) = engine_tcp(n, Dest::FreshMapping, None).context("engine")?;
+    let (engine_pop, es_pop) = engine_tcp(n, Dest::Populated, None).context("engine")?;
     eprintln!("measuring the engine over TLS 1.3 ({})...", mib(n));
     let tls = throwaway_tls()?;
-    let (engine_tls, es_tls) = engine_tcp(n, true, Some(&tls)).context("engine over TLS")?;
+    let (engine_tls, es_tls) =
+        engine_tcp(n, Dest::Populated, Some(&tls)).context("engine over TLS")?;
     let zero = zero_detection(n);
     let hint_blocks = hint_application(4 << 30, 1024);
     let hint_pages = hint_application(4 << 30, 1);
@@ -225,8 +239,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         mib(args.guest)
     );
     let freed = Workload::Freed { percent: 75 };
-    let (off, _) = sim_migration(args.guest, freed, 10, false, false, None)?;
-    let (on, _) = sim_migration(args.guest, freed, 10, true, false, None)?;
+    let (off, _) = sim_migration(args.guest, freed, 10, false, Dest::FreshFile, None)?;
+    let (on, _) = sim_migration(args.guest, freed, 10, true, Dest::FreshFile, None)?;
 
     let raw_rate = gib_per_s(n, raw);
     let engine_rate = gib_per_s(es.bytes, engine);
@@ -234,8 +248,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!("|---|---:|");
     println!("| raw loopback TCP, plain socket copy | {raw_rate:.2} GiB/s |");
     println!(
-        "| engine, non-zero pages, 1 connection | {engine_rate:.2} GiB/s ({:.0}% of raw) |",
+        "| engine, non-zero pages, 1 connection, into fresh memory (written through its memfd, as ferry's VMM does) | {engine_rate:.2} GiB/s ({:.0}% of raw) |",
         100.0 * engine_rate / raw_rate
+    );
+    let map_rate = gib_per_s(es_map.bytes, engine_map);
+    println!(
+        "| engine, same, into fresh memory written through its mapping | {map_rate:.2} GiB/s ({:.0}% of raw) |",
+        100.0 * map_rate / raw_rate
     );
     let pop_rate = gib_per_s(es_pop.bytes, engine_pop);
     println!(
