@@ -70,6 +70,8 @@ pub struct SwitchoverStats {
     pub ack_wait_ms: f64,
     /// The part of `ack_wait_ms` the destination reports it spent between the last record
     /// and its acknowledgement (restoring the VM); the rest is the network and receiving.
+    /// It can exceed `ack_wait_ms` by a little: its clock starts when the last record
+    /// arrived, which can be before this end's writers reported everything sent.
     pub destination_ms: f64,
 }
 
