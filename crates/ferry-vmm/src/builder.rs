@@ -3,7 +3,9 @@
 //! destination).
 //!
 //! Both paths create the KVM VM with its irqchip and PIT first, then RAM and its memory
-//! slots, then the devices (fresh, or from their saved state), then the vCPUs.
+//! slots, then the devices (fresh, or from their saved state), then the vCPUs; except that a
+//! destination creates its vCPUs with the RAM, so that only setting their state is left for
+//! the downtime.
 #![forbid(unsafe_code)]
 
 use std::sync::{Arc, Mutex};
@@ -242,6 +244,9 @@ impl Vmm {
 /// [`IncomingVm::memory`], then call [`IncomingVm::restore`].
 pub struct IncomingVm {
     base: Base,
+    /// The vCPUs, created (with their CPUID) while RAM streams in rather than in the
+    /// downtime; their state is set by [`IncomingVm::restore`].
+    vcpus: Vec<VcpuFd>,
 }
 
 impl std::fmt::Debug for IncomingVm {
@@ -257,9 +262,12 @@ impl IncomingVm {
     /// in `config` are not loaded (RAM comes from the source), so they need not exist.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         config.validate_resources()?;
-        Ok(Self {
-            base: Base::new(config)?,
-        })
+        let base = Base::new(config)?;
+        let count = base.config.vcpus;
+        let vcpus = (0..count)
+            .map(|id| base.kvm.create_vcpu(id, count, base.cpu_options()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { base, vcpus })
     }
 
     /// Guest RAM to receive into.
@@ -280,21 +288,17 @@ impl IncomingVm {
     /// Restores devices, vCPUs and VM state from `state` (in KVM's required order) and
     /// returns the VM paused; [`Vmm::resume`] lets it run.
     pub fn restore(self, state: &MachineState) -> Result<Arc<Vmm>, VmmError> {
-        let base = self.base;
+        let Self { base, vcpus: fds } = self;
         check_compatible(&base, state)?;
         let devices = devices(&base, Some(state))?;
-        let mut fds = Vec::with_capacity(state.vcpus.len());
-        for (id, saved) in state.vcpus.iter().enumerate() {
-            let fd = base
-                .kvm
-                .create_vcpu(id as u8, base.config.vcpus, base.cpu_options())?;
+        // check_compatible made sure there is one saved state per vCPU, in id order.
+        for (id, (saved, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
             saved
-                .restore(&fd)
+                .restore(fd)
                 .map_err(|source| crate::kvm::vcpu::VcpuError::State {
                     id: id as u8,
                     source,
                 })?;
-            fds.push(fd);
         }
         state.vm.restore(base.kvm.fd())?;
         if let Some(b) = &devices.balloon {

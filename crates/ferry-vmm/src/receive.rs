@@ -110,6 +110,8 @@ pub fn receive(
     };
     let received =
         Destination::new(incoming.memory(), receive_config)?.receive_incoming(arrived)?;
+    // From the last record to the acknowledgement the guest is paused on both sides: time it.
+    let restore_started = std::time::Instant::now();
     let state = match state_format::decode(&received.device_state) {
         Ok(s) => s,
         Err(e) => {
@@ -151,10 +153,16 @@ pub fn receive(
     }
     let stats = received.stats.clone();
     let state_bytes = received.device_state.len();
+    let restore_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
     received
         .acknowledge()
         .map_err(|e| discard(MigrateError::Acknowledge(e)))?;
     vmm.resume();
+    tracing::info!(
+        "restored {state_bytes} bytes of machine state in {restore_ms:.1} ms, resumed {:.1} ms \
+         after the last record",
+        restore_started.elapsed().as_secs_f64() * 1000.0
+    );
     tracing::info!(
         "migration received ({} pages, {} zero, {} rounds); the guest runs here",
         stats.pages,
