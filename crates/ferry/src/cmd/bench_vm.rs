@@ -97,6 +97,10 @@ pub struct BenchVmArgs {
     /// Run the matrix here and only write results.json (how the lab copy is started).
     #[arg(long, hide = true)]
     pub in_lab: bool,
+    /// Where the lab copy writes results.json instead of --out: a directory the lab shares
+    /// (--out may be anywhere on this host, e.g. /tmp, which the lab cannot see).
+    #[arg(long, hide = true, requires = "in_lab")]
+    pub lab_results: Option<PathBuf>,
 }
 
 impl BenchVmArgs {
@@ -159,15 +163,30 @@ pub fn run(args: &BenchVmArgs) -> Result<()> {
         return run_in_lab(args, None);
     }
     if args.in_lab || ferry_lab::hw_kvm_usable() {
+        let json = match &args.lab_results {
+            Some(dir) => dir.join("results.json"),
+            None => json,
+        };
         let results = runner::run_matrix(&args.config()?, &mut |line| eprintln!("bench: {line}"))?;
         results.save(&json)?;
         eprintln!("bench: wrote {}", json.display());
         if args.in_lab {
             return Ok(());
         }
-    } else {
-        run_in_lab(args, Some(&json))?;
+        return render(&results, &out);
     }
+    // The lab writes into the checkout (which it shares), and the results move to --out.
+    let staging =
+        ferry_lab::workspace_root()?.join(format!("build/bench/lab-{}", std::process::id()));
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    let ran = run_in_lab(args, Some(&staging));
+    let moved = ran.and_then(|()| {
+        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::copy(staging.join("results.json"), &json)
+            .with_context(|| format!("copying the lab's results to {}", json.display()))
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    moved?;
     render(&Results::load(&json)?, &out)
 }
 
@@ -200,30 +219,26 @@ fn soak(args: &BenchVmArgs, hops: u32) -> Result<()> {
     Ok(())
 }
 
-/// Re-executes this command inside the lab (`lab/run`); the benchmark there writes `json` on
-/// the share.
-fn run_in_lab(args: &BenchVmArgs, json: Option<&Path>) -> Result<()> {
+/// Re-executes this command inside the lab (`lab/run`); the benchmark there writes its
+/// results.json into `results` (a fresh directory inside the checkout, which the lab shares).
+fn run_in_lab(args: &BenchVmArgs, results: Option<&Path>) -> Result<()> {
     ferry_lab::GuestImage::locate().context("the guest image")?;
     let lab_run = ferry_lab::workspace_root()?.join("lab/run");
     if !lab_run.is_file() {
         bail!("no hardware KVM here and no {}", lab_run.display());
     }
-    // A stale file must not pass for this run's results.
-    if let Some(json) = json {
-        match std::fs::remove_file(json) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", json.display()))
-            }
-            _ => {}
-        }
-    }
     eprintln!("ferry: no hardware KVM here: running the benchmark inside the lab (lab/run)");
     let exe = std::env::current_exe().context("locating the ferry binary")?;
-    let status = Command::new(&lab_run)
+    let mut command = Command::new(&lab_run);
+    command
         .args(["--timeout", &args.lab_timeout.to_string(), "--"])
         .arg(exe)
         .args(std::env::args_os().skip(1))
-        .arg("--in-lab")
+        .arg("--in-lab");
+    if let Some(dir) = results {
+        command.arg("--lab-results").arg(dir);
+    }
+    let status = command
         .status()
         .with_context(|| format!("starting {}", lab_run.display()))?;
     match status.code() {
