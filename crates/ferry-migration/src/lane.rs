@@ -6,7 +6,9 @@
 //! the destination can apply connections independently.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use crate::transport::RateLimiter;
@@ -47,6 +49,8 @@ pub struct Lane {
     pool: Receiver<Vec<u8>>,
     /// Buffers created so far (at most [`BUFFERS`]).
     buffers: usize,
+    /// Bytes handed to the writer thread and not yet written to the connection.
+    queued: Arc<AtomicU64>,
     writer: Option<JoinHandle<Result<(), std::io::Error>>>,
 }
 
@@ -63,11 +67,14 @@ impl Lane {
     pub fn spawn(index: usize, mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT);
         let (pool_tx, pool) = sync_channel::<Vec<u8>>(BUFFERS);
+        let queued = Arc::new(AtomicU64::new(0));
+        let written = queued.clone();
         let writer = thread::Builder::new()
             .name(format!("ferry-tx-{index}"))
             .spawn(move || {
                 for buf in rx {
                     w.write_all(&buf)?;
+                    written.fetch_sub(buf.len() as u64, Ordering::Relaxed);
                     let _ = pool_tx.try_send(buf);
                 }
                 w.flush()
@@ -81,8 +88,15 @@ impl Lane {
             tx: Some(tx),
             pool,
             buffers: 1,
+            queued,
             writer: Some(writer),
         })
+    }
+
+    /// Bytes handed to the writer and not yet accepted by the connection (a slow receiver
+    /// keeps them here).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`] or
@@ -214,6 +228,7 @@ impl Lane {
         if let Some(l) = limiter {
             l.consume(n);
         }
+        self.queued.fetch_add(n, Ordering::Relaxed);
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(buf).is_ok());
         if !sent {
             // The writer exited: its error says why.

@@ -49,6 +49,10 @@ impl RoundStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SwitchoverStats {
+    /// Before the pause, not part of the downtime: waiting for the connections to take
+    /// what earlier rounds queued (bounded), so that the downtime does not include it.
+    #[serde(default)]
+    pub drain_ms: f64,
     /// Stopping the vCPUs and devices.
     pub pause_ms: f64,
     /// The last fetch-and-clear of the dirty log.

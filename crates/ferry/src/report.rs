@@ -48,11 +48,18 @@ pub fn downtime_breakdown(s: &MigrationStats) -> String {
         "acknowledgement {:.1} ms (destination restore {:.1} ms)",
         w.ack_wait_ms, w.destination_ms
     ));
-    format!(
+    let mut line = format!(
         "{} ({} of machine state)",
         out.join(", "),
         mib(w.state_bytes)
-    )
+    );
+    if w.drain_ms >= 0.05 {
+        line.push_str(&format!(
+            "; before the pause, {:.1} ms letting queued data drain",
+            w.drain_ms
+        ));
+    }
+    line
 }
 
 fn row(r: &RoundStats) -> String {
@@ -145,6 +152,7 @@ mod tests {
                 ack_wait_ms: 30.0,
                 destination_ms: 22.5,
                 state_bytes: 3 << 20,
+                drain_ms: 12.0,
                 ..SwitchoverStats::default()
             },
             ..MigrationStats::default()
@@ -159,6 +167,10 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("3.0 MiB of machine state"), "{line}");
+        assert!(
+            line.ends_with("before the pause, 12.0 ms letting queued data drain"),
+            "{line}"
+        );
         // Phases that took no time are left out.
         assert!(
             !line.contains("dirty sync") && !line.contains("audit"),

@@ -87,7 +87,7 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
     // ferry's downtime, phase by phase (QEMU reports no breakdown: no row).
     assert!(stdout.contains("Where ferry's downtime goes"), "{stdout}");
     assert!(
-        stdout.contains("| freed | ferry on | 100.0 | 2.0 | 0.0 | 0.0 | 0.0 | 0.0 | 5.5 | 0.0 | 60.0 | 40.0 | 64 |"),
+        stdout.contains("| freed | ferry on | 100.0 | 2.0 | 0.0 | 0.0 | 0.0 | 0.0 | 5.5 | 0.0 | 60.0 | 40.0 | 0.0 | 64 |"),
         "{stdout}"
     );
     assert!(!stdout.contains("| freed | QEMU"), "{stdout}");
