@@ -1,8 +1,9 @@
 //! The source side: drives a precopy migration of guest RAM.
 //!
 //! ```text
-//! setup ─▶ bulk round (every page) ─▶ iterative dirty rounds ─▶ pause ─▶ final round
-//!       ─▶ device state ─▶ Complete on every connection ─▶ wait for the destination's Ack
+//! setup ─▶ bulk round (every page) ─▶ iterative dirty rounds ─▶ drain queued data ─▶ pause
+//!       ─▶ final round ─▶ device state ─▶ Complete on every connection ─▶ wait for the
+//!       destination's Ack
 //! ```
 //!
 //! Every failure before every Complete was written leaves the VM running here: hint sources
