@@ -9,7 +9,7 @@
 //!
 //! Needs hardware KVM; on PVM machines run it in the lab:
 //! ```text
-//! lab/test -p ferry-vmm -- migrat
+//! lab/test -p ferry-e2e -- migrat
 //! ```
 
 mod chain;

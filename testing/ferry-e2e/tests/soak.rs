@@ -18,7 +18,7 @@
 //!
 //! Needs hardware KVM; on PVM machines run it in the lab (`lab/soak` wraps this):
 //! ```text
-//! FERRY_SOAK_HOPS=50 FERRY_SOAK_VCPUS=1,2,4 lab/test -p ferry-vmm -- soak
+//! FERRY_SOAK_HOPS=50 FERRY_SOAK_VCPUS=1,2,4 lab/test -p ferry-e2e -- soak
 //! ```
 
 mod chain;
