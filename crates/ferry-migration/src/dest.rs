@@ -204,6 +204,10 @@ impl Incoming {
         let first = greet(0, listener.accept().map_err(accept_err)?, config)?;
         let started = Instant::now();
         let n = usize::from(first.hello.connections);
+        if n == 0 || n > usize::from(CONNECTIONS_MAX) {
+            // Before waiting for more: a peer must not make this end hold many connections.
+            return Self::checked(vec![first], started);
+        }
         let mut conns = vec![first];
         let deadline = started + config.accept_timeout;
         while conns.len() < n {
@@ -322,6 +326,12 @@ fn check_hellos(conns: &mut [Greeted]) -> Result<(), ReceiveError> {
             return Err(protocol(
                 i,
                 "the connections announce different memory layouts".into(),
+            ));
+        }
+        if h.connection != 0 && !h.description.is_empty() {
+            return Err(protocol(
+                i,
+                "a VM description on a connection other than 0".into(),
             ));
         }
     }
@@ -584,8 +594,6 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
         }
     }
 
-    /// Checks that `pages` pages at `gpa` are guest RAM in one region and belong to
-    /// connection `i` of `n`.
     /// Writes whole pages `data` at `gpa` (checked guest RAM, possibly across regions).
     fn write_pages(&self, mut gpa: u64, mut data: &[u8]) -> Result<(), ReceiveError> {
         while !data.is_empty() {
@@ -653,6 +661,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
         ))
     }
 
+    /// Checks that `pages` pages at `gpa` are guest RAM in one region and belong to
+    /// connection `i` of `n`.
     fn check_page(&self, i: usize, n: usize, gpa: u64, pages: u64) -> Result<(), ReceiveError> {
         let len = pages.checked_mul(PAGE_SIZE).filter(|&l| l > 0);
         let whole = len.and_then(|len| {
@@ -693,23 +703,41 @@ mod tests {
     use super::*;
 
     const PAGES: u64 = 16;
+    const HIGH: u64 = 1 << 32;
 
-    /// Guest memory of `PAGES` pages on a memfd, mapped shared (as ferry's VMM maps RAM).
+    /// Guest memory of two 8-page regions (at 0 and at 4 GiB) on one memfd, the second at
+    /// file offset 8 pages, mapped shared: the shape of ferry's VMM's RAM.
     fn memfd_memory() -> (GuestMemoryMmap, File) {
         let fd =
             rustix::fs::memfd_create("ferry-dest-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         let file = File::from(fd);
         file.set_len(PAGES * PAGE_SIZE).unwrap();
-        let region = MmapRegion::from_file(
-            FileOffset::new(file.try_clone().unwrap(), 0),
-            (PAGES * PAGE_SIZE) as usize,
-        )
-        .unwrap();
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
-        (GuestMemoryMmap::from_regions(vec![region]).unwrap(), file)
+        let half = PAGES / 2 * PAGE_SIZE;
+        let regions = [(0, 0), (HIGH, half)]
+            .into_iter()
+            .map(|(gpa, offset)| {
+                let region = MmapRegion::from_file(
+                    FileOffset::new(file.try_clone().unwrap(), offset),
+                    half as usize,
+                )
+                .unwrap();
+                GuestRegionMmap::new(region, GuestAddress(gpa)).unwrap()
+            })
+            .collect();
+        (GuestMemoryMmap::from_regions(regions).unwrap(), file)
     }
 
-    /// A complete one-connection stream: pages 1, 2 (one run) and 5 with data, 8..12 zero.
+    /// Page `p` of the test memory: 0..8 low, 8..16 at 4 GiB.
+    fn gpa(p: u64) -> u64 {
+        if p < PAGES / 2 {
+            p * PAGE_SIZE
+        } else {
+            HIGH + (p - PAGES / 2) * PAGE_SIZE
+        }
+    }
+
+    /// A complete one-connection stream: pages 1, 2 (one run), 9 and 10 (one run, in the
+    /// high region) with data, 4..6 and 12..16 zero.
     fn stream(regions: Vec<crate::layout::RegionDesc>) -> Vec<u8> {
         let mut out = Vec::new();
         wire::write_preamble(&mut out, MAGIC_SOURCE).unwrap();
@@ -722,17 +750,17 @@ mod tests {
             description: Vec::new(),
         });
         let at = e.begin_pages();
-        for (page, byte) in [(1u64, 0x11u8), (2, 0x22), (5, 0x55)] {
-            e.page_slot(page * PAGE_SIZE).fill(byte);
+        for (page, byte) in [(1u64, 0x11u8), (2, 0x22), (9, 0x99), (10, 0xaa)] {
+            e.page_slot(gpa(page)).fill(byte);
         }
         e.finish_pages(at);
-        e.zero_runs(&[(8 * PAGE_SIZE, 4)]);
+        e.zero_runs(&[(gpa(4), 2), (gpa(12), 4)]);
         e.device_state(b"state");
         e.end_of_round(0);
         e.complete(Summary {
             page_records: 1,
-            pages: 3,
-            zero_pages: 4,
+            pages: 4,
+            zero_pages: 6,
             rounds: 1,
         });
         out.extend_from_slice(&e.take());
@@ -744,8 +772,10 @@ mod tests {
         for through_file in [false, true] {
             let (mem, file) = memfd_memory();
             // Junk everywhere, so that what arrives (zeros included) is visible.
-            mem.write_slice(&[0xa5; (PAGES * PAGE_SIZE) as usize], GuestAddress(0))
-                .unwrap();
+            for p in 0..PAGES {
+                mem.write_slice(&[0xa5; PAGE], GuestAddress(gpa(p)))
+                    .unwrap();
+            }
             let blocks_before = file.metadata().unwrap().blocks();
             let config = ReceiveConfig {
                 zeroed: false,
@@ -766,24 +796,32 @@ mod tests {
                 (1, 0x11),
                 (2, 0x22),
                 (3, 0xa5),
-                (5, 0x55),
-                (8, 0),
-                (11, 0),
-                (12, 0xa5),
+                (4, 0),
+                (5, 0),
+                (6, 0xa5),
+                (8, 0xa5),
+                (9, 0x99),
+                (10, 0xaa),
+                (11, 0xa5),
+                (12, 0),
+                (15, 0),
             ] {
-                mem.read_slice(&mut page, GuestAddress(p * PAGE_SIZE))
-                    .unwrap();
+                mem.read_slice(&mut page, GuestAddress(gpa(p))).unwrap();
                 assert!(
                     page.iter().all(|&b| b == want),
                     "through_file={through_file}: page {p} holds {:#x}, expected {want:#x}",
                     page[0]
                 );
             }
+            // The file itself, at each region's offset, holds what the mapping shows.
+            let mut at = [0u8; 1];
+            file.read_exact_at(&mut at, 9 * PAGE_SIZE).unwrap();
+            assert_eq!(at[0], 0x99, "through_file={through_file}");
             if through_file {
-                // Four pages became a hole: 4 x 4 KiB in 512-byte blocks.
+                // Six pages became holes: 6 x 4 KiB in 512-byte blocks.
                 assert_eq!(
                     blocks_before - blocks_after,
-                    4 * 8,
+                    6 * 8,
                     "no hole was punched: {blocks_before} -> {blocks_after}"
                 );
             } else {

@@ -74,7 +74,11 @@ impl Lane {
             .spawn(move || {
                 for buf in rx {
                     w.write_all(&buf)?;
-                    written.fetch_sub(buf.len() as u64, Ordering::Relaxed);
+                    // Saturating: the failure path's error record is not counted.
+                    let n = buf.len() as u64;
+                    let _ = written.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                        Some(q.saturating_sub(n))
+                    });
                     let _ = pool_tx.try_send(buf);
                 }
                 w.flush()
@@ -97,6 +101,20 @@ impl Lane {
     /// keeps them here).
     pub fn queued_bytes(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The writer's error, if it stopped while it should be running (it stops on its own
+    /// only when a write fails).
+    pub fn check_writer(&mut self) -> Result<(), LaneError> {
+        if self.tx.is_some() && self.writer.as_ref().is_some_and(JoinHandle::is_finished) {
+            self.tx = None;
+            self.join()?;
+            return Err(LaneError {
+                lane: self.index,
+                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
+            });
+        }
+        Ok(())
     }
 
     /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`] or
@@ -279,5 +297,76 @@ impl Lane {
     pub fn abort(&mut self) {
         self.tx = None;
         let _ = self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Sender};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A connection that takes each write only when the test says so, or fails it.
+    struct Gate(Receiver<bool>);
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.0.recv() {
+                Ok(true) => Ok(buf.len()),
+                _ => Err(std::io::Error::other("the connection broke")),
+            }
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lane() -> (Lane, Sender<bool>) {
+        let (open, gate) = channel();
+        (Lane::spawn(0, Box::new(Gate(gate))).unwrap(), open)
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn queued_bytes_count_what_the_connection_has_not_taken() {
+        let (mut lane, open) = lane();
+        assert_eq!(lane.queued_bytes(), 0);
+        lane.page_slot(0x1000).fill(1);
+        lane.keep_page(None).unwrap();
+        let n = lane.end_round(0, None).unwrap();
+        assert!(n > 4096);
+        // The writer holds the buffer until the connection takes it.
+        assert_eq!(lane.queued_bytes(), n);
+        lane.check_writer().unwrap();
+        open.send(true).unwrap();
+        wait_until("the written bytes were never uncounted", || {
+            lane.queued_bytes() == 0
+        });
+        lane.check_writer().unwrap();
+    }
+
+    #[test]
+    fn a_writer_that_failed_is_reported_not_waited_for() {
+        let (mut lane, open) = lane();
+        lane.page_slot(0x1000).fill(1);
+        lane.keep_page(None).unwrap();
+        lane.end_round(0, None).unwrap();
+        open.send(false).unwrap();
+        wait_until("the writer did not stop", || {
+            lane.writer.as_ref().is_some_and(JoinHandle::is_finished)
+        });
+        // What it held is still counted: only the writer's error says it will never go.
+        assert!(lane.queued_bytes() > 0);
+        let e = lane.check_writer().unwrap_err();
+        assert!(e.to_string().contains("the connection broke"), "{e}");
     }
 }

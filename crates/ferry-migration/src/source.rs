@@ -465,7 +465,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 }
             }
         }
-        self.drain_before_pause(run);
+        self.drain_before_pause(run)?;
         self.switch_over(run, round + 1)
     }
 
@@ -473,16 +473,27 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
     /// the pause does not wait for a backlog of earlier rounds (a destination slower than
     /// this end leaves megabytes queued). Bounded by [`DRAIN_MAX`]; pages the guest writes
     /// meanwhile are in the dirty log and go in the final round.
-    fn drain_before_pause(&mut self, run: &mut Run) {
+    /// A failed writer, a cancel, the timeout or the destination's error ends the migration
+    /// here, before the pause.
+    fn drain_before_pause(&mut self, run: &mut Run) -> Result<(), MigrationError> {
         let t = Instant::now();
         let deadline = t + DRAIN_MAX;
-        while run.lanes.iter().any(|l| l.queued_bytes() > 0)
-            && Instant::now() < deadline
-            && run.watchdog.tripped().is_none()
-        {
+        loop {
+            for lane in &mut run.lanes {
+                lane.check_writer()?;
+            }
+            self.check(run)?;
+            if run.watchdog.tripped().is_some() {
+                // The caller reports the trip (cancel, timeout) as the cause.
+                return Err(MigrationError::Cancelled);
+            }
+            if run.lanes.iter().all(|l| l.queued_bytes() == 0) || Instant::now() >= deadline {
+                break;
+            }
             thread::sleep(Duration::from_millis(1));
         }
         run.stats.switchover.drain_ms = ms(t.elapsed());
+        Ok(())
     }
 
     /// Opens epoch `epoch` for hint application and tells the sources.
