@@ -138,6 +138,9 @@ impl FromStr for SerialTarget {
 
 /// Which virtio-balloon features the device offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+// Part of the VM description a migration source sends: a feature this build does not know
+// is one it cannot restore, so it is refused rather than dropped.
+#[serde(deny_unknown_fields)]
 pub struct BalloonConfig {
     /// Whether there is a balloon device at all.
     pub enabled: bool,

@@ -321,5 +321,10 @@ mod tests {
         v["gpu"] = true.into();
         let e = VmDescription::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(e.to_string().contains("gpu"), "{e}");
+        // The same inside the balloon's features.
+        let mut v = serde_json::to_value(VmDescription::of(&source_config())).unwrap();
+        v["balloon"]["free_page_poisoning"] = true.into();
+        let e = VmDescription::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("free_page_poisoning"), "{e}");
     }
 }

@@ -108,8 +108,16 @@ pub fn receive(
             });
         }
     };
-    let received =
-        Destination::new(incoming.memory(), receive_config)?.receive_incoming(arrived)?;
+    let destination = match Destination::new(incoming.memory(), receive_config) {
+        Ok(d) => d,
+        Err(e) => {
+            arrived.refuse(&format!(
+                "the destination cannot receive into its memory: {e}"
+            ));
+            return Err(e.into());
+        }
+    };
+    let received = destination.receive_incoming(arrived)?;
     // From the last record to the acknowledgement the guest is paused on both sides: time it.
     let restore_started = std::time::Instant::now();
     let state = match state_format::decode(&received.device_state) {
