@@ -233,21 +233,16 @@ impl Incoming {
 
     /// Checks that the Hellos agree with each other, puts the connections in order; on a
     /// mismatch tells the source why and closes everything.
-    fn checked(mut conns: Vec<Greeted>, started: Instant) -> Result<Self, ReceiveError> {
-        let closers = conns.iter().map(|g| g.conn.closer()).collect();
-        match check_hellos(&mut conns) {
-            Ok(()) => Ok(Self {
-                conns,
-                closers,
-                started,
-            }),
+    fn checked(conns: Vec<Greeted>, started: Instant) -> Result<Self, ReceiveError> {
+        let mut incoming = Self {
+            closers: conns.iter().map(|g| g.conn.closer()).collect(),
+            conns,
+            started,
+        };
+        match check_hellos(&mut incoming.conns) {
+            Ok(()) => Ok(incoming),
             Err(e) => {
-                Self {
-                    conns,
-                    closers,
-                    started,
-                }
-                .fail(&e);
+                incoming.fail(&e);
                 Err(e)
             }
         }
@@ -267,14 +262,14 @@ impl Incoming {
 
     /// Refuses the migration: the source is told `reason` (its VM keeps running there) and
     /// every connection is closed.
-    pub fn refuse(self, reason: &str) {
+    pub fn refuse(mut self, reason: &str) {
         tracing::warn!("refusing the incoming migration: {reason}");
         self.fail(&reason);
     }
 
-    fn fail(self, reason: &dyn std::fmt::Display) {
-        let mut conns = self.conns;
-        if let Some(g) = conns.first_mut() {
+    /// Tells the source `reason` on connection 0 and shuts every connection down.
+    fn fail(&mut self, reason: &dyn std::fmt::Display) {
+        if let Some(g) = self.conns.first_mut() {
             let mut enc = Encoder::new();
             enc.error(&reason.to_string());
             let _ = g.conn.writer.write_all(enc.bytes());
@@ -379,7 +374,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
 
     /// Checks that `incoming`'s layout is this memory's, answers the source, and applies all
     /// connections in parallel.
-    pub fn receive_incoming(&self, incoming: Incoming) -> Result<Received, ReceiveError> {
+    pub fn receive_incoming(&self, mut incoming: Incoming) -> Result<Received, ReceiveError> {
         if incoming.regions() != self.layout.regions() {
             let e = protocol(
                 0,
@@ -392,13 +387,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             incoming.fail(&e);
             return Err(e);
         }
-        let Incoming {
-            mut conns,
-            closers,
-            started,
-        } = incoming;
         let result = (|| {
-            for g in &mut conns {
+            for g in &mut incoming.conns {
                 let mut enc = Encoder::new();
                 enc.hello_reply(HelloReply {
                     zeroed: self.config.zeroed,
@@ -412,7 +402,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                         source: e.into(),
                     })?;
             }
-            self.apply_all(&mut conns, &closers)
+            self.apply_all(&mut incoming.conns, &incoming.closers)
         })();
         match result {
             Ok((device_state, summary)) => {
@@ -420,9 +410,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     pages: summary.pages,
                     zero_pages: summary.zero_pages,
                     rounds: summary.rounds,
-                    duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    duration_ms: incoming.started.elapsed().as_secs_f64() * 1000.0,
                 };
-                let reply = conns.swap_remove(0).conn;
+                let reply = incoming.conns.swap_remove(0).conn;
                 Ok(Received {
                     device_state,
                     stats,
@@ -433,12 +423,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "receiving failed; discarding the incoming VM");
-                Incoming {
-                    conns,
-                    closers,
-                    started,
-                }
-                .fail(&e);
+                incoming.fail(&e);
                 Err(e)
             }
         }

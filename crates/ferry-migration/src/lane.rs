@@ -107,14 +107,22 @@ impl Lane {
     /// only when a write fails).
     pub fn check_writer(&mut self) -> Result<(), LaneError> {
         if self.tx.is_some() && self.writer.as_ref().is_some_and(JoinHandle::is_finished) {
-            self.tx = None;
-            self.join()?;
-            return Err(LaneError {
-                lane: self.index,
-                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
-            });
+            return Err(self.writer_stopped());
         }
         Ok(())
+    }
+
+    /// The error of a writer that stopped on its own: its own error (a failed write), or a
+    /// broken pipe if it had none.
+    fn writer_stopped(&mut self) -> LaneError {
+        self.tx = None;
+        match self.join() {
+            Err(e) => e,
+            Ok(()) => LaneError {
+                lane: self.index,
+                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
+            },
+        }
     }
 
     /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`] or
@@ -250,12 +258,7 @@ impl Lane {
         let sent = self.tx.as_ref().is_some_and(|tx| tx.send(buf).is_ok());
         if !sent {
             // The writer exited: its error says why.
-            self.tx = None;
-            self.join()?;
-            return Err(LaneError {
-                lane: self.index,
-                source: std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped"),
-            });
+            return Err(self.writer_stopped());
         }
         Ok(n)
     }
