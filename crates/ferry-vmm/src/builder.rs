@@ -16,7 +16,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::bus::{lock, Bus, SharedDevice};
 use crate::config::{check_kvm, VmConfig};
-use crate::console::{self, SerialInput};
+use crate::console::{self, ConsoleOut, SerialInput};
 use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
 use crate::gate::Gate;
 use crate::kvm::cpuid::CpuOptions;
@@ -77,8 +77,31 @@ fn balloon_config(c: &crate::config::BalloonConfig) -> ferry_balloon::BalloonCon
     }
 }
 
-/// Creates the devices, fresh or (with `state`) continuing from their saved state.
-fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmError> {
+/// The host side of the guest's console (socket bound, files open), opened before its UART.
+struct Console {
+    out: ConsoleOut,
+    input: SerialInput,
+}
+
+impl Console {
+    /// Opens `config`'s serial target and console log.
+    fn open(config: &VmConfig) -> Result<Self, VmmError> {
+        let (out, input) = console::open(&config.serial)?;
+        let out = match &config.console_log {
+            Some(path) => ConsoleOut::with_log(out, path)?,
+            None => out.into(),
+        };
+        Ok(Self { out, input })
+    }
+}
+
+/// Creates the devices, fresh or (with `state`) continuing from their saved state, with the
+/// already opened `console`.
+fn devices(
+    base: &Base,
+    state: Option<&MachineState>,
+    console: Console,
+) -> Result<Devices, VmmError> {
     let (config, kvm, mem) = (&base.config, &base.kvm, base.ram.memory());
     let control = Arc::new(VcpuControl::default());
     let gate = Arc::new(Gate::new());
@@ -86,11 +109,10 @@ fn devices(base: &Base, state: Option<&MachineState>) -> Result<Devices, VmmErro
     let mut mmio = Bus::new();
 
     let serial_irq = kvm.irqfd(layout::SERIAL_GSI)?;
-    let (out, serial_in) = console::open(&config.serial)?;
-    let out = match &config.console_log {
-        Some(path) => console::ConsoleOut::with_log(out, path)?,
-        None => out.into(),
-    };
+    let Console {
+        out,
+        input: serial_in,
+    } = console;
     let console = match state {
         Some(s) => SerialConsole::restore(serial_irq, out, &s.serial)?,
         None => SerialConsole::new(serial_irq, out),
@@ -209,7 +231,8 @@ impl Vmm {
         let cmdline_len = boot::write_cmdline(mem, &config.cmdline, &kernel.header)?;
         crate::kvm::regs::write_boot_tables(mem).map_err(VmError::GuestWrite)?;
 
-        let devices = devices(&base, None)?;
+        let console = Console::open(&base.config)?;
+        let devices = devices(&base, None, console)?;
         let tables = acpi::build(config.vcpus, &devices.acpi)?;
         tables.write(mem)?;
         let e820 = layout::e820_map(config.memory_bytes);
@@ -247,6 +270,11 @@ pub struct IncomingVm {
     /// The vCPUs, created (with their CPUID) while RAM streams in rather than in the
     /// downtime; their state is set by [`IncomingVm::restore`].
     vcpus: Vec<VcpuFd>,
+    /// The console's host side, open while RAM streams in: a console client can connect
+    /// before the switchover and sees the guest's first line after it at once (instead of
+    /// connecting some time after the guest resumed), and binding the socket is not part
+    /// of the downtime. Clients are accepted once the VM is restored.
+    console: Console,
 }
 
 impl std::fmt::Debug for IncomingVm {
@@ -267,7 +295,12 @@ impl IncomingVm {
         let vcpus = (0..count)
             .map(|id| base.kvm.create_vcpu(id, count, base.cpu_options()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { base, vcpus })
+        let console = Console::open(&base.config)?;
+        Ok(Self {
+            base,
+            vcpus,
+            console,
+        })
     }
 
     /// Guest RAM to receive into.
@@ -288,9 +321,13 @@ impl IncomingVm {
     /// Restores devices, vCPUs and VM state from `state` (in KVM's required order) and
     /// returns the VM paused; [`Vmm::resume`] lets it run.
     pub fn restore(self, state: &MachineState) -> Result<Arc<Vmm>, VmmError> {
-        let Self { base, vcpus: fds } = self;
+        let Self {
+            base,
+            vcpus: fds,
+            console,
+        } = self;
         check_compatible(&base, state)?;
-        let devices = devices(&base, Some(state))?;
+        let devices = devices(&base, Some(state), console)?;
         // check_compatible made sure there is one saved state per vCPU, in id order.
         for (id, (saved, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
             saved

@@ -27,7 +27,7 @@ pub trait ReceiveObserver {
     fn running(&mut self, stats: &ReceiveStats, state_bytes: usize);
 }
 
-/// Removes the API socket when dropped.
+/// Removes a socket file when dropped.
 struct SocketFile(Option<PathBuf>);
 
 impl Drop for SocketFile {
@@ -98,6 +98,12 @@ pub fn receive(
         }
     };
     observer.arriving(&config);
+    // The console's socket is bound with the VM (a client may connect while RAM streams
+    // in) and goes when this VM does, received or not.
+    let _serial_socket = SocketFile(match &config.serial {
+        SerialTarget::Socket(path) => Some(path.clone()),
+        _ => None,
+    });
     let incoming = match IncomingVm::new(config) {
         Ok(vm) => vm,
         Err(source) => {

@@ -294,7 +294,16 @@ pub fn spawn_destination_with(
 
 impl Pending {
     /// Waits for the destination to report that the guest runs there, then attaches.
-    pub fn attach(mut self) -> Result<Node> {
+    pub fn attach(self) -> Result<Node> {
+        self.attach_to(None)
+    }
+
+    /// [`Pending::attach`] with the console client connected during the migration.
+    pub fn attach_with(self, agent: AgentClient) -> Result<Node> {
+        self.attach_to(Some(agent))
+    }
+
+    fn attach_to(mut self, agent: Option<AgentClient>) -> Result<Node> {
         let mut node = self.node.take().unwrap();
         loop {
             match self.lines.recv_timeout(COMMAND_TIMEOUT) {
@@ -303,8 +312,32 @@ impl Pending {
                 Err(_) => bail!("destination {} did not resume:\n{}", node.name, node.log()),
             }
         }
-        node.agent = connect_serial(&self.serial, &mut node.child, &node.log)?;
+        node.agent = match agent {
+            Some(agent) => agent,
+            None => connect_serial(&self.serial, &mut node.child, &node.log)?,
+        };
         Ok(node)
+    }
+
+    /// Connects to the destination's console socket as soon as it exists, polling until
+    /// `done` (the migration ended) or the process exited: when, and the client; `None` if
+    /// the socket never appeared in that time.
+    pub fn connect_console(
+        &mut self,
+        done: impl Fn() -> bool,
+    ) -> Result<Option<(Instant, AgentClient)>> {
+        loop {
+            // Checked before the attempt: a last try after the migration ended still counts.
+            let ended = done();
+            if let Ok(s) = UnixStream::connect(&self.serial) {
+                return Ok(Some((Instant::now(), AgentClient::new(s.try_clone()?, s))));
+            }
+            let node = self.node.as_mut().unwrap();
+            if ended || node.child.try_wait()?.is_some() {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }
 
@@ -396,13 +429,28 @@ pub fn hop(
     options: &MigrateOptions,
 ) -> Result<(Node, MigrationStats)> {
     // A migration over TLS goes to a destination with the same credentials.
-    let pending = spawn_destination_with(
+    let mut pending = spawn_destination_with(
         name,
         destination_settings(dir, name),
         source.vcpus,
         options.tls.clone(),
     )?;
-    let stats = match request_migration(&source.api, &pending.endpoint, options) {
+    // The destination's console is there while RAM streams in: connect to it during the
+    // migration, as an operator's console client would, and check that it was there before
+    // the source paused the guest.
+    let started = Instant::now();
+    let (api, endpoint) = (source.api.clone(), pending.endpoint.clone());
+    let (migrated, console) = std::thread::scope(|scope| {
+        let migration = scope.spawn(move || {
+            request_migration(&api, &endpoint, options).map_err(anyhow::Error::from)
+        });
+        let console = pending.connect_console(|| migration.is_finished());
+        let migrated = migration
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the migration thread panicked")));
+        (migrated, console)
+    });
+    let stats = match migrated {
         Ok(stats) => stats,
         Err(e) => {
             let e = anyhow::anyhow!(
@@ -414,7 +462,17 @@ pub fn hop(
             return Err(or_lab_fault(&[source], e));
         }
     };
-    let mut dest = pending.attach()?;
+    let (connected, agent) = console?.with_context(|| {
+        format!("the destination's console socket was not there during the migration: {stats:?}")
+    })?;
+    let paused_after = Duration::from_secs_f64((stats.total_ms - stats.downtime_ms).max(0.0) / 1e3);
+    ensure!(
+        connected.duration_since(started) <= paused_after,
+        "the destination's console took a client only {:?} after the migration began, after \
+         the source paused the guest ({paused_after:?})",
+        connected.duration_since(started)
+    );
+    let mut dest = pending.attach_with(agent)?;
     let status = source.wait_exit()?;
     ensure!(
         status.success(),
