@@ -20,6 +20,10 @@ fn sample(total_ms: f64, mib: u64) -> Sample {
         verify_answer: "verify pages=8192".into(),
         kernel_errors: Vec::new(),
         switchover: None,
+        guest_pause_ms: None,
+        guest_stall_ms: None,
+        in_use_mib: None,
+        final_round_pages: None,
     }
 }
 
@@ -61,6 +65,7 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
                 state_bytes: 64 << 10,
                 ..Default::default()
             });
+            s.final_round_pages = Some([300, 20, 250]);
         }
         results.push(w, v, s);
     }
@@ -87,7 +92,7 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
     // ferry's downtime, phase by phase (QEMU reports no breakdown: no row).
     assert!(stdout.contains("Where ferry's downtime goes"), "{stdout}");
     assert!(
-        stdout.contains("| freed | ferry on | 100.0 | 2.0 | 0.0 | 0.0 | 0.0 | 0.0 | 5.5 | 0.0 | 60.0 | 40.0 | 0.0 | 64 |"),
+        stdout.contains("| freed | ferry on | 100.0 | 2.0 | 0.0 | 0.0 | 0.0 | 0.0 | 5.5 | 0.0 | 60.0 | 40.0 | 0.0 | 0.0 | 64 | 300 / 20 / 250 |"),
         "{stdout}"
     );
     assert!(!stdout.contains("| freed | QEMU"), "{stdout}");

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_lab::{FerryLaunch, FerryVmm, Guest, GuestConfig, GuestImage};
+use ferry_lab::{heartbeat_number, FerryLaunch, FerryVmm, Guest, GuestConfig, GuestImage};
 use ferry_vmm::ApiClient;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -41,10 +41,6 @@ fn wait_balloon(api: &mut ApiClient, actual_bytes: u64) -> Result<Duration> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn heartbeat_number(line: &str) -> Option<u64> {
-    line.strip_prefix("HB ")?.trim().parse().ok()
 }
 
 /// These tests live apart from the VMM's package, so cargo gives them no `CARGO_BIN_EXE_*`: the

@@ -196,11 +196,66 @@ pub enum AgentError {
 /// Lines shown in error messages.
 const TAIL_LINES: usize = 20;
 
+/// The number of a heartbeat line (`HB <n>`).
+pub fn heartbeat_number(line: &str) -> Option<u64> {
+    line.strip_prefix("HB ")?.trim().parse().ok()
+}
+
+/// A heartbeat as it arrived here: when, and its number.
+pub type Heartbeat = (Instant, u64);
+
+/// How long the guest went without a heartbeat during a migration, as seen from the host
+/// (arrival times on its consoles): what the guest's outside world sees, not the guest's own
+/// clocks, which both ferry and QEMU stop while the guest is paused. Each includes up to one
+/// heartbeat interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatGaps {
+    /// From the source's last heartbeat to the destination's first: the switchover as the
+    /// guest's outside world sees it.
+    pub switchover: Duration,
+    /// The largest gap between consecutive heartbeats (by number) over the whole migration,
+    /// the switchover included: also a guest stalled while it still runs on the source
+    /// (e.g. busy in its kernel answering a free page hint request).
+    pub largest: Duration,
+}
+
+/// The [`HeartbeatGaps`] of a migration from `source`'s and `destination`'s consoles,
+/// counting only heartbeats that arrived at or after `since` (when the migration began).
+/// `None` unless the source showed a heartbeat and the destination a later-numbered one.
+pub fn heartbeat_gaps(
+    source: &[Heartbeat],
+    destination: &[Heartbeat],
+    since: Instant,
+) -> Option<HeartbeatGaps> {
+    let recent = |beats: &[Heartbeat]| -> Vec<Heartbeat> {
+        beats.iter().copied().filter(|(t, _)| *t >= since).collect()
+    };
+    let (source, destination) = (recent(source), recent(destination));
+    let &(left, last) = source.iter().max_by_key(|h| h.1)?;
+    let &(resumed, _) = destination
+        .iter()
+        .filter(|h| h.1 > last)
+        .min_by_key(|h| h.1)?;
+    let mut beats: Vec<Heartbeat> = source.into_iter().chain(destination).collect();
+    beats.sort_by_key(|&(t, n)| (n, t));
+    beats.dedup_by_key(|h| h.1);
+    let largest = beats
+        .windows(2)
+        .map(|w| w[1].0.saturating_duration_since(w[0].0))
+        .max()
+        .unwrap_or_default();
+    Some(HeartbeatGaps {
+        switchover: resumed.saturating_duration_since(left),
+        largest,
+    })
+}
+
 /// Talks to `ferry-guest-agent` over a console stream.
 pub struct AgentClient {
     writer: Box<dyn Write + Send>,
     lines: Receiver<String>,
     transcript: Arc<Mutex<Vec<String>>>,
+    heartbeats: Arc<Mutex<Vec<Heartbeat>>>,
 }
 
 impl AgentClient {
@@ -212,7 +267,9 @@ impl AgentClient {
     {
         let (tx, lines) = mpsc::channel();
         let transcript = Arc::new(Mutex::new(Vec::new()));
+        let heartbeats = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&transcript);
+        let beats = Arc::clone(&heartbeats);
         thread::spawn(move || {
             let mut reader = BufReader::new(reader);
             let mut raw = Vec::new();
@@ -222,9 +279,13 @@ impl AgentClient {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
+                let arrived = Instant::now();
                 let line = String::from_utf8_lossy(&raw)
                     .trim_end_matches(['\r', '\n'])
                     .to_string();
+                if let Some(n) = heartbeat_number(&line) {
+                    lock(&beats).push((arrived, n));
+                }
                 lock(&record).push(line.clone());
                 // The client may be gone; the transcript still has the line.
                 let _ = tx.send(line);
@@ -234,7 +295,13 @@ impl AgentClient {
             writer: Box::new(writer),
             lines,
             transcript,
+            heartbeats,
         }
+    }
+
+    /// Every heartbeat received so far, with its arrival time.
+    pub fn heartbeats(&self) -> Vec<Heartbeat> {
+        lock(&self.heartbeats).clone()
     }
 
     /// Waits for [`READY_LINE`].
@@ -327,7 +394,7 @@ impl AgentClient {
 }
 
 /// The transcript stays usable even if a thread panicked while holding it.
-fn lock(m: &Mutex<Vec<String>>) -> MutexGuard<'_, Vec<String>> {
+fn lock<T>(m: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -407,6 +474,49 @@ mod tests {
 
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn the_gaps_span_both_consoles() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ms = Duration::from_millis;
+        // Source beats every 10 ms up to 7 but stalls 300 ms between 3 and 4 (busy in its
+        // kernel); the destination's first is 8, 90 ms after the source's 7.
+        let mut source: Vec<Heartbeat> = (0..4).map(|n| (at(10 * n), n)).collect();
+        source.extend((4..8).map(|n| (at(300 + 10 * n), n)));
+        let destination: Vec<Heartbeat> = vec![(at(460), 8), (at(470), 9), (at(480), 10)];
+        let gaps = heartbeat_gaps(&source, &destination, t0).unwrap();
+        assert_eq!((gaps.switchover, gaps.largest), (ms(90), ms(310)));
+        // Only what arrived since the migration began counts; a beat both consoles delivered
+        // counts once, at its first arrival.
+        let early: Vec<Heartbeat> = vec![(at(0), 0), (at(5), 1)];
+        assert_eq!(heartbeat_gaps(&early, &destination, at(10)), None);
+        let repeated = [&[(at(500), 7)][..], &destination].concat();
+        assert_eq!(heartbeat_gaps(&source, &repeated, t0), Some(gaps));
+        // Without a later beat on the destination: not measured.
+        assert_eq!(heartbeat_gaps(&source, &[], t0), None);
+        assert_eq!(heartbeat_gaps(&source, &source[..3], t0), None);
+        assert_eq!(heartbeat_number("HB 42"), Some(42));
+        assert_eq!(heartbeat_number("HB x"), None);
+        assert_eq!(heartbeat_number("OK HB 1"), None);
+    }
+
+    #[test]
+    fn heartbeats_are_recorded_with_their_arrival() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let client = AgentClient::new(ours.try_clone().unwrap(), ours);
+        let before = Instant::now();
+        let mut out = theirs;
+        writeln!(out, "HB 3\r\nnoise\nHB 4").unwrap();
+        drop(out);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.heartbeats().len() < 2 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let beats = client.heartbeats();
+        assert_eq!(beats.iter().map(|h| h.1).collect::<Vec<_>>(), [3, 4]);
+        assert!(beats.iter().all(|h| h.0 >= before));
+    }
 
     /// A fake guest console: kernel noise, then READY, then scripted answers per command.
     fn fake_console(answers: &'static [(&'static str, &'static [&'static str])]) -> AgentClient {

@@ -28,8 +28,9 @@ pub mod pki;
 mod vmm;
 
 pub use agent::{
-    checker_pages, is_heartbeat, AgentClient, AgentError, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS,
-    POWER_OFF_WARNINGS, READY_LINE,
+    checker_pages, heartbeat_gaps, heartbeat_number, is_heartbeat, AgentClient, AgentError,
+    Heartbeat, HeartbeatGaps, KERNEL_ERROR_MARKERS, POWER_OFF_MARKERS, POWER_OFF_WARNINGS,
+    READY_LINE,
 };
 pub use fault::{exit_lab_fault, page_walks_outside_ram, LAB_FAULT_EXIT};
 pub use guest::{Guest, GuestError};

@@ -93,7 +93,7 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             .count();
         Some(bad as f64)
     };
-    vec![
+    let mut goals = vec![
         Goal::new(
             "freed bytes, ferry on / QEMU hint",
             ratio(
@@ -124,16 +124,72 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             1.0,
         ),
         Goal::new(
-            "migrations failing verify or with kernel errors",
-            integrity,
-            0.0,
+            "freed bytes, ferry on / guest memory in use at the start",
+            ratio(
+                bytes(Workload::Freed, Variant::FerryOn).map(|b| b / f64::from(1 << 20)),
+                m(Workload::Freed, Variant::FerryOn).and_then(|x| x.in_use_mib),
+            ),
+            1.3,
         ),
-        Goal::new(
-            "VMM settings that failed",
-            Some(results.failures.len() as f64),
-            0.0,
+    ];
+    // Downtime and the pause the guest's outside world sees: ferry against QEMU in the same
+    // hint mode (off against off, on against free-page-hint), the worse of the two.
+    const PAUSE_GOALS: [(Workload, &str, &str); 3] = [
+        (
+            Workload::Idle,
+            "idle downtime, ferry / QEMU (worse hint mode)",
+            "idle guest pause, ferry / QEMU (worse hint mode)",
         ),
-    ]
+        (
+            Workload::Freed,
+            "freed downtime, ferry / QEMU (worse hint mode)",
+            "freed guest pause, ferry / QEMU (worse hint mode)",
+        ),
+        (
+            Workload::Dirty,
+            "dirty downtime, ferry / QEMU (worse hint mode)",
+            "dirty guest pause, ferry / QEMU (worse hint mode)",
+        ),
+    ];
+    for (w, downtime, pause) in PAUSE_GOALS {
+        goals.push(Goal::new(
+            downtime,
+            same_mode_ratio(results, w, |x| Some(x.downtime_ms)),
+            1.0,
+        ));
+        goals.push(Goal::new(
+            pause,
+            same_mode_ratio(results, w, |x| x.guest_pause_ms),
+            1.0,
+        ));
+    }
+    goals.push(Goal::new(
+        "migrations failing verify or with kernel errors",
+        integrity,
+        0.0,
+    ));
+    goals.push(Goal::new(
+        "VMM settings that failed",
+        Some(results.failures.len() as f64),
+        0.0,
+    ));
+    goals
+}
+
+/// ferry / QEMU for workload `w` in the same hint mode (ferry off / QEMU off, ferry on /
+/// QEMU hint), the larger of the two ratios that were measured.
+fn same_mode_ratio(
+    results: &Results,
+    w: Workload,
+    get: fn(&Medians) -> Option<f64>,
+) -> Option<f64> {
+    let of = |v| results.medians(w, v).and_then(|m| get(&m));
+    let off = ratio(of(Variant::FerryOff), of(Variant::QemuOff));
+    let on = ratio(of(Variant::FerryOn), of(Variant::QemuHint));
+    match (off, on) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn cell(value: Option<f64>, digits: usize) -> String {
@@ -174,11 +230,14 @@ pub fn markdown(results: &Results) -> String {
     out.push_str(" ferry on / QEMU hint | ferry on / ferry off |\n|---|---|");
     out.push_str(&"---:|".repeat(Variant::ALL.len() + 2));
     out.push('\n');
-    type Metric = (&'static str, fn(&Medians) -> f64, usize);
-    let metrics: [Metric; 3] = [
-        ("MiB sent", |m| m.bytes / f64::from(1 << 20), 1),
-        ("total ms", |m| m.total_ms, 0),
-        ("downtime ms", |m| m.downtime_ms, 1),
+    type Metric = (&'static str, fn(&Medians) -> Option<f64>, usize);
+    let metrics: [Metric; 6] = [
+        ("MiB sent", |m| Some(m.bytes / f64::from(1 << 20)), 1),
+        ("total ms", |m| Some(m.total_ms), 0),
+        ("downtime ms", |m| Some(m.downtime_ms), 1),
+        ("guest pause ms", |m| m.guest_pause_ms, 1),
+        ("largest guest stall ms", |m| m.guest_stall_ms, 1),
+        ("in use at start MiB", |m| m.in_use_mib, 0),
     ];
     for w in Workload::ALL {
         if Variant::ALL
@@ -188,7 +247,7 @@ pub fn markdown(results: &Results) -> String {
             continue;
         }
         for (name, get, digits) in metrics {
-            let value = |v| results.medians(w, v).map(|m| get(&m));
+            let value = |v| results.medians(w, v).and_then(|m| get(&m));
             let _ = write!(out, "| {w} | {name} |");
             for v in Variant::ALL {
                 let _ = write!(out, " {} |", cell(value(v), digits));
@@ -266,7 +325,7 @@ pub fn markdown(results: &Results) -> String {
 /// without any ferry sample that reports it.
 fn downtime_breakdown(results: &Results) -> String {
     type Part = (&'static str, fn(&SwitchoverStats) -> f64);
-    const PARTS: [Part; 10] = [
+    const PARTS: [Part; 11] = [
         ("pause", |w| w.pause_ms),
         ("dirty sync", |w| w.dirty_sync_ms),
         ("end hints", |w| w.hints_finish_ms),
@@ -277,6 +336,7 @@ fn downtime_breakdown(results: &Results) -> String {
         ("ack wait", |w| w.ack_wait_ms),
         ("of which destination", |w| w.destination_ms),
         ("drain before the pause", |w| w.drain_ms),
+        ("of which guest settling", |w| w.settle_ms),
     ];
     let mut out = String::new();
     for c in &results.cases {
@@ -295,8 +355,8 @@ fn downtime_breakdown(results: &Results) -> String {
             for (name, _) in PARTS {
                 let _ = write!(out, " {name} |");
             }
-            out.push_str(" state KiB |\n|---|---|---:|");
-            out.push_str(&"---:|".repeat(PARTS.len() + 1));
+            out.push_str(" state KiB | final round pages: queued / sent / zero |\n|---|---|---:|");
+            out.push_str(&"---:|".repeat(PARTS.len() + 2));
             out.push('\n');
         }
         let downtime = median(c.samples.iter().map(|s| s.downtime_ms).collect());
@@ -309,7 +369,20 @@ fn downtime_breakdown(results: &Results) -> String {
             );
         }
         let state = median(parts.iter().map(|w| w.state_bytes as f64).collect());
-        let _ = writeln!(out, " {:.0} |", state / 1024.0);
+        let final_pages: Vec<[u64; 3]> = c
+            .samples
+            .iter()
+            .filter_map(|s| s.final_round_pages)
+            .collect();
+        let pages = |k: usize| median(final_pages.iter().map(|p| p[k] as f64).collect());
+        let _ = writeln!(
+            out,
+            " {:.0} | {:.0} / {:.0} / {:.0} |",
+            state / 1024.0,
+            pages(0),
+            pages(1),
+            pages(2)
+        );
     }
     out
 }
@@ -333,6 +406,10 @@ pub(crate) mod tests {
             verify_answer: "verify pages=8192".into(),
             kernel_errors: Vec::new(),
             switchover: None,
+            guest_pause_ms: Some(total_ms / 20.0 + 10.0),
+            guest_stall_ms: Some(total_ms / 10.0),
+            in_use_mib: Some(100),
+            final_round_pages: None,
         }
     }
 
@@ -369,7 +446,7 @@ pub(crate) mod tests {
             (Workload::Freed, Variant::QemuHint, 50000.0, 800),
             (Workload::Dirty, Variant::FerryOff, 30000.0, 350),
             (Workload::Dirty, Variant::FerryOn, 15000.0, 110),
-            (Workload::Dirty, Variant::QemuOff, 20000.0, 500),
+            (Workload::Dirty, Variant::QemuOff, 32000.0, 500),
             (Workload::Dirty, Variant::QemuHint, 25000.0, 520),
         ];
         for (w, v, ms, mib) in table {
@@ -383,15 +460,45 @@ pub(crate) mod tests {
     fn goals_are_ratios_of_medians() {
         let mut r = canned();
         let g = goals(&r);
-        assert_eq!(g.len(), 6);
+        assert_eq!(g.len(), 13);
         // Medians: freed ferry on 7500 ms, 111 MiB; QEMU hint 62500 ms, 801 MiB.
         assert!((g[0].ratio.unwrap() - 111.0 / 801.0).abs() < 1e-9);
         assert!((g[1].ratio.unwrap() - 7500.0 / 62500.0).abs() < 1e-9);
         // Idle compares against the faster QEMU (off: 15000 ms median).
         assert!((g[2].ratio.unwrap() - 6250.0 / 15000.0).abs() < 1e-9);
         assert!((g[3].ratio.unwrap() - 0.5).abs() < 1e-9);
-        assert_eq!(g[4].ratio, Some(0.0));
+        // 111 MiB sent for 100 MiB in use.
+        assert!((g[4].ratio.unwrap() - 1.11).abs() < 1e-9);
+        // Idle downtime medians: ferry off 562.5 / QEMU off 750 is worse than ferry on
+        // 312.5 / QEMU hint 2500; the guest pause adds the 10 ms of the canned samples.
+        assert!(
+            (g[5].ratio.unwrap() - 562.5 / 750.0).abs() < 1e-9,
+            "{:?}",
+            g[5]
+        );
+        assert!(
+            (g[6].ratio.unwrap() - 572.5 / 760.0).abs() < 1e-9,
+            "{:?}",
+            g[6]
+        );
+        assert_eq!(g[11].ratio, Some(0.0));
         assert!(g.iter().all(|g| g.verdict == Verdict::Pass), "{g:#?}");
+
+        // Slower switchovers than QEMU's are misses; without heartbeats the pause is n/a.
+        let mut slow = canned();
+        for c in &mut slow.cases {
+            for s in &mut c.samples {
+                if c.variant == Variant::FerryOn {
+                    s.downtime_ms *= 100.0;
+                }
+                if !c.variant.is_ferry() {
+                    s.guest_pause_ms = None;
+                }
+            }
+        }
+        let g = goals(&slow);
+        assert_eq!(g[5].verdict, Verdict::Miss, "{:?}", g[5]);
+        assert_eq!(g[6].verdict, Verdict::NotMeasured, "{:?}", g[6]);
 
         // A failed verify and slower hints under dirty are misses; a missing case is n/a.
         r.push(
@@ -410,10 +517,10 @@ pub(crate) mod tests {
         assert_eq!(g[0].verdict, Verdict::NotMeasured);
         assert_eq!(g[1].verdict, Verdict::NotMeasured);
         assert_eq!(g[3].verdict, Verdict::Miss, "{:?}", g[3]);
-        assert_eq!((g[4].ratio, g[4].verdict), (Some(1.0), Verdict::Miss));
+        assert_eq!((g[11].ratio, g[11].verdict), (Some(1.0), Verdict::Miss));
         r.failures
             .push("qemu-hint: the guest did not answer".into());
-        assert_eq!(goals(&r)[5].verdict, Verdict::Miss);
+        assert_eq!(goals(&r)[12].verdict, Verdict::Miss);
     }
 
     #[test]
@@ -427,6 +534,14 @@ pub(crate) mod tests {
             text.contains("| freed | MiB sent | 121.0 | 111.0 | 901.0 | 801.0 | 0.14x | 0.92x |"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "| idle | guest pause ms | 572.5 | 322.5 | 760.0 | 2510.0 | 0.13x | 0.56x |"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("| idle | in use at start MiB | 100 | 100 | 100 | 100 |"));
+        assert!(text.contains("| freed bytes, ferry on / guest memory in use at the start | 1.11x | <= 1.30x | PASS |"));
         assert!(text.contains("| idle | verified | 2/2 | 2/2 | 2/2 | 2/2 | | |"));
         assert!(text.contains("| dirty | kernel errors | 0 | 0 | 0 | 0 | | |"));
         assert!(text.contains("| freed bytes, ferry on / QEMU hint | 0.14x | <= 0.25x | PASS |"));

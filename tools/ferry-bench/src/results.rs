@@ -165,7 +165,27 @@ pub struct Sample {
     /// Where ferry's downtime went (QEMU does not say).
     #[serde(default)]
     pub switchover: Option<ferry_migration::SwitchoverStats>,
+    /// The switchover as the guest's outside world saw it: from the source's last heartbeat
+    /// (the guest prints one every [`HEARTBEAT_MS`]) to the destination's first, by their
+    /// arrival on this host, ms. Includes up to one heartbeat interval.
+    #[serde(default)]
+    pub guest_pause_ms: Option<f64>,
+    /// The largest gap between two of the guest's heartbeats over the whole migration, the
+    /// switchover included, ms: also a guest stalled while it still runs on the source.
+    #[serde(default)]
+    pub guest_stall_ms: Option<f64>,
+    /// The guest's memory in use before the workload started (MemTotal - MemFree), MiB.
+    #[serde(default)]
+    pub in_use_mib: Option<u64>,
+    /// ferry's final (stop-and-copy) round: pages queued, of which sent with data and
+    /// found zero (QEMU does not say).
+    #[serde(default)]
+    pub final_round_pages: Option<[u64; 3]>,
 }
+
+/// How often the guest prints a heartbeat during a measured migration, ms (the agent's
+/// shortest interval).
+pub const HEARTBEAT_MS: u64 = 10;
 
 /// The samples of one cell of the matrix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +207,12 @@ pub struct Medians {
     pub downtime_ms: f64,
     /// Bytes sent.
     pub bytes: f64,
+    /// Guest-visible switchover (heartbeat gap), ms, over the samples that measured it.
+    pub guest_pause_ms: Option<f64>,
+    /// Largest heartbeat gap over the migration, ms, over the samples that measured it.
+    pub guest_stall_ms: Option<f64>,
+    /// Guest memory in use before the workload, MiB, over the samples that measured it.
+    pub in_use_mib: Option<f64>,
     /// Number of samples.
     pub runs: usize,
     /// Every sample verified.
@@ -200,10 +226,17 @@ impl Case {
             return None;
         }
         let of = |f: fn(&Sample) -> f64| median(self.samples.iter().map(f).collect());
+        let of_some = |f: fn(&Sample) -> Option<f64>| {
+            let values: Vec<f64> = self.samples.iter().filter_map(f).collect();
+            (!values.is_empty()).then(|| median(values))
+        };
         Some(Medians {
             total_ms: of(|s| s.total_ms),
             downtime_ms: of(|s| s.downtime_ms),
             bytes: of(|s| s.bytes as f64),
+            guest_pause_ms: of_some(|s| s.guest_pause_ms),
+            guest_stall_ms: of_some(|s| s.guest_stall_ms),
+            in_use_mib: of_some(|s| s.in_use_mib.map(|m| m as f64)),
             runs: self.samples.len(),
             all_verified: self.samples.iter().all(|s| s.verified),
         })

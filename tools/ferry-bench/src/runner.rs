@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestImage};
 
 pub use crate::error::BenchError;
-use crate::results::{now_utc, Results, Setup, Variant, Workload};
+use crate::results::{now_utc, Results, Setup, Variant, Workload, HEARTBEAT_MS};
 use crate::sessions::{FerrySession, QemuSession, Session};
 
 /// Boot under nested KVM in a loaded lab: up to minutes.
@@ -315,6 +315,28 @@ fn freed_size(session: &mut dyn Session, memory_mib: u64) -> Result<u64, BenchEr
     Ok((memory_mib * 3 / 4).min((available_kib / 1024).saturating_sub(FREED_HEADROOM_MIB)))
 }
 
+fn ms_or_unknown(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "?".to_string(), |ms| format!("{ms:.1}"))
+}
+
+/// The guest's memory in use (MemTotal - MemFree), MiB.
+fn in_use(session: &mut dyn Session) -> Result<u64, BenchError> {
+    let meminfo = command(session, "meminfo")?;
+    let field = |name: &str| {
+        meminfo
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    match (field("total_kib="), field("free_kib=")) {
+        (Some(total), Some(free)) => Ok(total.saturating_sub(free) / 1024),
+        _ => Err(BenchError::Answer {
+            command: "meminfo".into(),
+            answer: meminfo,
+        }),
+    }
+}
+
 /// One repetition (`run`) of the matrix for one VMM setting, on a freshly booted guest.
 fn run_group(
     session: &mut dyn Session,
@@ -360,10 +382,18 @@ fn run_group(
                     config.dirty_mib, config.dirty_rate_mib_s
                 ),
             };
+            let in_use_mib = in_use(session)?;
             command(session, &start)?;
+            // Heartbeats through the migration: the guest-visible pause is their largest gap.
+            command(session, &format!("heartbeat {HEARTBEAT_MS}"))?;
             let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
             let mut m = session.migrate(hints, config.downtime_limit_ms)?;
+            m.in_use_mib = Some(in_use_mib);
             let verify = session.agent().command("verify", COMMAND_TIMEOUT);
+            if let Some(gaps) = session.heartbeat_gaps() {
+                m.guest_pause_ms = Some(gaps.switchover.as_secs_f64() * 1000.0);
+                m.guest_stall_ms = Some(gaps.largest.as_secs_f64() * 1000.0);
+            }
             let verified = matches!(&verify, Ok(a) if *a == format!("verify pages={pages}"));
             // A guest that answered (even `ERR verify mismatches=...`) can go on; a silent
             // or gone one ends this VMM setting once the sample is recorded.
@@ -385,16 +415,19 @@ fn run_group(
                 results.push(workload, variant, m);
                 return Err(BenchError::Vmm(lost));
             }
+            command(session, "heartbeat 0")?;
             if workload == Workload::Dirty {
                 let stop = command(session, "workload stop")?;
                 expect(stop.clone(), "workload stop", stop.contains("kind=dirty"))?;
             }
             log(&format!(
                 "run {run}, {workload}, {variant}: {:.1} MiB, {:.0} ms, downtime {:.1} ms, \
-                 {} rounds; {}",
+                 guest pause {} ms (largest stall {} ms), {} rounds; {}",
                 m.bytes as f64 / f64::from(1 << 20),
                 m.total_ms,
                 m.downtime_ms,
+                ms_or_unknown(m.guest_pause_ms),
+                ms_or_unknown(m.guest_stall_ms),
                 m.rounds,
                 m.verify_answer
             ));

@@ -12,7 +12,10 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_lab::{AgentClient, FerryLaunch, FerryVmm, Guest, GuestConfig, QemuMicrovm, Vmm};
+use ferry_lab::{
+    heartbeat_gaps, AgentClient, FerryLaunch, FerryVmm, Guest, GuestConfig, Heartbeat,
+    HeartbeatGaps, QemuMicrovm, Vmm,
+};
 use ferry_vmm::memory::DEBUG_DIGEST_ENV;
 use ferry_vmm::migration::{request_migration, MigrateOptions};
 use serde_json::json;
@@ -46,6 +49,24 @@ pub trait Session {
     /// unknown.
     fn ram_differences(&self) -> Option<String> {
         None
+    }
+    /// How long the guest went without a heartbeat during the last migration, as this host
+    /// saw its consoles ([`heartbeat_gaps`]); `None` without heartbeats on both sides (the
+    /// guest's `heartbeat` must run during the migration) or when the destination's console
+    /// was connected too late to tell.
+    fn heartbeat_gaps(&mut self) -> Option<HeartbeatGaps>;
+}
+
+/// What the guest pause of a hop is measured from: when the migration began and the
+/// heartbeats the source's console showed.
+struct LastHop {
+    started: Instant,
+    source_beats: Vec<Heartbeat>,
+}
+
+impl LastHop {
+    fn gaps(&self, destination: &AgentClient) -> Option<HeartbeatGaps> {
+        heartbeat_gaps(&self.source_beats, &destination.heartbeats(), self.started)
     }
 }
 
@@ -163,6 +184,26 @@ impl FerryNode {
         Ok(self.agent.as_mut().expect("attached above"))
     }
 
+    /// Connects to the guest's console as soon as its socket exists, polling until `done`
+    /// (the migration ended) or the VMM exited; returns whether it connected before `done`.
+    fn attach_while(&mut self, done: impl Fn() -> bool) -> Result<bool, BenchError> {
+        loop {
+            let ended = done();
+            if let Ok(stream) = UnixStream::connect(&self.serial) {
+                let reader = stream.try_clone().map_err(|source| BenchError::Io {
+                    what: format!("connecting to {}", self.serial.display()),
+                    source,
+                })?;
+                self.agent = Some(AgentClient::new(reader, stream));
+                return Ok(!ended);
+            }
+            if ended || self.exited()?.is_some() {
+                return Ok(false);
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn kernel_errors(&self) -> Vec<String> {
         self.agent
             .as_ref()
@@ -191,6 +232,7 @@ pub struct FerrySession {
     differences: Option<String>,
     lazy_dirty_log: bool,
     audit_dirty_log: bool,
+    last_hop: Option<LastHop>,
 }
 
 impl FerrySession {
@@ -220,6 +262,7 @@ impl FerrySession {
             differences: None,
             lazy_dirty_log: true,
             audit_dirty_log: false,
+            last_hop: None,
         })
     }
 
@@ -314,6 +357,11 @@ impl Session for FerrySession {
         self.differences.clone()
     }
 
+    fn heartbeat_gaps(&mut self) -> Option<HeartbeatGaps> {
+        let last = self.last_hop.as_ref()?;
+        last.gaps(self.node.agent.as_ref()?)
+    }
+
     fn agent(&mut self) -> &mut AgentClient {
         self.node
             .agent
@@ -358,19 +406,38 @@ impl Session for FerrySession {
             ..MigrateOptions::default()
         };
         let started = Instant::now();
-        let stats = request_migration(&self.node.api, &endpoint, &options).map_err(|e| {
+        let api = self.node.api.clone();
+        // The destination's console is up while RAM streams in (`ferry receive` binds it
+        // with the VM): connect during the migration, so that the guest's first heartbeat
+        // after the switchover arrives when the guest prints it.
+        let (migrated, early) = thread::scope(|scope| {
+            let migration = scope
+                .spawn(|| request_migration(&api, &endpoint, &options).map_err(|e| e.to_string()));
+            let early = dest.attach_while(|| migration.is_finished());
+            let migrated = migration
+                .join()
+                .unwrap_or_else(|_| Err("the migration thread panicked".to_string()));
+            (migrated, early)
+        });
+        let stats = migrated.map_err(|e| {
             BenchError::Vmm(format!(
                 "migration to {endpoint} failed: {e}\ndestination log:\n{}",
                 dest.log()
             ))
         })?;
         let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let source_beats = self.agent().heartbeats();
+        self.last_hop = early?.then_some(LastHop {
+            started,
+            source_beats,
+        });
         if self.audit_dirty_log {
             eprintln!(
                 "ferry: hop {}: the dirty-log audit found {} page(s) written without KVM's dirty log reporting them ({:.0} ms in the downtime)",
                 self.hops, stats.pages_missed_by_dirty_log, stats.audit_ms
             );
         }
+        // Connects now if it was not up before the migration ended.
         dest.attach()?;
         let source = &mut self.node;
         let status = poll("the source VMM to exit", EXIT_TIMEOUT, || source.exited())?;
@@ -400,6 +467,14 @@ impl Session for FerrySession {
             verify_answer: String::new(),
             kernel_errors,
             switchover: Some(stats.switchover.clone()),
+            guest_pause_ms: None,
+            guest_stall_ms: None,
+            in_use_mib: None,
+            final_round_pages: stats
+                .rounds
+                .last()
+                .filter(|r| r.is_final)
+                .map(|r| [r.pages_queued, r.pages_sent, r.pages_zero]),
         })
     }
 }
@@ -414,6 +489,7 @@ pub struct QemuSession {
     hops: u32,
     digests: bool,
     differences: Option<String>,
+    last_hop: Option<LastHop>,
 }
 
 fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>, held: bool) -> QemuMicrovm {
@@ -478,6 +554,7 @@ impl QemuSession {
             hops: 0,
             digests,
             differences: None,
+            last_hop: None,
         })
     }
 }
@@ -508,6 +585,10 @@ fn pmemsave(qmp: &mut Qmp, bytes: u64, path: &Path) -> Result<(), BenchError> {
 impl Session for QemuSession {
     fn ram_differences(&self) -> Option<String> {
         self.differences.clone()
+    }
+
+    fn heartbeat_gaps(&mut self) -> Option<HeartbeatGaps> {
+        self.last_hop.as_ref()?.gaps(self.guest.agent())
     }
 
     fn agent(&mut self) -> &mut AgentClient {
@@ -583,6 +664,12 @@ impl Session for QemuSession {
             Ok((dest_qmp.run_state()? == "running").then_some(()))
         })?;
         let kernel_errors = self.guest.agent().kernel_errors();
+        // The destination's console was connected before the migration (QEMU waits for
+        // its client before it starts, `server=on,wait=on`).
+        self.last_hop = (!self.digests).then(|| LastHop {
+            started,
+            source_beats: self.guest.agent().heartbeats(),
+        });
         // The source sits in `postmigrate`; ask it to quit (dropping the guest kills it anyway).
         let _ = self.qmp.execute("quit", None);
         let ram = info.ram.unwrap_or_default();
@@ -601,6 +688,10 @@ impl Session for QemuSession {
             verify_answer: String::new(),
             kernel_errors,
             switchover: None,
+            guest_pause_ms: None,
+            guest_stall_ms: None,
+            in_use_mib: None,
+            final_round_pages: None,
         })
     }
 }

@@ -76,6 +76,10 @@ pub struct BenchVmArgs {
     /// Time limit of the lab run, seconds.
     #[arg(long, default_value_t = 3600)]
     pub lab_timeout: u64,
+    /// The lab host's memory in GiB [default: room for a source and a destination guest
+    /// plus 4 GiB, at least 8].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub lab_mem_gib: Option<u64>,
     /// Print the table and draw the charts of an existing results.json; run nothing.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render: Option<PathBuf>,
@@ -104,6 +108,13 @@ pub struct BenchVmArgs {
 }
 
 impl BenchVmArgs {
+    /// The lab host's memory: during a migration both the source's and the destination's
+    /// guest RAM can be populated (hints off sends every page), plus the lab's own use.
+    fn lab_mem_gib(&self) -> u64 {
+        self.lab_mem_gib
+            .unwrap_or_else(|| ((2 * self.memory_mib).div_ceil(1024) + 4).max(8))
+    }
+
     fn out_dir(&self) -> Result<PathBuf> {
         match &self.out {
             Some(dir) => Ok(dir.clone()),
@@ -230,8 +241,16 @@ fn run_in_lab(args: &BenchVmArgs, results: Option<&Path>) -> Result<()> {
     eprintln!("ferry: no hardware KVM here: running the benchmark inside the lab (lab/run)");
     let exe = std::env::current_exe().context("locating the ferry binary")?;
     let mut command = Command::new(&lab_run);
+    let mem = format!("{}G", args.lab_mem_gib());
+    eprintln!("ferry: lab host with {mem} of memory (--lab-mem-gib)");
     command
-        .args(["--timeout", &args.lab_timeout.to_string(), "--"])
+        .args([
+            "--timeout",
+            &args.lab_timeout.to_string(),
+            "--mem",
+            &mem,
+            "--",
+        ])
         .arg(exe)
         .args(std::env::args_os().skip(1))
         .arg("--in-lab");
@@ -274,4 +293,34 @@ fn render(results: &Results, out: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchVmArgs,
+    }
+
+    fn parse(args: &[&str]) -> BenchVmArgs {
+        Cli::try_parse_from(std::iter::once("bench-vm").chain(args.iter().copied()))
+            .unwrap()
+            .args
+    }
+
+    #[test]
+    fn the_lab_host_has_room_for_both_guests() {
+        assert_eq!(parse(&[]).lab_mem_gib(), 8);
+        assert_eq!(parse(&["--memory-mib", "4096"]).lab_mem_gib(), 12);
+        assert_eq!(parse(&["--memory-mib", "8192"]).lab_mem_gib(), 20);
+        assert_eq!(
+            parse(&["--memory-mib", "8192", "--lab-mem-gib", "18"]).lab_mem_gib(),
+            18
+        );
+        assert!(Cli::try_parse_from(["bench-vm", "--lab-mem-gib", "0"]).is_err());
+    }
 }
