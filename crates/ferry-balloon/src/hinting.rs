@@ -90,4 +90,12 @@ impl HintSource for BalloonHintSource {
             self.shared.trigger();
         }
     }
+
+    /// The driver is still in a hint loop it was told to stop: it has not yet closed its
+    /// round with STOP. Linux's loop allocates (and, with `init_on_alloc`, zeroes) a 4 MiB
+    /// block per turn without yielding, so until then it holds a vCPU in the kernel.
+    fn busy(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.hinting_live() && inner.hint.driver_busy()
+    }
 }

@@ -142,6 +142,12 @@ impl HintRound {
         changed
     }
 
+    /// Whether the driver has a round open (it sent an id and not yet STOP): it is in its
+    /// hint loop, or has not yet told the device it left it.
+    pub fn driver_busy(&self) -> bool {
+        self.driver_round.is_some()
+    }
+
     /// The epoch hinted blocks arriving now belong to, if they are to be accepted.
     pub fn accepting(&self) -> Option<Epoch> {
         match (self.driver_round, self.epoch) {
@@ -277,8 +283,18 @@ mod tests {
     fn driver_stop_completes_the_epoch() {
         let mut r = HintRound::default();
         let id = r.begin(Epoch(3));
+        assert!(!r.driver_busy(), "asked, not started");
         r.on_outbuf(id);
-        assert_eq!(r.on_outbuf(CMD_ID_STOP), OutbufEffect::Completed(Epoch(3)));
+        assert!(r.driver_busy());
+        // Told to stop, the driver is busy until its STOP says it left the loop.
+        assert!(r.end(Epoch(3)));
+        assert!(r.driver_busy());
+        assert_eq!(r.on_outbuf(CMD_ID_STOP), OutbufEffect::Ignored);
+        assert!(!r.driver_busy());
+        let id = r.begin(Epoch(4));
+        r.on_outbuf(id);
+        assert_eq!(r.on_outbuf(CMD_ID_STOP), OutbufEffect::Completed(Epoch(4)));
+        assert!(!r.driver_busy());
         assert_eq!(r.accepting(), None);
         assert_eq!(r.on_outbuf(CMD_ID_STOP), OutbufEffect::Ignored);
         assert!(r.done());

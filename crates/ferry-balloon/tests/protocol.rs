@@ -185,13 +185,16 @@ fn hints_after_the_epoch_ended_are_not_delivered() {
     src.start(e.inbox.register("balloon-hint", HintKind::Free));
     e.inbox.open(Epoch(0));
     src.epoch_begin(Epoch(0));
+    assert!(!src.busy(), "asked, but the driver has not started");
     let id = d.read_cmd_id();
     d.send_cmd(id);
+    assert!(src.busy(), "the driver is in its hint loop");
     d.send_hint(4 * MIB, HINT_BLOCK as u32);
     e.inbox.close();
     src.epoch_end(Epoch(0));
-    // The driver has not noticed STOP yet and sends another block.
+    // The driver has not noticed STOP yet and sends another block: still busy.
     d.send_hint(16 * MIB, HINT_BLOCK as u32);
+    assert!(src.busy());
     e.inbox.open(Epoch(1));
     assert_eq!(
         e.drain(),
@@ -199,6 +202,9 @@ fn hints_after_the_epoch_ended_are_not_delivered() {
         "the epoch-0 hint is stale, the late one never sent"
     );
     assert_eq!(d.dev.counters().hints_ignored, 1);
+    // Its STOP says it left the loop.
+    d.send_cmd(CMD_ID_STOP);
+    assert!(!src.busy());
 }
 
 #[test]

@@ -105,6 +105,14 @@ pub trait HintSource: Send {
     /// Hinting is over (`Switchover`, before the device state is saved) or the migration
     /// ended without switchover. Called exactly once.
     fn finish(&mut self, outcome: Outcome);
+    /// Whether the guest is still doing work this source asked of it, e.g. the balloon
+    /// driver still in a free page hint loop the last `epoch_end` told it to stop. Before it
+    /// pauses the guest the engine waits, briefly and within a bound, for every source to
+    /// say no, so that the pause does not catch the guest in the middle of that work. Must
+    /// be quick; a source that asks nothing of the guest keeps the default.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// What travels from sinks to the inbox.

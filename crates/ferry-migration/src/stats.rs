@@ -53,6 +53,10 @@ pub struct SwitchoverStats {
     /// what earlier rounds queued (bounded), so that the downtime does not include it.
     #[serde(default)]
     pub drain_ms: f64,
+    /// The part of `drain_ms` spent waiting (bounded) for the guest to finish work a hint
+    /// source asked of it (the balloon driver's free page hint loop) before the pause.
+    #[serde(default)]
+    pub settle_ms: f64,
     /// Stopping the vCPUs and devices.
     pub pause_ms: f64,
     /// The last fetch-and-clear of the dirty log.

@@ -58,6 +58,12 @@ pub fn downtime_breakdown(s: &MigrationStats) -> String {
             "; before the pause, {:.1} ms letting queued data drain",
             w.drain_ms
         ));
+        if w.settle_ms >= 0.05 {
+            line.push_str(&format!(
+                " ({:.1} ms of it letting the guest finish its free page hinting)",
+                w.settle_ms
+            ));
+        }
     }
     line
 }
@@ -174,6 +180,13 @@ mod tests {
         // Phases that took no time are left out.
         assert!(
             !line.contains("dirty sync") && !line.contains("audit"),
+            "{line}"
+        );
+        let mut settled = s.clone();
+        settled.switchover.settle_ms = 7.5;
+        let line = downtime_breakdown(&settled);
+        assert!(
+            line.ends_with("12.0 ms letting queued data drain (7.5 ms of it letting the guest finish its free page hinting)"),
             "{line}"
         );
     }

@@ -362,3 +362,121 @@ fn the_downtime_breakdown_accounts_for_the_pause() {
         "the destination's share must be inside the wait for it: {w:?}"
     );
 }
+
+/// A hint source whose guest needs `polls` of [`HintSource::busy`] to leave the work each
+/// epoch's end told it to stop, like the balloon driver finishing a turn of its hint loop
+/// (`u32::MAX`: it never does).
+struct SlowToStop {
+    polls: u32,
+    left: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl ferry_migration::HintSource for SlowToStop {
+    fn name(&self) -> &str {
+        "slow-to-stop"
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        ferry_migration::HintKind::Free
+    }
+    fn start(&mut self, _: ferry_migration::HintSink) {}
+    fn epoch_begin(&mut self, _: ferry_migration::Epoch) {}
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {
+        self.left
+            .store(self.polls, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn finish(&mut self, _: ferry_migration::Outcome) {}
+    fn busy(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let left = self.left.load(SeqCst);
+        if left > 0 && left != u32::MAX {
+            self.left.store(left - 1, SeqCst);
+        }
+        left > 0
+    }
+}
+
+/// The simulated VM, noting whether the source's guest was still busy when it was paused.
+struct WatchPause {
+    vm: ferry_sim::SimVm,
+    left: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    busy_at_pause: bool,
+}
+
+impl ferry_migration::VmControl for WatchPause {
+    fn pause(&mut self) -> Result<(), ferry_migration::VmControlError> {
+        self.busy_at_pause = self.left.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), ferry_migration::VmControlError> {
+        self.vm.resume()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, ferry_migration::VmControlError> {
+        self.vm.save_state()
+    }
+}
+
+/// Migrates an idle simulated guest with a [`SlowToStop`] source: the statistics and whether
+/// the pause caught the guest busy. Every used page must arrive.
+fn migrate_slow_to_stop(polls: u32) -> (ferry_migration::MigrationStats, bool) {
+    let src = ferry_sim::create_memory(MEMORY).unwrap();
+    let dst = ferry_sim::create_memory(MEMORY).unwrap();
+    let vm = ferry_sim::SimVm::new(
+        ferry_sim::Guest::new(src.clone(), 5),
+        SimConfig {
+            used_percent: 20,
+            workload: Workload::Idle,
+            hints: None,
+            zero_on_alloc: false,
+        },
+    );
+    let (a, b) = ferry_migration::Connection::pair().unwrap();
+    let d = dst.clone();
+    let t = std::thread::spawn(move || {
+        let r = ferry_migration::Destination::new(&d, Default::default())
+            .unwrap()
+            .receive(vec![b])
+            .unwrap();
+        r.acknowledge().unwrap();
+    });
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
+    let mut control = WatchPause {
+        vm: vm.clone(),
+        left: left.clone(),
+        busy_at_pause: false,
+    };
+    let mut driver = ferry_sim::SimDriver(vm.clone());
+    let mut source = SlowToStop { polls, left };
+    let mut m = ferry_migration::Migration::new(
+        &src,
+        &mut dirty,
+        &mut control,
+        &mut driver,
+        MigrationConfig::default(),
+    )
+    .unwrap();
+    m.add_source(&mut source);
+    let stats = m.run(vec![a]).unwrap();
+    t.join().unwrap();
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).unwrap();
+    let bad = ferry_sim::verify(vm.lock().guest.page_states(), &dst, &layout);
+    assert!(bad.is_empty(), "pages lost: {bad:?}");
+    (stats, control.busy_at_pause)
+}
+
+/// The pause waits for a guest still busy with hint work it was told to stop (so the pause
+/// does not stretch that stall), but only within a bound: a guest that never stops costs
+/// that bound and nothing else.
+#[test]
+fn the_pause_waits_a_bounded_time_for_the_guest_to_leave_hint_work() {
+    let (stats, busy) = migrate_slow_to_stop(20);
+    assert!(!busy, "paused while the guest was still busy: {stats:?}");
+    let w = &stats.switchover;
+    assert!(w.settle_ms > 0.0 && w.settle_ms <= w.drain_ms, "{w:?}");
+
+    let (stats, busy) = migrate_slow_to_stop(u32::MAX);
+    assert!(busy, "a guest that never stops is paused anyway");
+    let w = &stats.switchover;
+    let bound = ferry_migration::SETTLE_MAX.as_secs_f64() * 1000.0;
+    assert!(w.settle_ms >= bound && w.drain_ms >= w.settle_ms, "{w:?}");
+}
