@@ -4,7 +4,9 @@
 mod driver;
 
 use driver::*;
-use ferry_balloon::{BalloonConfig, BalloonState, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP};
+use ferry_balloon::{
+    BalloonConfig, BalloonState, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, HINT_MIN_YIELD_PAGES,
+};
 use ferry_migration::hint::HintTargets;
 use ferry_migration::{
     Epoch, HintInbox, HintKind, HintSource, MemoryLayout, Outcome, PageBitmap, PAGE_SIZE,
@@ -205,6 +207,48 @@ fn hints_after_the_epoch_ended_are_not_delivered() {
     // Its STOP says it left the loop.
     d.send_cmd(CMD_ID_STOP);
     assert!(!src.busy());
+}
+
+#[test]
+fn the_guest_is_asked_again_only_while_hints_pay() {
+    let mut d = Driver::new(BalloonConfig::default());
+    d.probe(ALL, None);
+    let mut e = Engine::new(&d);
+    let mut src = d.dev.hint_source();
+    src.start(e.inbox.register("balloon-hint", HintKind::Free));
+    // The bulk round's epoch always asks; its hints spared enough, so the next one asks too.
+    e.inbox.open(Epoch(0));
+    src.epoch_begin(Epoch(0));
+    assert_eq!(d.read_cmd_id(), CMD_ID_MIN);
+    assert_eq!(d.hint_round(&[4 * MIB]), 1);
+    src.epoch_yield(Epoch(0), HINT_MIN_YIELD_PAGES);
+    src.epoch_end(Epoch(0));
+    e.inbox.close();
+    e.inbox.open(Epoch(1));
+    src.epoch_begin(Epoch(1));
+    assert_eq!(d.read_cmd_id(), CMD_ID_MIN + 1);
+    assert_eq!(d.hint_round(&[8 * MIB]), 1);
+    // Epoch 1's hints spared less than a block: epoch 2 does not ask the guest (no new id,
+    // no interrupt) and is complete at once.
+    src.epoch_yield(Epoch(1), HINT_MIN_YIELD_PAGES - 1);
+    src.epoch_end(Epoch(1));
+    e.inbox.close();
+    let irqs = d.irq.count();
+    e.inbox.open(Epoch(2));
+    src.epoch_begin(Epoch(2));
+    assert_eq!(d.read_config(8), CMD_ID_STOP);
+    assert_eq!(d.irq.count(), irqs, "no config interrupt");
+    e.drain();
+    assert!(e.inbox.all_complete());
+    assert!(!src.busy());
+    src.epoch_end(Epoch(2));
+    e.inbox.close();
+    src.finish(Outcome::Switchover);
+    assert_eq!(
+        d.read_config(8),
+        CMD_ID_DONE,
+        "the held blocks still go back"
+    );
 }
 
 #[test]

@@ -105,6 +105,12 @@ pub trait HintSource: Send {
     /// Hinting is over (`Switchover`, before the device state is saved) or the migration
     /// ended without switchover. Called exactly once.
     fn finish(&mut self, outcome: Outcome);
+    /// How many pages this source's hints tagged `epoch` spared from that epoch's round
+    /// (called once per precopy epoch, after its round was sent and before the epoch ends).
+    /// A source whose guest pays for every request can stop asking when they stop paying.
+    fn epoch_yield(&mut self, epoch: Epoch, pages_skipped: u64) {
+        let _ = (epoch, pages_skipped);
+    }
     /// Whether the guest is still doing work this source asked of it, e.g. the balloon
     /// driver still in a free page hint loop the last `epoch_end` told it to stop. Before it
     /// pauses the guest the engine waits, briefly and within a bound, for every source to

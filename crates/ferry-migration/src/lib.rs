@@ -44,7 +44,9 @@ pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
 pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};
 pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
 pub use progress::{Event, NoObserver, Observer};
-pub use source::{Migration, MigrationConfig, MigrationError, HINT_DRAIN_BUDGET, SETTLE_MAX};
+pub use source::{
+    Migration, MigrationConfig, MigrationError, HINT_DRAIN_BUDGET, SETTLE_GRACE, SETTLE_MAX,
+};
 pub use stats::{MigrationStats, RoundStats, SwitchoverStats};
 pub use tls::{Tls, TlsError, TlsFiles};
 pub use transport::{connect, Connection, Endpoint, Listener};

@@ -472,11 +472,117 @@ fn the_pause_waits_a_bounded_time_for_the_guest_to_leave_hint_work() {
     let (stats, busy) = migrate_slow_to_stop(20);
     assert!(!busy, "paused while the guest was still busy: {stats:?}");
     let w = &stats.switchover;
-    assert!(w.settle_ms > 0.0 && w.settle_ms <= w.drain_ms, "{w:?}");
+    // Once done, the guest ran on for the grace before the pause.
+    let grace = ferry_migration::SETTLE_GRACE.as_secs_f64() * 1000.0;
+    assert!(w.settle_ms >= grace && w.settle_ms <= w.drain_ms, "{w:?}");
 
     let (stats, busy) = migrate_slow_to_stop(u32::MAX);
     assert!(busy, "a guest that never stops is paused anyway");
     let w = &stats.switchover;
     let bound = ferry_migration::SETTLE_MAX.as_secs_f64() * 1000.0;
     assert!(w.settle_ms >= bound && w.drain_ms >= w.settle_ms, "{w:?}");
+}
+
+/// Hints 64 pages in epoch 0 only and records what the engine says each epoch's hints spared.
+struct Yields {
+    gpa: u64,
+    sink: Option<ferry_migration::HintSink>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+}
+
+impl ferry_migration::HintSource for Yields {
+    fn name(&self) -> &str {
+        "yields"
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        ferry_migration::HintKind::Free
+    }
+    fn start(&mut self, sink: ferry_migration::HintSink) {
+        self.sink = Some(sink);
+    }
+    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
+        if let Some(s) = &self.sink {
+            if epoch.0 == 0 {
+                s.hint(
+                    epoch,
+                    &[ferry_migration::GuestRange::new(
+                        self.gpa,
+                        64 * ferry_migration::PAGE_SIZE,
+                    )],
+                );
+            }
+            s.epoch_complete(epoch);
+        }
+    }
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {}
+    fn finish(&mut self, _: ferry_migration::Outcome) {}
+    fn epoch_yield(&mut self, epoch: ferry_migration::Epoch, pages_skipped: u64) {
+        self.seen.lock().unwrap().push((epoch.0, pages_skipped));
+    }
+}
+
+/// Each precopy epoch's source hears what its hints spared: a source whose guest pays for
+/// every request (the balloon) stops asking on that.
+#[test]
+fn sources_hear_what_each_epochs_hints_spared() {
+    let src = ferry_sim::create_memory(MEMORY).unwrap();
+    let dst = ferry_sim::create_memory(MEMORY).unwrap();
+    let vm = ferry_sim::SimVm::new(
+        ferry_sim::Guest::new(src.clone(), 3),
+        SimConfig {
+            used_percent: 20,
+            workload: Workload::Dirty {
+                pages_per_tick: 400,
+            },
+            hints: None,
+            zero_on_alloc: false,
+        },
+    );
+    let (a, b) = ferry_migration::Connection::pair().unwrap();
+    let d = dst.clone();
+    let t = std::thread::spawn(move || {
+        let r = ferry_migration::Destination::new(&d, Default::default())
+            .unwrap()
+            .receive(vec![b])
+            .unwrap();
+        r.acknowledge().unwrap();
+    });
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    // The top of RAM.
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(&src).unwrap();
+    let last = layout.regions().last().unwrap();
+    let mut source = Yields {
+        gpa: last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
+        sink: None,
+        seen: seen.clone(),
+    };
+    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
+    let (mut control, mut driver) = (vm.clone(), ferry_sim::SimDriver(vm.clone()));
+    let mut m = ferry_migration::Migration::new(
+        &src,
+        &mut dirty,
+        &mut control,
+        &mut driver,
+        MigrationConfig {
+            // Never converges: precopy rounds up to the limit, then the switchover.
+            policy: ferry_migration::Policy {
+                downtime_max: std::time::Duration::ZERO,
+                rounds_max: 3,
+                auto_converge: false,
+                ..Default::default()
+            },
+            ..MigrationConfig::default()
+        },
+    )
+    .unwrap();
+    m.add_source(&mut source);
+    let stats = m.run(vec![a]).unwrap();
+    t.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let precopy = stats.rounds.iter().filter(|r| !r.is_final).count() as u64;
+    assert!(precopy >= 2, "{stats:?}");
+    let expected: Vec<(u64, u64)> = (0..precopy)
+        .map(|e| (e, if e == 0 { 64 } else { 0 }))
+        .collect();
+    assert_eq!(seen, expected);
 }
