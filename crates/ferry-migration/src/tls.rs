@@ -218,6 +218,55 @@ pub(crate) fn handshake<S: Socket>(
     };
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let done = run_handshake(&mut conn, role_is_server, sock);
+    if done.is_err() && role_is_server {
+        linger(&mut conn, sock);
+    }
+    done?;
+    sock.set_read_timeout(None)?;
+    sock.set_write_timeout(None)?;
+    Ok(conn)
+}
+
+/// How long a destination that refused a handshake keeps reading what the peer sent before
+/// it closes. Closing a socket with unread data resets the connection, and a reset can
+/// destroy the alert sent just before it: a plain source, which sends its hello right after
+/// its preamble, then saw "connection reset" instead of "the destination speaks TLS".
+const LINGER: Duration = Duration::from_millis(250);
+/// The most a refused peer's data read while lingering.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Sends what rustls queued (its alert), ends this direction, and reads the peer's data until
+/// it closes too, at most [`LINGER`] and [`LINGER_BYTES`].
+fn linger<S: Socket>(conn: &mut rustls::Connection, sock: &mut S) {
+    while conn.wants_write() {
+        if conn.write_tls(sock).is_err() {
+            break;
+        }
+    }
+    let _ = sock.flush();
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let deadline = std::time::Instant::now() + LINGER;
+    let mut buf = [0u8; 16 << 10];
+    let mut read = 0;
+    while read < LINGER_BYTES {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+}
+
+/// The handshake proper, and the destination's confirmation.
+fn run_handshake<S: Socket>(
+    conn: &mut rustls::Connection,
+    role_is_server: bool,
+    sock: &mut S,
+) -> io::Result<()> {
     while conn.is_handshaking() {
         conn.complete_io(sock).map_err(|e| {
             let tls_error = e
@@ -235,10 +284,7 @@ pub(crate) fn handshake<S: Socket>(
             }
         })?;
     }
-    confirm(&mut conn, role_is_server, sock)?;
-    sock.set_read_timeout(None)?;
-    sock.set_write_timeout(None)?;
-    Ok(conn)
+    confirm(conn, role_is_server, sock)
 }
 
 /// The byte a destination sends once it has accepted the source's certificate.
