@@ -10,6 +10,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use rustix::fs::FallocateFlags;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -183,6 +184,59 @@ pub struct Incoming {
 }
 
 /// A connection whose Hello has been read.
+/// Tells the source (`RoundApplied` on connection 0) when a round is in guest memory on
+/// every connection. The source pauses the guest only once everything it sent before the
+/// switchover is applied here, so that no backlog of earlier rounds (in socket buffers, or
+/// behind a destination slower than the source) is left for the downtime.
+struct RoundBarrier {
+    /// Rounds each connection has applied.
+    applied: Vec<AtomicU64>,
+    /// Rounds reported so far, and connection 0's sending half.
+    reply: Mutex<(u64, Box<dyn Write + Send>)>,
+}
+
+impl RoundBarrier {
+    fn new(connections: usize, reply: Box<dyn Write + Send>) -> Self {
+        Self {
+            applied: (0..connections).map(|_| AtomicU64::new(0)).collect(),
+            reply: Mutex::new((0, reply)),
+        }
+    }
+
+    /// Connection `i` has applied `rounds` rounds: reports every round now applied on all.
+    fn round_done(&self, i: usize, rounds: u64) -> Result<(), ReceiveError> {
+        self.applied[i].store(rounds, Ordering::SeqCst);
+        let all = self
+            .applied
+            .iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(0);
+        let mut reply = self.reply.lock().unwrap_or_else(|p| p.into_inner());
+        let (reported, writer) = &mut *reply;
+        if *reported >= all {
+            return Ok(());
+        }
+        let mut enc = Encoder::new();
+        while *reported < all {
+            // Round numbers fit in u32 on the wire (the decoder checked them).
+            enc.round_applied(*reported as u32);
+            *reported += 1;
+        }
+        writer
+            .write_all(enc.bytes())
+            .and_then(|()| writer.flush())
+            .map_err(|e| ReceiveError::Wire {
+                connection: 0,
+                source: e.into(),
+            })
+    }
+
+    fn into_writer(self) -> Box<dyn Write + Send> {
+        self.reply.into_inner().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
 struct Greeted {
     conn: Connection,
     hello: Hello,
@@ -437,14 +491,19 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
     ) -> Result<(Vec<u8>, Summary), ReceiveError> {
         let n = conns.len();
         let device_state = Mutex::new(None);
+        // Connection 0's sending half reports applied rounds while its receiving half is
+        // read on its own thread; it goes back to the connection afterwards.
+        let reply = std::mem::replace(&mut conns[0].conn.writer, Box::new(std::io::sink()));
+        let barrier = RoundBarrier::new(n, reply);
         let results: Vec<Result<Summary, ReceiveError>> = thread::scope(|s| {
             let handles: Vec<_> = conns
                 .iter_mut()
                 .enumerate()
                 .map(|(i, g)| {
                     let device_state = &device_state;
+                    let barrier = &barrier;
                     s.spawn(move || {
-                        let r = self.apply(i, n, &mut g.conn, device_state);
+                        let r = self.apply(i, n, &mut g.conn, device_state, barrier);
                         if r.is_err() {
                             closers.iter().for_each(Closer::shutdown_read);
                         }
@@ -461,6 +520,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                 })
                 .collect()
         });
+        conns[0].conn.writer = barrier.into_writer();
         // Report the root cause: the first error that is not a consequence of the shutdown.
         let mut total = Summary::default();
         let mut first_err = None;
@@ -507,6 +567,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
         n: usize,
         conn: &mut Connection,
         device_state: &Mutex<Option<Vec<u8>>>,
+        barrier: &RoundBarrier,
     ) -> Result<Summary, ReceiveError> {
         let wire_err = |source| ReceiveError::Wire {
             connection: i,
@@ -563,6 +624,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                         ));
                     }
                     got.rounds += 1;
+                    barrier.round_done(i, got.rounds)?;
                 }
                 Record::Complete(sent) => {
                     if sent != got {
@@ -750,6 +812,71 @@ mod tests {
         });
         out.extend_from_slice(&e.take());
         out
+    }
+
+    /// A writer whose bytes the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        /// The rounds reported so far (and forgets them).
+        fn rounds(&self) -> Vec<u32> {
+            let bytes = std::mem::take(&mut *self.0.lock().unwrap());
+            let mut d = wire::Decoder::new(&bytes[..]);
+            let mut out = Vec::new();
+            loop {
+                match d.next_record() {
+                    Ok(Record::RoundApplied(r)) => out.push(r),
+                    Err(WireError::Closed) => return out,
+                    r => panic!("unexpected {r:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_round_is_reported_once_every_connection_applied_it() {
+        let out = Shared::default();
+        let barrier = RoundBarrier::new(2, Box::new(out.clone()));
+        barrier.round_done(0, 1).unwrap();
+        assert_eq!(out.rounds(), [] as [u32; 0], "connection 1 is behind");
+        barrier.round_done(1, 1).unwrap();
+        assert_eq!(out.rounds(), [0]);
+        barrier.round_done(1, 2).unwrap();
+        assert_eq!(out.rounds(), [] as [u32; 0]);
+        // Connection 0 catches up by two rounds, connection 1 is at two: one more.
+        barrier.round_done(0, 3).unwrap();
+        assert_eq!(out.rounds(), [1]);
+        barrier.round_done(1, 3).unwrap();
+        assert_eq!(out.rounds(), [2]);
+    }
+
+    #[test]
+    fn the_source_hears_each_round_applied_before_the_acknowledgement() {
+        let (mem, _file) = memfd_memory();
+        let dest = Destination::new(&mem, ReceiveConfig::default()).unwrap();
+        let (mut source, there) = Connection::pair().unwrap();
+        source
+            .writer
+            .write_all(&stream(dest.layout.regions().to_vec()))
+            .unwrap();
+        let received = dest.receive(vec![there]).unwrap();
+        received.acknowledge().unwrap();
+        wire::read_preamble(&mut source.reader, MAGIC_DEST).unwrap();
+        let mut d = wire::Decoder::new(&mut source.reader);
+        assert!(matches!(d.next_record(), Ok(Record::HelloReply(_))));
+        assert_eq!(d.next_record().unwrap(), Record::RoundApplied(0));
+        assert!(matches!(d.next_record(), Ok(Record::Ack(_))));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! with [`MigrationError::OutcomeUnknown`] and the VM paused: never two running copies.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::thread;
@@ -221,6 +221,8 @@ struct Run {
     /// Cuts the connections on cancel, timeout or an overlong pause (see [`crate::watchdog`]).
     watchdog: Watchdog,
     replies: Receiver<PeerReply>,
+    /// Rounds the destination reports applied on every connection (`RoundApplied`).
+    applied: Arc<AtomicU64>,
     inbox: HintInbox,
     to_send: PageBitmap,
     dest_nonzero: PageBitmap,
@@ -366,7 +368,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             readers.push(c.reader);
             lanes.push(Lane::spawn(i, c.writer).map_err(|e| shut(WireError::Io(e).into()))?);
         }
-        let replies = spawn_reply_reader(readers.swap_remove(0));
+        let applied = Arc::new(AtomicU64::new(0));
+        let replies = spawn_reply_reader(readers.swap_remove(0), applied.clone());
         let pages = self.layout.pages();
         let mut inbox = HintInbox::new();
         for s in self.sources.iter_mut() {
@@ -386,6 +389,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             closers,
             watchdog,
             replies,
+            applied,
             inbox,
             to_send: PageBitmap::full(pages),
             dest_nonzero: if zeroed {
@@ -484,9 +488,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         self.switch_over(run, round + 1)
     }
 
-    /// Lets the connections take what is queued for them while the guest still runs, so that
-    /// the pause does not wait for a backlog of earlier rounds (a destination slower than
-    /// this end leaves megabytes queued), and lets the guest finish work a hint source asked
+    /// Lets the destination apply everything sent so far while the guest still runs (it
+    /// reports each round applied on every connection), so that the pause does not wait for a
+    /// backlog of earlier rounds (in this end's queues, in socket buffers, or behind a
+    /// destination slower than this end), and lets the guest finish work a hint source asked
     /// of it ([`HintSource::busy`], at most [`SETTLE_MAX`]), so that the pause does not
     /// stretch a guest stall. Bounded by [`DRAIN_MAX`]; pages the guest writes meanwhile are
     /// in the dirty log and go in the final round. A guest that never finishes costs the
@@ -527,9 +532,19 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     settled = Some(now);
                 }
             }
-            let drained = run.lanes.iter().all(|l| l.queued_bytes() == 0);
+            // Everything sent is in the destination's memory: the rounds' ends too.
+            let rounds = run.stats.rounds.len() as u64;
+            let drained = run.lanes.iter().all(|l| l.queued_bytes() == 0)
+                && run.applied.load(Ordering::SeqCst) >= rounds;
             if (drained && settled.is_some()) || now >= deadline {
                 run.stats.switchover.settle_ms = ms(settled.unwrap_or(now) - t);
+                run.stats.switchover.applied_before_pause = drained;
+                if !drained {
+                    tracing::debug!(
+                        "the destination has not applied everything after {DRAIN_MAX:?}; \
+                         pausing the guest with a backlog"
+                    );
+                }
                 break;
             }
             thread::sleep(Duration::from_millis(1));
@@ -932,14 +947,28 @@ impl Lap {
     }
 }
 
-/// Reads the destination's replies (Ack or Error) on connection 0.
-fn spawn_reply_reader(r: Box<dyn std::io::Read + Send>) -> Receiver<PeerReply> {
+/// Reads the destination's replies on connection 0: `RoundApplied` records count into
+/// `applied`; the first `Ack`, `Error` or anything else ends it and goes to the channel.
+fn spawn_reply_reader(
+    r: Box<dyn std::io::Read + Send>,
+    applied: Arc<AtomicU64>,
+) -> Receiver<PeerReply> {
     let (tx, rx) = mpsc::sync_channel(1);
     let spawned = thread::Builder::new()
         .name("ferry-rx-reply".into())
         .spawn(move || {
             let mut d = Decoder::new(r);
-            let reply = match d.next_record() {
+            let mut record = d.next_record();
+            // Rounds come in order, each once.
+            while let Ok(Record::RoundApplied(round)) = record {
+                if u64::from(round) != applied.load(Ordering::SeqCst) {
+                    record = Err(WireError::Invalid("round-applied out of order"));
+                    break;
+                }
+                applied.store(u64::from(round) + 1, Ordering::SeqCst);
+                record = d.next_record();
+            }
+            let reply = match record {
                 Ok(Record::Ack(s)) => Ok(s),
                 Ok(Record::Error(msg)) => Err(MigrationError::Destination(msg)),
                 Ok(r) => Err(MigrationError::Protocol(format!(
@@ -958,4 +987,42 @@ fn spawn_reply_reader(r: Box<dyn std::io::Read + Send>) -> Receiver<PeerReply> {
         tracing::error!(error = %e, "cannot start the reply reader");
     }
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replies(records: impl FnOnce(&mut Encoder)) -> (PeerReply, u64) {
+        let mut e = Encoder::new();
+        records(&mut e);
+        let applied = Arc::new(AtomicU64::new(0));
+        let rx = spawn_reply_reader(Box::new(std::io::Cursor::new(e.take())), applied.clone());
+        let reply = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        (reply, applied.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn applied_rounds_count_up_until_the_acknowledgement() {
+        let ack = wire::Ack {
+            summary: wire::Summary::default(),
+            destination_us: 7,
+        };
+        let (reply, applied) = replies(|e| {
+            e.round_applied(0);
+            e.round_applied(1);
+            e.ack(ack);
+        });
+        assert_eq!((reply.unwrap(), applied), (ack, 2));
+        // Out of order (a round skipped or repeated) is a protocol error.
+        let (reply, applied) = replies(|e| {
+            e.round_applied(0);
+            e.round_applied(2);
+        });
+        assert!(
+            matches!(reply, Err(MigrationError::Wire(WireError::Invalid(_)))),
+            "{reply:?}"
+        );
+        assert_eq!(applied, 1);
+    }
 }

@@ -49,10 +49,15 @@ impl RoundStats {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SwitchoverStats {
-    /// Before the pause, not part of the downtime: waiting for the connections to take
-    /// what earlier rounds queued (bounded), so that the downtime does not include it.
+    /// Before the pause, not part of the downtime: waiting (bounded) for the destination to
+    /// report everything earlier rounds sent applied, so that the downtime does not include
+    /// a backlog.
     #[serde(default)]
     pub drain_ms: f64,
+    /// Whether the destination reported everything sent before the pause applied (false:
+    /// the drain's bound ran out first, and the downtime includes the rest).
+    #[serde(default)]
+    pub applied_before_pause: bool,
     /// The part of `drain_ms` spent waiting (bounded) for the guest to finish work a hint
     /// source asked of it (the balloon driver's free page hint loop) before the pause.
     #[serde(default)]

@@ -23,7 +23,7 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"FERRYMIG";
 /// Destination-to-source preamble magic.
 pub const MAGIC_DEST: [u8; 8] = *b"FERRYDST";
 /// The format version this build speaks. Independent of the crate version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Length of the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Length of a record header.
@@ -111,6 +111,9 @@ pub enum Kind {
     Ack = 8,
     /// Either side: the migration failed, with a reason.
     Error = 9,
+    /// Destination -> source: every connection's records up to its end of a round are in
+    /// guest memory.
+    RoundApplied = 10,
 }
 
 impl Kind {
@@ -125,6 +128,7 @@ impl Kind {
             7 => Self::Complete,
             8 => Self::Ack,
             9 => Self::Error,
+            10 => Self::RoundApplied,
             _ => return None,
         })
     }
@@ -140,6 +144,7 @@ impl Kind {
             Self::Complete => "complete",
             Self::Ack => "ack",
             Self::Error => "error",
+            Self::RoundApplied => "round-applied",
         }
     }
 
@@ -155,6 +160,7 @@ impl Kind {
             Self::Complete => 32,
             Self::Ack => 40,
             Self::Error => ERROR_BYTES_MAX,
+            Self::RoundApplied => 8,
         }
     }
 }
@@ -232,6 +238,8 @@ pub enum Record<'a> {
     Ack(Ack),
     /// The peer failed.
     Error(String),
+    /// The destination applied round `n` on every connection.
+    RoundApplied(u32),
 }
 
 /// A list of little-endian u64 guest-physical addresses.
@@ -468,6 +476,11 @@ impl Encoder {
         self.simple(Kind::DeviceState, state);
     }
 
+    /// Appends a `RoundApplied`.
+    pub fn round_applied(&mut self, round: u32) {
+        self.simple(Kind::RoundApplied, &u64::from(round).to_le_bytes());
+    }
+
     /// Appends an `EndOfRound`.
     pub fn end_of_round(&mut self, round: u32) {
         self.simple(Kind::EndOfRound, &u64::from(round).to_le_bytes());
@@ -644,12 +657,16 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
             Record::ZeroRuns(RunList(&p[8..]))
         }
         Kind::DeviceState => Record::DeviceState(p),
-        Kind::EndOfRound => {
+        Kind::EndOfRound | Kind::RoundApplied => {
             if p.len() != 8 {
                 return Err(bad());
             }
             let round = u32::try_from(le64(p)).map_err(|_| WireError::Invalid("round number"))?;
-            Record::EndOfRound(round)
+            if kind == Kind::EndOfRound {
+                Record::EndOfRound(round)
+            } else {
+                Record::RoundApplied(round)
+            }
         }
         Kind::Complete | Kind::Ack => {
             let want = if kind == Kind::Ack { 40 } else { 32 };
@@ -734,6 +751,7 @@ mod tests {
         };
         e.ack(ack);
         e.error("boom");
+        e.round_applied(3);
         let bytes = e.take();
         let mut d = Decoder::new(&bytes[..]);
         assert_eq!(d.next_record().unwrap(), Record::Hello(hello));
@@ -758,6 +776,7 @@ mod tests {
         assert_eq!(d.next_record().unwrap(), Record::Complete(s));
         assert_eq!(d.next_record().unwrap(), Record::Ack(ack));
         assert_eq!(d.next_record().unwrap(), Record::Error("boom".into()));
+        assert_eq!(d.next_record().unwrap(), Record::RoundApplied(3));
         assert!(matches!(d.next_record(), Err(WireError::Closed)));
     }
 

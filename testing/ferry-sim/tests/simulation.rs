@@ -355,6 +355,8 @@ fn the_downtime_breakdown_accounts_for_the_pause() {
         "the phases add up to {sum} ms of a {downtime} ms downtime: {w:?}"
     );
     assert!(w.state_bytes > 0, "{w:?}");
+    // The pause came once the destination had applied every precopy round.
+    assert!(w.applied_before_pause, "{w:?}");
     // The destination's clock starts when the last record arrived, which can be before the
     // source's writers reported it sent: inside the flush at the earliest.
     assert!(
