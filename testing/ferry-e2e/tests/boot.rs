@@ -161,38 +161,3 @@ fn boots_debian_and_serves_agent_balloon_pause_and_shutdown() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
-
-#[test]
-#[ignore = "needs hardware KVM: run through lab/run"]
-fn boots_with_ram_above_the_32_bit_mmio_window() -> Result<()> {
-    ensure!(
-        ferry_lab::hw_kvm_usable(),
-        "no hardware KVM here: run this test through lab/run"
-    );
-    let dir = std::env::temp_dir().join(format!("ferry-vmm-4g-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let vmm = FerryVmm::new(ferry_lab::workspace_binary("ferry-vmm")?, FerryLaunch::Vmm)
-        .with_api_socket(dir.join("api.sock"));
-    let mut config = GuestConfig::new(GuestImage::locate()?);
-    config.mem_mib = 4096;
-    config.vcpus = 2;
-    let mut guest = Guest::spawn(&vmm, &config)?;
-    if let Err(e) = guest.agent().wait_ready(BOOT_TIMEOUT) {
-        bail!("{e}\nVMM log:\n{}", guest.vmm_log());
-    }
-    let meminfo = guest.agent().command("meminfo", COMMAND_TIMEOUT)?;
-    let total_kib: u64 = meminfo
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("total_kib="))
-        .context("total_kib in meminfo")?
-        .parse()?;
-    eprintln!("4 GiB guest: {meminfo}");
-    // All 4 GiB minus what the kernel reserves for itself: more than the 3 GiB below the hole.
-    ensure!(total_kib > (3 << 20) + (512 << 10), "{meminfo}");
-    guest.agent().command("shutdown", COMMAND_TIMEOUT)?;
-    ensure!(guest.wait_exit(COMMAND_TIMEOUT)?.success());
-    let errors = guest.agent().kernel_errors();
-    ensure!(errors.is_empty(), "guest kernel errors: {errors:#?}");
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}

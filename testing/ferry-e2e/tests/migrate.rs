@@ -106,6 +106,43 @@ fn migrates_every_workload_with_hints_off_and_on() -> Result<()> {
     Ok(())
 }
 
+/// A 4 GiB guest with 2 vCPUs (RAM above the 32-bit MMIO window too) boots, migrates with
+/// hints on and then off while it writes, keeps its data and runs on.
+#[test]
+#[ignore = "needs hardware KVM: run through lab/run"]
+fn migrates_a_4_gib_guest_with_two_vcpus() -> Result<()> {
+    ensure!(ferry_lab::hw_kvm_usable(), "run this test through lab/run");
+    let dir = test_dir("4g")?;
+    let mut node = boot_source_with(&dir, "big0", 2, 4096)?;
+    let meminfo = node.command("meminfo")?;
+    let total_kib: u64 = meminfo
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total_kib="))
+        .context("total_kib in meminfo")?
+        .parse()?;
+    // All 4 GiB minus what the kernel reserves for itself: more than the 3 GiB below the hole.
+    ensure!(total_kib > (3 << 20) + (512 << 10), "{meminfo}");
+    for (i, hints) in [true, false].into_iter().enumerate() {
+        node.command("workload dirty 64 16")?;
+        let options = MigrateOptions {
+            hints,
+            ..base_options()
+        };
+        let (mut dest, stats) = hop(&dir, &mut node, &format!("big{}", i + 1), &options)
+            .with_context(|| format!("4 GiB guest, hints {hints}"))?;
+        eprintln!("{}", summary(&format!("4 GiB, hints {hints}"), &stats));
+        ensure!(stats.guest_bytes == 4 << 30, "{stats:?}");
+        let stop = dest.command("workload stop")?;
+        ensure!(stop.contains("kind=dirty"), "the dirty workload did not survive: {stop}");
+        node = dest;
+    }
+    node.command("shutdown")?;
+    ensure!(node.wait_exit()?.success(), "{}", node.log());
+    node.check_kernel()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs hardware KVM: run through lab/run"]
 fn a_connection_cut_mid_round_leaves_the_source_running_and_a_retry_succeeds() -> Result<()> {

@@ -75,6 +75,8 @@ pub struct Node {
     pub agent: AgentClient,
     pub log: PathBuf,
     pub vcpus: u8,
+    /// Guest RAM, MiB.
+    pub memory_mib: u64,
 }
 
 impl Drop for Node {
@@ -105,6 +107,11 @@ pub fn connect_serial(path: &Path, child: &mut Child, log: &Path) -> Result<Agen
 impl Node {
     /// Boots the guest under the `ferry-vmm` binary.
     pub fn boot(dir: &Path, name: &str, vcpus: u8) -> Result<Self> {
+        Self::boot_with(dir, name, vcpus, MEMORY_MIB)
+    }
+
+    /// [`Node::boot`] with `memory_mib` of RAM.
+    pub fn boot_with(dir: &Path, name: &str, vcpus: u8, memory_mib: u64) -> Result<Self> {
         let c = image_config(dir, name, vcpus)?;
         let log = log_dir()?.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
@@ -112,7 +119,7 @@ impl Node {
             unreachable!()
         };
         let mut guest = GuestConfig::new(GuestImage::locate()?);
-        guest.mem_mib = MEMORY_MIB as u32;
+        guest.mem_mib = u32::try_from(memory_mib)?;
         guest.vcpus = u32::from(vcpus);
         guest.cmdline = c.cmdline.clone();
         let vmm = FerryVmm::new(ferry_lab::workspace_binary("ferry-vmm")?, FerryLaunch::Vmm)
@@ -132,6 +139,7 @@ impl Node {
             agent,
             log,
             vcpus,
+            memory_mib,
         })
     }
 
@@ -283,6 +291,8 @@ pub fn spawn_destination_with(
         agent: AgentClient::new(std::io::empty(), std::io::sink()),
         log,
         vcpus,
+        // The source's, set by whoever migrates to it (only a lab fault's evidence uses it).
+        memory_mib: MEMORY_MIB,
     };
     Ok(Pending {
         node: Some(node),
@@ -473,6 +483,7 @@ pub fn hop(
         connected.duration_since(started)
     );
     let mut dest = pending.attach_with(agent)?;
+    dest.memory_mib = source.memory_mib;
     let status = source.wait_exit()?;
     ensure!(
         status.success(),
@@ -519,7 +530,8 @@ pub fn hop(
 pub fn lab_fault(node: &Node) -> Option<String> {
     // After a triple fault KVM has reset the vCPU: its walks outside RAM in the lab host's
     // trace are the evidence then.
-    let walks = ferry_lab::page_walks_outside_ram(node.child.id(), &[(0, MEMORY_MIB << 20)]);
+    let ram = ferry_vmm::layout::ram_regions(node.memory_mib << 20);
+    let walks = ferry_lab::page_walks_outside_ram(node.child.id(), &ram);
     if !walks.is_empty() {
         return Some(format!("{}:\n{}", node.name, walks.join("\n")));
     }
@@ -579,7 +591,12 @@ pub fn diagnose(node: &mut Node) -> String {
 }
 
 pub fn boot_source(dir: &Path, name: &str, vcpus: u8) -> Result<Node> {
-    let mut node = Node::boot(dir, name, vcpus)?;
+    boot_source_with(dir, name, vcpus, MEMORY_MIB)
+}
+
+/// [`boot_source`] with `memory_mib` of RAM.
+pub fn boot_source_with(dir: &Path, name: &str, vcpus: u8, memory_mib: u64) -> Result<Node> {
+    let mut node = Node::boot_with(dir, name, vcpus, memory_mib)?;
     node.agent
         .wait_ready(BOOT_TIMEOUT)
         .with_context(|| format!("guest boot under ferry-vmm:\n{}", node.log()))?;
