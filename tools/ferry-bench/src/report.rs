@@ -223,6 +223,13 @@ pub fn markdown(results: &Results) -> String {
         s.qemu_version,
         if s.qemu_reporting { "on" } else { "off" },
     );
+    if let Some(mbit) = s.link_mbit {
+        let _ = writeln!(
+            out,
+            "Link: {mbit} Mbit/s, each VMM's own bandwidth limit (ferry `--bandwidth`, QEMU \
+             `max-bandwidth`).\n"
+        );
+    }
     out.push_str("| workload | metric |");
     for v in Variant::ALL {
         let _ = write!(out, " {} |", v.label());
@@ -431,6 +438,7 @@ pub(crate) mod tests {
                 qemu_reporting: true,
                 qemu_version: "QEMU emulator version 7.2.19".into(),
                 host: "lab".into(),
+                link_mbit: None,
             },
             cases: Vec::new(),
             failures: Vec::new(),
@@ -547,6 +555,10 @@ pub(crate) mod tests {
         assert!(text.contains("| freed bytes, ferry on / QEMU hint | 0.14x | <= 0.25x | PASS |"));
         assert!(text.contains("| migrations failing verify or with kernel errors | 0 | 0 | PASS |"));
         assert!(!text.contains("\nFailures:"));
+        assert!(!text.contains("Link:"));
+        let mut slow = canned();
+        slow.setup.link_mbit = Some(100);
+        assert!(markdown(&slow).contains("Link: 100 Mbit/s, each VMM's own bandwidth limit"));
         let mut r = canned();
         r.failures.push("qemu-hint: boot\nline 2".into());
         r.cases[0].samples[0]

@@ -282,6 +282,9 @@ pub struct Setup {
     pub qemu_version: String,
     /// Where it ran: `lab` (nested KVM under TCG) or `hardware KVM`.
     pub host: String,
+    /// The link's bandwidth limit, Mbit/s (each VMM's own limiter), if any.
+    #[serde(default)]
+    pub link_mbit: Option<u64>,
 }
 
 /// A whole benchmark run.

@@ -57,6 +57,9 @@ pub struct BenchConfig {
     pub lazy_dirty_log: bool,
     /// ferry audits the dirty log at every switchover (`ferry migrate --audit-dirty-log`).
     pub audit_dirty_log: bool,
+    /// A slow link between the hosts, Mbit/s: each VMM's own bandwidth limit, the same for
+    /// both (ferry `--bandwidth`, QEMU `max-bandwidth`); `None`: loopback at full speed.
+    pub link_mbit: Option<u64>,
     /// Workloads to run.
     pub workloads: Vec<Workload>,
     /// Variants to run.
@@ -84,10 +87,18 @@ impl BenchConfig {
             ferry_reporting: true,
             lazy_dirty_log: true,
             audit_dirty_log: false,
+            link_mbit: None,
             workloads: Workload::ALL.to_vec(),
             variants: Variant::ALL.to_vec(),
             command: String::new(),
         }
+    }
+}
+
+impl BenchConfig {
+    /// The link's bandwidth in bytes/s (1 Mbit = 10^6 bits), if limited.
+    pub fn link_bytes_per_s(&self) -> Option<u64> {
+        self.link_mbit.map(|m| m * 1_000_000 / 8)
     }
 }
 
@@ -152,6 +163,7 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
             downtime_limit_ms: config.downtime_limit_ms,
             qemu_reporting: config.qemu_reporting,
             qemu_version: qemu_version(&config.qemu_binary),
+            link_mbit: config.link_mbit,
             host: if std::path::Path::new("/run/ferry-lab").exists() {
                 "lab (nested KVM under TCG)".into()
             } else {
@@ -242,9 +254,14 @@ fn run_setting(
                 let mut s = FerrySession::boot(&config.ferry_binary, &dir, &guest)?;
                 s.set_lazy_dirty_log(config.lazy_dirty_log);
                 s.set_audit_dirty_log(config.audit_dirty_log);
+                s.set_bandwidth(config.link_bytes_per_s());
                 Box::new(s)
             }
-            _ => Box::new(QemuSession::boot(&config.qemu_binary, &dir, &guest)?),
+            _ => {
+                let mut s = QemuSession::boot(&config.qemu_binary, &dir, &guest)?;
+                s.set_bandwidth(config.link_bytes_per_s());
+                Box::new(s)
+            }
         };
         let outcome = run_group(
             session.as_mut(),
@@ -481,5 +498,13 @@ mod tests {
         );
         config.variants = vec![Variant::FerryOn, Variant::QemuHint];
         assert_eq!(names(&config, 1), ["ferry-on", "qemu-hint"]);
+    }
+
+    #[test]
+    fn a_link_in_mbit_is_a_limit_in_bytes_per_second() {
+        let mut config = BenchConfig::new("/bin/ferry".into());
+        assert_eq!(config.link_bytes_per_s(), None);
+        config.link_mbit = Some(100);
+        assert_eq!(config.link_bytes_per_s(), Some(12_500_000));
     }
 }

@@ -232,6 +232,7 @@ pub struct FerrySession {
     differences: Option<String>,
     lazy_dirty_log: bool,
     audit_dirty_log: bool,
+    bandwidth: Option<u64>,
     last_hop: Option<LastHop>,
 }
 
@@ -262,6 +263,7 @@ impl FerrySession {
             differences: None,
             lazy_dirty_log: true,
             audit_dirty_log: false,
+            bandwidth: None,
             last_hop: None,
         })
     }
@@ -275,6 +277,11 @@ impl FerrySession {
     /// Whether migrations audit the dirty log (`ferry migrate --audit-dirty-log`).
     pub fn set_audit_dirty_log(&mut self, audit: bool) {
         self.audit_dirty_log = audit;
+    }
+
+    /// The stream's bandwidth limit, bytes/s (`ferry migrate --bandwidth`); `None`: none.
+    pub fn set_bandwidth(&mut self, bytes_per_s: Option<u64>) {
+        self.bandwidth = bytes_per_s;
     }
 
     /// Compares the digests of the last hop (`hops - 1` sent, `hops` received).
@@ -403,6 +410,7 @@ impl Session for FerrySession {
             downtime_ms,
             lazy_dirty_log: self.lazy_dirty_log,
             audit_dirty_log: self.audit_dirty_log,
+            bandwidth: self.bandwidth,
             ..MigrateOptions::default()
         };
         let started = Instant::now();
@@ -489,6 +497,7 @@ pub struct QemuSession {
     hops: u32,
     digests: bool,
     differences: Option<String>,
+    bandwidth: Option<u64>,
     last_hop: Option<LastHop>,
 }
 
@@ -554,8 +563,15 @@ impl QemuSession {
             hops: 0,
             digests,
             differences: None,
+            bandwidth: None,
             last_hop: None,
         })
+    }
+
+    /// QEMU's `max-bandwidth`, bytes/s; `None`: lifted (its 128 MiB/s default would limit
+    /// QEMU where ferry has no limit).
+    pub fn set_bandwidth(&mut self, bytes_per_s: Option<u64>) {
+        self.bandwidth = bytes_per_s;
     }
 }
 
@@ -618,7 +634,10 @@ impl Session for QemuSession {
         }
         self.qmp.execute(
             "migrate-set-parameters",
-            Some(json!({ "downtime-limit": downtime_ms, "max-bandwidth": QEMU_MAX_BANDWIDTH })),
+            Some(json!({
+                "downtime-limit": downtime_ms,
+                "max-bandwidth": self.bandwidth.unwrap_or(QEMU_MAX_BANDWIDTH),
+            })),
         )?;
         let started = Instant::now();
         self.qmp.execute(

@@ -43,6 +43,10 @@ pub struct BenchVmArgs {
     /// Downtime limit for both VMMs, ms.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
+    /// A slow link between the hosts, Mbit/s: the same bandwidth limit for both VMMs, each
+    /// with its own limiter (ferry `--bandwidth`, QEMU `max-bandwidth`) [default: none].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub link_mbit: Option<u64>,
     /// Workloads, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "idle,freed,dirty")]
     pub workloads: Vec<Workload>,
@@ -138,6 +142,7 @@ impl BenchVmArgs {
         config.ferry_reporting = self.ferry_reporting;
         config.lazy_dirty_log = self.lazy_dirty_log;
         config.audit_dirty_log = self.audit_dirty_log;
+        config.link_mbit = self.link_mbit;
         config.workloads = self.workloads.clone();
         config.variants = self.variants.clone();
         config.command = command_line();
