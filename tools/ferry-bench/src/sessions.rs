@@ -381,6 +381,7 @@ impl Session for FerrySession {
 
     fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
         self.hops += 1;
+        self.last_hop = None;
         let mut dest = FerryNode::spawn(
             &self.binary,
             &self.dir,
@@ -618,6 +619,7 @@ impl Session for QemuSession {
     /// `hints` is fixed by the balloon device QEMU was started with.
     fn migrate(&mut self, _hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
         self.hops += 1;
+        self.last_hop = None;
         let path = self.dir.join(format!("q{}.qmp", self.hops));
         let port = free_port()?;
         let dest = Guest::spawn(
