@@ -335,8 +335,13 @@ pub struct RateLimiter {
     sent: u64,
 }
 
+/// The most a [`RateLimiter`] lets through at once after sending less than its rate: the
+/// credit of idle time it keeps.
+pub const RATE_BURST: Duration = Duration::from_millis(50);
+
 impl RateLimiter {
-    /// A limiter allowing `bytes_per_s` on average (must be non-zero).
+    /// A limiter allowing `bytes_per_s` (must be non-zero), with bursts of at most
+    /// [`RATE_BURST`] worth of bytes.
     pub fn new(bytes_per_s: u64) -> Self {
         Self {
             bytes_per_s: bytes_per_s.max(1),
@@ -345,12 +350,17 @@ impl RateLimiter {
         }
     }
 
-    /// Accounts for `bytes` about to be sent and sleeps until sending them keeps the
-    /// average at or below the limit.
+    /// Accounts for `bytes` about to be sent and sleeps until sending them keeps to the
+    /// limit. Time spent sending less (a round of zero pages, a wait for the guest) earns
+    /// at most [`RATE_BURST`] of credit: a limiter that averaged over the whole migration let
+    /// a later round through at full speed after a quiet one (the lab saw 275 MB/s under a
+    /// 16 MiB/s limit).
     pub fn consume(&mut self, bytes: u64) {
-        self.sent += bytes;
+        let now = self.start.elapsed();
+        let floor = now.saturating_sub(RATE_BURST).as_secs_f64() * self.bytes_per_s as f64;
+        self.sent = self.sent.max(floor as u64) + bytes;
         let due = Duration::from_secs_f64(self.sent as f64 / self.bytes_per_s as f64);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+        if let Some(wait) = due.checked_sub(now) {
             thread::sleep(wait);
         }
     }
@@ -359,6 +369,30 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_limiter_lets_only_a_burst_through() {
+        // 10 MB/s; idle for 300 ms, then 1 MB (100 ms worth): only RATE_BURST of the idle
+        // time counts, so the limiter must hold the sender for the other 50 ms.
+        let mut limiter = RateLimiter::new(10_000_000);
+        thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        limiter.consume(1_000_000);
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "a burst past the limit went through at once: {:?}",
+            t.elapsed()
+        );
+        // And the average still holds: 2 MB more take at least 200 ms.
+        let t = Instant::now();
+        limiter.consume(1_000_000);
+        limiter.consume(1_000_000);
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 
     #[test]
     fn parses_endpoints() {
