@@ -195,6 +195,49 @@ fn an_audit_of_a_faithful_dirty_log_finds_nothing() {
     }
 }
 
+/// One migration of a simulated guest (`seed`, a fifth of its RAM in use, `workload`) with
+/// `source` as its only hint source and `control(vm)` as the VM control the engine drives:
+/// the statistics, the used pages that did not arrive intact, and the control.
+fn migrate_one<C: ferry_migration::VmControl>(
+    seed: u64,
+    workload: Workload,
+    config: MigrationConfig,
+    source: &mut dyn ferry_migration::HintSource,
+    control: impl FnOnce(ferry_sim::SimVm) -> C,
+) -> (ferry_migration::MigrationStats, Vec<ferry_sim::Mismatch>, C) {
+    let src = ferry_sim::create_memory(MEMORY).unwrap();
+    let dst = ferry_sim::create_memory(MEMORY).unwrap();
+    let vm = ferry_sim::SimVm::new(
+        ferry_sim::Guest::new(src.clone(), seed),
+        SimConfig {
+            used_percent: 20,
+            workload,
+            hints: None,
+            zero_on_alloc: false,
+        },
+    );
+    let (a, b) = ferry_migration::Connection::pair().unwrap();
+    let d = dst.clone();
+    let t = std::thread::spawn(move || {
+        let r = ferry_migration::Destination::new(&d, Default::default())
+            .unwrap()
+            .receive(vec![b])
+            .unwrap();
+        r.acknowledge().unwrap();
+    });
+    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
+    let (mut control, mut driver) = (control(vm.clone()), ferry_sim::SimDriver(vm.clone()));
+    let mut m =
+        ferry_migration::Migration::new(&src, &mut dirty, &mut control, &mut driver, config)
+            .unwrap();
+    m.add_source(source);
+    let stats = m.run(vec![a]).unwrap();
+    t.join().unwrap();
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).unwrap();
+    let bad = ferry_sim::verify(vm.lock().guest.page_states(), &dst, &layout);
+    (stats, bad, control)
+}
+
 #[test]
 fn the_integrity_check_does_detect_a_lost_write() {
     // A guest that hints pages it is using loses their content: the check must notice.
@@ -219,42 +262,14 @@ fn the_integrity_check_does_detect_a_lost_write() {
         fn epoch_end(&mut self, _: Epoch) {}
         fn finish(&mut self, _: Outcome) {}
     }
-    let src = ferry_sim::create_memory(MEMORY).unwrap();
-    let dst = ferry_sim::create_memory(MEMORY).unwrap();
-    let vm = ferry_sim::SimVm::new(
-        ferry_sim::Guest::new(src.clone(), 9),
-        SimConfig {
-            used_percent: 20,
-            workload: Workload::Idle,
-            hints: None,
-            zero_on_alloc: false,
-        },
-    );
-    let (a, b) = ferry_migration::Connection::pair().unwrap();
-    let d = dst.clone();
-    let t = std::thread::spawn(move || {
-        let r = ferry_migration::Destination::new(&d, Default::default())
-            .unwrap()
-            .receive(vec![b])
-            .unwrap();
-        r.acknowledge().unwrap();
-    });
-    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
-    let (mut control, mut driver) = (vm.clone(), ferry_sim::SimDriver(vm.clone()));
     let mut liar = Liar(None, MEMORY / 4);
-    let mut m = ferry_migration::Migration::new(
-        &src,
-        &mut dirty,
-        &mut control,
-        &mut driver,
+    let (_, bad, _) = migrate_one(
+        9,
+        Workload::Idle,
         MigrationConfig::default(),
-    )
-    .unwrap();
-    m.add_source(&mut liar);
-    m.run(vec![a]).unwrap();
-    t.join().unwrap();
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).unwrap();
-    let bad = ferry_sim::verify(vm.lock().guest.page_states(), &dst, &layout);
+        &mut liar,
+        |vm| vm,
+    );
     assert!(
         !bad.is_empty(),
         "pages hinted while in use were not sent, and the check saw it"
@@ -420,48 +435,22 @@ impl ferry_migration::VmControl for WatchPause {
 /// Migrates an idle simulated guest with a [`SlowToStop`] source: the statistics and whether
 /// the pause caught the guest busy. Every used page must arrive.
 fn migrate_slow_to_stop(polls: u32) -> (ferry_migration::MigrationStats, bool) {
-    let src = ferry_sim::create_memory(MEMORY).unwrap();
-    let dst = ferry_sim::create_memory(MEMORY).unwrap();
-    let vm = ferry_sim::SimVm::new(
-        ferry_sim::Guest::new(src.clone(), 5),
-        SimConfig {
-            used_percent: 20,
-            workload: Workload::Idle,
-            hints: None,
-            zero_on_alloc: false,
+    let left = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut source = SlowToStop {
+        polls,
+        left: left.clone(),
+    };
+    let (stats, bad, control) = migrate_one(
+        5,
+        Workload::Idle,
+        MigrationConfig::default(),
+        &mut source,
+        |vm| WatchPause {
+            vm,
+            left,
+            busy_at_pause: false,
         },
     );
-    let (a, b) = ferry_migration::Connection::pair().unwrap();
-    let d = dst.clone();
-    let t = std::thread::spawn(move || {
-        let r = ferry_migration::Destination::new(&d, Default::default())
-            .unwrap()
-            .receive(vec![b])
-            .unwrap();
-        r.acknowledge().unwrap();
-    });
-    let left = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
-    let mut control = WatchPause {
-        vm: vm.clone(),
-        left: left.clone(),
-        busy_at_pause: false,
-    };
-    let mut driver = ferry_sim::SimDriver(vm.clone());
-    let mut source = SlowToStop { polls, left };
-    let mut m = ferry_migration::Migration::new(
-        &src,
-        &mut dirty,
-        &mut control,
-        &mut driver,
-        MigrationConfig::default(),
-    )
-    .unwrap();
-    m.add_source(&mut source);
-    let stats = m.run(vec![a]).unwrap();
-    t.join().unwrap();
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).unwrap();
-    let bad = ferry_sim::verify(vm.lock().guest.page_states(), &dst, &layout);
     assert!(bad.is_empty(), "pages lost: {bad:?}");
     (stats, control.busy_at_pause)
 }
@@ -527,59 +516,37 @@ impl ferry_migration::HintSource for Yields {
 /// every request (the balloon) stops asking on that.
 #[test]
 fn sources_hear_what_each_epochs_hints_spared() {
-    let src = ferry_sim::create_memory(MEMORY).unwrap();
-    let dst = ferry_sim::create_memory(MEMORY).unwrap();
-    let vm = ferry_sim::SimVm::new(
-        ferry_sim::Guest::new(src.clone(), 3),
-        SimConfig {
-            used_percent: 20,
-            workload: Workload::Dirty {
-                pages_per_tick: 400,
-            },
-            hints: None,
-            zero_on_alloc: false,
-        },
-    );
-    let (a, b) = ferry_migration::Connection::pair().unwrap();
-    let d = dst.clone();
-    let t = std::thread::spawn(move || {
-        let r = ferry_migration::Destination::new(&d, Default::default())
-            .unwrap()
-            .receive(vec![b])
-            .unwrap();
-        r.acknowledge().unwrap();
-    });
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    // The top of RAM.
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(&src).unwrap();
+    // The top of RAM (the simulated memory's layout does not depend on its content).
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(
+        &ferry_sim::create_memory(MEMORY).unwrap(),
+    )
+    .unwrap();
     let last = layout.regions().last().unwrap();
     let mut source = Yields {
         gpa: last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
         sink: None,
         seen: seen.clone(),
     };
-    let mut dirty = ferry_migration::BitmapDirtyLog::new(src.clone());
-    let (mut control, mut driver) = (vm.clone(), ferry_sim::SimDriver(vm.clone()));
-    let mut m = ferry_migration::Migration::new(
-        &src,
-        &mut dirty,
-        &mut control,
-        &mut driver,
-        MigrationConfig {
-            // Never converges: precopy rounds up to the limit, then the switchover.
-            policy: ferry_migration::Policy {
-                downtime_max: std::time::Duration::ZERO,
-                rounds_max: 3,
-                auto_converge: false,
-                ..Default::default()
-            },
-            ..MigrationConfig::default()
+    let config = MigrationConfig {
+        // Never converges: precopy rounds up to the limit, then the switchover.
+        policy: ferry_migration::Policy {
+            downtime_max: std::time::Duration::ZERO,
+            rounds_max: 3,
+            auto_converge: false,
+            ..Default::default()
         },
-    )
-    .unwrap();
-    m.add_source(&mut source);
-    let stats = m.run(vec![a]).unwrap();
-    t.join().unwrap();
+        ..MigrationConfig::default()
+    };
+    let (stats, _, _) = migrate_one(
+        3,
+        Workload::Dirty {
+            pages_per_tick: 400,
+        },
+        config,
+        &mut source,
+        |vm| vm,
+    );
     let seen = seen.lock().unwrap().clone();
     let precopy = stats.rounds.iter().filter(|r| !r.is_final).count() as u64;
     assert!(precopy >= 2, "{stats:?}");
