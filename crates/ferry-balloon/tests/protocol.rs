@@ -60,6 +60,17 @@ impl Engine {
 const ALL: u64 =
     F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_HINT | F_PAGE_POISON | F_REPORTING;
 
+/// A driver that negotiated every feature, the engine, and the device's hint source
+/// registered with it.
+fn hinting() -> (Driver, Engine, ferry_balloon::BalloonHintSource) {
+    let mut d = Driver::new(BalloonConfig::default());
+    d.probe(ALL, None);
+    let mut e = Engine::new(&d);
+    let mut src = d.dev.hint_source();
+    src.start(e.inbox.register("balloon-hint", HintKind::Free));
+    (d, e, src)
+}
+
 #[test]
 fn negotiation_follows_the_linux_sequence() {
     let mut d = Driver::new(BalloonConfig::default());
@@ -151,11 +162,7 @@ fn a_hint_round_delivers_blocks_tagged_with_the_epoch() {
 
 #[test]
 fn hints_with_a_stale_id_are_ignored() {
-    let mut d = Driver::new(BalloonConfig::default());
-    d.probe(ALL, None);
-    let mut e = Engine::new(&d);
-    let mut src = d.dev.hint_source();
-    src.start(e.inbox.register("balloon-hint", HintKind::Free));
+    let (mut d, mut e, mut src) = hinting();
 
     e.inbox.open(Epoch(0));
     src.epoch_begin(Epoch(0));
@@ -180,11 +187,7 @@ fn hints_with_a_stale_id_are_ignored() {
 
 #[test]
 fn hints_after_the_epoch_ended_are_not_delivered() {
-    let mut d = Driver::new(BalloonConfig::default());
-    d.probe(ALL, None);
-    let mut e = Engine::new(&d);
-    let mut src = d.dev.hint_source();
-    src.start(e.inbox.register("balloon-hint", HintKind::Free));
+    let (mut d, mut e, mut src) = hinting();
     e.inbox.open(Epoch(0));
     src.epoch_begin(Epoch(0));
     assert!(!src.busy(), "asked, but the driver has not started");
@@ -211,11 +214,7 @@ fn hints_after_the_epoch_ended_are_not_delivered() {
 
 #[test]
 fn the_guest_is_asked_again_only_while_hints_pay() {
-    let mut d = Driver::new(BalloonConfig::default());
-    d.probe(ALL, None);
-    let mut e = Engine::new(&d);
-    let mut src = d.dev.hint_source();
-    src.start(e.inbox.register("balloon-hint", HintKind::Free));
+    let (mut d, mut e, mut src) = hinting();
     // The bulk round's epoch always asks; its hints spared enough, so the next one asks too.
     e.inbox.open(Epoch(0));
     src.epoch_begin(Epoch(0));
