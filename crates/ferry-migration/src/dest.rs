@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::compress::Codec;
 use crate::lane::CHUNK_PAGES;
 use crate::layout::{GuestRange, LayoutError, MemoryLayout, RegionDesc, PAGE_SIZE};
 use crate::transport::{Closer, Connection, Listener, CONNECTIONS_MAX};
@@ -155,6 +156,9 @@ pub struct ReceiveConfig {
     /// kernel clears each page before the copy overwrites it; a write to the file allocates
     /// and fills the pages in one pass inside the kernel. `ferry bench` shows the difference.
     pub write_through_file: bool,
+    /// Accept the compression a source offers (see [`crate::compress`]); `false` declines
+    /// it (saving this host's CPU), and the source sends pages uncompressed.
+    pub accept_compression: bool,
 }
 
 impl Default for ReceiveConfig {
@@ -164,6 +168,7 @@ impl Default for ReceiveConfig {
             accept_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             write_through_file: false,
+            accept_compression: true,
         }
     }
 }
@@ -377,6 +382,12 @@ fn check_hellos(conns: &mut [Greeted]) -> Result<(), ReceiveError> {
                 "the connections announce different memory layouts".into(),
             ));
         }
+        if h.compression != conns[0].hello.compression {
+            return Err(protocol(
+                i,
+                "the connections offer different compression".into(),
+            ));
+        }
         if h.connection != 0 && !h.description.is_empty() {
             return Err(protocol(
                 i,
@@ -441,11 +452,16 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             incoming.fail(&e);
             return Err(e);
         }
+        let codec = match incoming.conns.first() {
+            Some(g) if self.config.accept_compression => g.hello.compression,
+            _ => Codec::None,
+        };
         let result = (|| {
             for g in &mut incoming.conns {
                 let mut enc = Encoder::new();
                 enc.hello_reply(HelloReply {
                     zeroed: self.config.zeroed,
+                    compression: codec,
                 });
                 let i = usize::from(g.hello.connection);
                 g.conn
@@ -456,7 +472,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                         source: e.into(),
                     })?;
             }
-            self.apply_all(&mut incoming.conns, &incoming.closers)
+            self.apply_all(&mut incoming.conns, &incoming.closers, codec)
         })();
         match result {
             Ok((device_state, summary)) => {
@@ -488,6 +504,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
         &self,
         conns: &mut [Greeted],
         closers: &[Closer],
+        codec: Codec,
     ) -> Result<(Vec<u8>, Summary), ReceiveError> {
         let n = conns.len();
         let device_state = Mutex::new(None);
@@ -503,7 +520,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
                     let device_state = &device_state;
                     let barrier = &barrier;
                     s.spawn(move || {
-                        let r = self.apply(i, n, &mut g.conn, device_state, barrier);
+                        let r = self.apply(i, n, &mut g.conn, codec, device_state, barrier);
                         if r.is_err() {
                             closers.iter().for_each(Closer::shutdown_read);
                         }
@@ -566,6 +583,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
         i: usize,
         n: usize,
         conn: &mut Connection,
+        codec: Codec,
         device_state: &Mutex<Option<Vec<u8>>>,
         barrier: &RoundBarrier,
     ) -> Result<Summary, ReceiveError> {
@@ -573,7 +591,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Destination<'a, M> {
             connection: i,
             source,
         };
-        let mut d = Decoder::new(&mut conn.reader);
+        let mut d = Decoder::new(&mut conn.reader)
+            .accept(codec)
+            .map_err(|e| wire_err(e.into()))?;
         let mut got = Summary::default();
         loop {
             match d.next_record().map_err(wire_err)? {
@@ -795,6 +815,7 @@ mod tests {
             page_size: PAGE_SIZE as u32,
             regions,
             description: Vec::new(),
+            compression: Codec::None,
         });
         let at = e.begin_pages();
         for (page, byte) in [(1u64, 0x11u8), (2, 0x22), (9, 0x99), (10, 0xaa)] {

@@ -11,6 +11,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use crate::compress::{Compression, PageCompressor};
 use crate::transport::RateLimiter;
 use crate::wire::{Encoder, Summary, PAGES_PER_RECORD_MAX, ZERO_RUNS_PER_RECORD_MAX};
 
@@ -51,6 +52,8 @@ pub struct Lane {
     buffers: usize,
     /// Bytes handed to the writer thread and not yet written to the connection.
     queued: Arc<AtomicU64>,
+    /// Bytes written to the connection (after compression).
+    wire: Arc<AtomicU64>,
     writer: Option<JoinHandle<Result<(), std::io::Error>>>,
 }
 
@@ -63,17 +66,33 @@ impl std::fmt::Debug for Lane {
 }
 
 impl Lane {
-    /// Starts the writer thread for connection `index`.
-    pub fn spawn(index: usize, mut w: Box<dyn Write + Send>) -> std::io::Result<Self> {
+    /// Starts the writer thread for connection `index`, which compresses page data as
+    /// `compression` says.
+    pub fn spawn(
+        index: usize,
+        mut w: Box<dyn Write + Send>,
+        compression: Compression,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<Vec<u8>>(BUFFERS_IN_FLIGHT);
         let (pool_tx, pool) = sync_channel::<Vec<u8>>(BUFFERS);
         let queued = Arc::new(AtomicU64::new(0));
         let written = queued.clone();
+        let wire = Arc::new(AtomicU64::new(0));
+        let on_wire = wire.clone();
+        let mut compressor = match compression {
+            Compression::None => None,
+            Compression::Zstd { level } => Some(PageCompressor::new(level)?),
+        };
         let writer = thread::Builder::new()
             .name(format!("ferry-tx-{index}"))
             .spawn(move || {
                 for buf in rx {
-                    w.write_all(&buf)?;
+                    let out = match compressor.as_mut() {
+                        Some(c) => c.compress(&buf)?,
+                        None => &buf[..],
+                    };
+                    w.write_all(out)?;
+                    on_wire.fetch_add(out.len() as u64, Ordering::Relaxed);
                     // Saturating: the failure path's error record is not counted.
                     let n = buf.len() as u64;
                     let _ = written.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
@@ -93,6 +112,7 @@ impl Lane {
             pool,
             buffers: 1,
             queued,
+            wire,
             writer: Some(writer),
         })
     }
@@ -101,6 +121,11 @@ impl Lane {
     /// keeps them here).
     pub fn queued_bytes(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes written to the connection so far (after compression).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.load(Ordering::Relaxed)
     }
 
     /// The writer's error, if it stopped while it should be running (it stops on its own
@@ -328,7 +353,10 @@ mod tests {
 
     fn lane() -> (Lane, Sender<bool>) {
         let (open, gate) = channel();
-        (Lane::spawn(0, Box::new(Gate(gate))).unwrap(), open)
+        (
+            Lane::spawn(0, Box::new(Gate(gate)), Compression::None).unwrap(),
+            open,
+        )
     }
 
     fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod bitmap;
+pub mod compress;
 pub mod convergence;
 pub mod dest;
 pub mod dirty;
@@ -38,6 +39,7 @@ pub mod wire;
 pub mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
+pub use compress::Compression;
 pub use convergence::{OnNoConvergence, Policy};
 pub use dest::{Destination, Incoming, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};

@@ -24,6 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::audit::Audit;
 use crate::bitmap::PageBitmap;
+use crate::compress::{Codec, Compression};
 use crate::convergence::{Convergence, Decision, OnNoConvergence, Policy};
 use crate::dirty::{DirtyLog, DirtyLogError};
 use crate::hint::{Epoch, HintInbox, HintSource, HintTargets, Outcome};
@@ -96,6 +97,10 @@ pub struct MigrationConfig {
     /// What the destination needs to build the empty VM (see [`Hello::description`]); sent
     /// as it is, at most [`DESCRIPTION_BYTES_MAX`] bytes.
     pub description: Vec<u8>,
+    /// Compression of page data, offered to the destination in the handshake; used only if
+    /// it accepts (see [`crate::compress`]). `bandwidth_limit` counts the data before
+    /// compression, so a compressed stream stays below the limit on the wire.
+    pub compression: Compression,
 }
 
 impl Default for MigrationConfig {
@@ -111,6 +116,7 @@ impl Default for MigrationConfig {
             stall_timeout: Duration::from_secs(60),
             audit_dirty_log: false,
             description: Vec::new(),
+            compression: Compression::None,
         }
     }
 }
@@ -281,6 +287,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             Ok(()) => {
                 run.watchdog.stand_down();
                 run.stats.total_ms = ms(run.started.elapsed());
+                run.stats.wire_bytes = run.lanes.iter().map(Lane::wire_bytes).sum();
                 run.stats.sources = run.inbox.stats();
                 self.observer.event(&Event::Completed(&run.stats));
                 Ok(run.stats)
@@ -333,12 +340,14 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 } else {
                     Vec::new()
                 },
+                compression: self.config.compression.codec(),
             });
             wire::write_preamble(&mut c.writer, MAGIC_SOURCE)
                 .and_then(|()| c.writer.write_all(enc.bytes()))
                 .map_err(|e| shut(WireError::Io(e).into()))?;
         }
         let mut zeroed = true;
+        let mut accepted = Vec::with_capacity(n);
         for c in conns.iter_mut() {
             // A peer that accepts but never answers (not a ferry destination, or one that
             // waits for connections that never come) must not hang the source.
@@ -350,7 +359,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 .next_record()
                 .map_err(|e| shut(handshake_err(e, self.config.handshake_timeout)))?
             {
-                Record::HelloReply(r) => zeroed &= r.zeroed,
+                Record::HelloReply(r) => {
+                    zeroed &= r.zeroed;
+                    accepted.push(r.compression);
+                }
                 Record::Error(msg) => return Err(shut(MigrationError::Destination(msg))),
                 r => {
                     return Err(shut(MigrationError::Protocol(format!(
@@ -359,6 +371,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 }
             }
         }
+        let compression = self.agreed_compression(&accepted).map_err(shut)?;
         let mut readers = Vec::with_capacity(n);
         let mut lanes = Vec::with_capacity(n);
         for (i, c) in conns.into_iter().enumerate() {
@@ -366,7 +379,9 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 .and_then(|()| c.set_write_timeout(Some(self.config.stall_timeout)))
                 .map_err(|e| shut(WireError::Io(e).into()))?;
             readers.push(c.reader);
-            lanes.push(Lane::spawn(i, c.writer).map_err(|e| shut(WireError::Io(e).into()))?);
+            lanes.push(
+                Lane::spawn(i, c.writer, compression).map_err(|e| shut(WireError::Io(e).into()))?,
+            );
         }
         let applied = Arc::new(AtomicU64::new(0));
         let replies = spawn_reply_reader(readers.swap_remove(0), applied.clone());
@@ -402,6 +417,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             stats: MigrationStats {
                 guest_bytes: self.layout.bytes(),
                 connections: n as u16,
+                compression,
                 ..Default::default()
             },
             started,
@@ -414,6 +430,28 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             skip_mark: Vec::new(),
             audit: self.config.audit_dirty_log.then(|| Audit::new(pages)),
         })
+    }
+
+    /// The compression every connection's destination accepted: the offer, or none when
+    /// the destination declined it (logged; the migration goes on uncompressed).
+    fn agreed_compression(&self, accepted: &[Codec]) -> Result<Compression, MigrationError> {
+        let offer = self.config.compression;
+        if accepted
+            .iter()
+            .any(|&c| c != offer.codec() && c != Codec::None)
+            || accepted.windows(2).any(|w| w[0] != w[1])
+        {
+            return Err(MigrationError::Protocol(format!(
+                "the destination answered the offer of {offer} with {accepted:?}"
+            )));
+        }
+        if accepted.first() == Some(&Codec::None) && offer != Compression::None {
+            tracing::warn!(
+                "the destination declined {offer} compression; sending pages uncompressed"
+            );
+            return Ok(Compression::None);
+        }
+        Ok(offer)
     }
 
     /// Bulk round, iterative rounds, switchover.

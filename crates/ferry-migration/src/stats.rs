@@ -102,8 +102,14 @@ pub struct MigrationStats {
     pub pages_zero: u64,
     /// Total pages skipped per hint source.
     pub pages_skipped: Vec<(String, u64)>,
-    /// Total bytes written.
+    /// Total bytes of records the engine encoded (page data uncompressed).
     pub bytes: u64,
+    /// Bytes written to the connections: `bytes` after compression.
+    #[serde(default)]
+    pub wire_bytes: u64,
+    /// Compression of page data agreed with the destination.
+    #[serde(default)]
+    pub compression: crate::compress::Compression,
     /// From the start of setup to the destination's acknowledgement, milliseconds.
     pub total_ms: f64,
     /// From pausing the VM to the destination's acknowledgement, milliseconds.

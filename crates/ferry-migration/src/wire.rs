@@ -1,4 +1,4 @@
-//! The migration wire format, version 2. Normative description: `docs/wire-format.md`.
+//! The migration wire format, version 4. Normative description: `docs/wire-format.md`.
 //!
 //! Every connection starts with a 16-byte preamble in each direction (magic, format version,
 //! reserved), followed by records:
@@ -16,6 +16,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::compress::{Codec, PageDecompressor};
 use crate::layout::{RegionDesc, PAGE_SIZE, REGIONS_MAX};
 
 /// Source-to-destination preamble magic.
@@ -23,7 +24,7 @@ pub const MAGIC_SOURCE: [u8; 8] = *b"FERRYMIG";
 /// Destination-to-source preamble magic.
 pub const MAGIC_DEST: [u8; 8] = *b"FERRYDST";
 /// The format version this build speaks. Independent of the crate version.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Length of the preamble.
 pub const PREAMBLE_LEN: usize = 16;
 /// Length of a record header.
@@ -87,6 +88,15 @@ pub enum WireError {
     /// A field holds a value the format does not allow.
     #[error("invalid {0}")]
     Invalid(&'static str),
+    /// A compressed record on a connection whose compression was not agreed.
+    #[error("compressed pages on a connection without compression")]
+    NotNegotiated,
+    /// A compressed record's frame is corrupt or does not hold exactly its pages.
+    #[error("a zstd-pages record's frame is corrupt or does not hold its {pages} pages")]
+    BadFrame {
+        /// Pages the record announced.
+        pages: usize,
+    },
 }
 
 /// Record type codes.
@@ -114,6 +124,8 @@ pub enum Kind {
     /// Destination -> source: every connection's records up to its end of a round are in
     /// guest memory.
     RoundApplied = 10,
+    /// Pages whose data is one zstd frame (only when the handshake agreed on zstd).
+    ZstdPages = 11,
 }
 
 impl Kind {
@@ -129,6 +141,7 @@ impl Kind {
             8 => Self::Ack,
             9 => Self::Error,
             10 => Self::RoundApplied,
+            11 => Self::ZstdPages,
             _ => return None,
         })
     }
@@ -145,13 +158,14 @@ impl Kind {
             Self::Ack => "ack",
             Self::Error => "error",
             Self::RoundApplied => "round-applied",
+            Self::ZstdPages => "zstd-pages",
         }
     }
 
     /// The largest payload this record type may have.
     fn payload_max(self) -> usize {
         match self {
-            Self::Hello => 16 + REGIONS_MAX * 16 + DESCRIPTION_BYTES_MAX,
+            Self::Hello => HELLO_FIXED + REGIONS_MAX * 16 + DESCRIPTION_BYTES_MAX,
             Self::HelloReply => 8,
             Self::Pages => 8 + PAGES_PER_RECORD_MAX * (PAGE + 8),
             Self::ZeroRuns => 8 + ZERO_RUNS_PER_RECORD_MAX * 16,
@@ -161,6 +175,8 @@ impl Kind {
             Self::Ack => 40,
             Self::Error => ERROR_BYTES_MAX,
             Self::RoundApplied => 8,
+            // Never larger than the `Pages` record it replaces.
+            Self::ZstdPages => 8 + PAGES_PER_RECORD_MAX * (PAGE + 8),
         }
     }
 }
@@ -180,13 +196,20 @@ pub struct Hello {
     /// only the VMMs at both ends know (the engine carries it, it does not read it). Sent on
     /// connection 0; at most [`DESCRIPTION_BYTES_MAX`] bytes.
     pub description: Vec<u8>,
+    /// The compression the source offers for page data.
+    pub compression: Codec,
 }
+
+/// Bytes of a `Hello` payload before its regions.
+const HELLO_FIXED: usize = 24;
 
 /// What the destination answers to [`Hello`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelloReply {
     /// The destination's guest RAM is all zero, so zero pages need not be sent.
     pub zeroed: bool,
+    /// The compression the destination accepts: the source's offer, or none.
+    pub compression: Codec,
 }
 
 /// Totals per connection, sent by the source in `Complete` and checked by the destination.
@@ -393,12 +416,14 @@ impl Encoder {
     /// Appends a `Hello`.
     pub fn hello(&mut self, h: &Hello) {
         debug_assert!(h.description.len() <= DESCRIPTION_BYTES_MAX);
-        let mut p = Vec::with_capacity(16 + h.regions.len() * 16 + h.description.len());
+        let mut p = Vec::with_capacity(HELLO_FIXED + h.regions.len() * 16 + h.description.len());
         p.extend_from_slice(&h.connection.to_le_bytes());
         p.extend_from_slice(&h.connections.to_le_bytes());
         p.extend_from_slice(&h.page_size.to_le_bytes());
         p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
         p.extend_from_slice(&(h.description.len() as u32).to_le_bytes());
+        p.extend_from_slice(&(h.compression as u32).to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
         for r in &h.regions {
             p.extend_from_slice(&r.gpa.to_le_bytes());
             p.extend_from_slice(&r.size.to_le_bytes());
@@ -409,7 +434,10 @@ impl Encoder {
 
     /// Appends a `HelloReply`.
     pub fn hello_reply(&mut self, r: HelloReply) {
-        self.simple(Kind::HelloReply, &u64::from(r.zeroed).to_le_bytes());
+        let mut p = [0u8; 8];
+        p[..4].copy_from_slice(&u32::from(r.zeroed).to_le_bytes());
+        p[4..].copy_from_slice(&(r.compression as u32).to_le_bytes());
+        self.simple(Kind::HelloReply, &p);
     }
 
     /// Starts a `Pages` record; add pages with [`page_slot`](Self::page_slot).
@@ -525,12 +553,28 @@ impl Encoder {
 pub struct Decoder<R> {
     r: R,
     buf: Vec<u8>,
+    /// With zstd agreed: the decompressor and the pages of the last `ZstdPages` record.
+    zstd: Option<(PageDecompressor, Vec<u8>)>,
 }
 
 impl<R: Read> Decoder<R> {
     /// A decoder reading from `r` (after the preamble).
     pub fn new(r: R) -> Self {
-        Self { r, buf: Vec::new() }
+        Self {
+            r,
+            buf: Vec::new(),
+            zstd: None,
+        }
+    }
+
+    /// Accepts records compressed with `codec` (agreed in the handshake); they are returned
+    /// as the `Pages` records they stand for. Without this, a compressed record is an error.
+    pub fn accept(mut self, codec: Codec) -> io::Result<Self> {
+        self.zstd = match codec {
+            Codec::None => None,
+            Codec::Zstd => Some((PageDecompressor::new()?, Vec::new())),
+        };
+        Ok(self)
     }
 
     /// The underlying reader.
@@ -541,10 +585,11 @@ impl<R: Read> Decoder<R> {
     /// Reads the next record. A clean end of stream before a record header is
     /// [`WireError::Closed`].
     pub fn next_record(&mut self) -> Result<Record<'_>, WireError> {
+        let Self { r, buf, zstd } = self;
         let mut header = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
-            match self.r.read(&mut header[got..]) {
+            match r.read(&mut header[got..]) {
                 Ok(0) if got == 0 => return Err(WireError::Closed),
                 Ok(0) => {
                     return Err(WireError::Truncated {
@@ -569,11 +614,11 @@ impl<R: Read> Decoder<R> {
         }
         // The buffer only grows (up to the largest record seen, itself bounded), so steady
         // state reads do not clear or reallocate it.
-        if self.buf.len() < len + 4 {
-            self.buf.resize(len + 4, 0);
+        if buf.len() < len + 4 {
+            buf.resize(len + 4, 0);
         }
-        let buf = &mut self.buf[..len + 4];
-        self.r.read_exact(buf).map_err(|e| match e.kind() {
+        let buf = &mut buf[..len + 4];
+        r.read_exact(buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => WireError::Truncated {
                 what: format!("a record ({})", kind.name()),
             },
@@ -586,8 +631,45 @@ impl<R: Read> Decoder<R> {
         if h.finalize() != le32(crc) {
             return Err(WireError::Checksum { kind: kind.name() });
         }
+        if kind == Kind::ZstdPages {
+            let (z, pages) = zstd.as_mut().ok_or(WireError::NotNegotiated)?;
+            return zstd_pages(payload, z, pages);
+        }
         parse(kind, payload)
     }
+}
+
+/// Decompresses a checksummed `ZstdPages` payload into `pages` (grown as needed, up to one
+/// record's worth) and returns it as the `Pages` record it stands for.
+fn zstd_pages<'a>(
+    p: &'a [u8],
+    z: &mut PageDecompressor,
+    pages: &'a mut Vec<u8>,
+) -> Result<Record<'a>, WireError> {
+    let bad = || WireError::BadLength {
+        kind: Kind::ZstdPages.name(),
+        len: p.len(),
+    };
+    if p.len() < 8 {
+        return Err(bad());
+    }
+    let n = le32(p) as usize;
+    let frame_len = le32(&p[4..]) as usize;
+    if n == 0 || n > PAGES_PER_RECORD_MAX || p.len() != 8 + n * 8 + frame_len {
+        return Err(bad());
+    }
+    let (gpas, frame) = p[8..].split_at(n * 8);
+    if pages.len() < n * PAGE {
+        pages.resize(n * PAGE, 0);
+    }
+    let data = &mut pages[..n * PAGE];
+    if !z.decompress(frame, data) {
+        return Err(WireError::BadFrame { pages: n });
+    }
+    Ok(Record::Pages {
+        gpas: GpaList(gpas),
+        data,
+    })
 }
 
 /// Parses a checksummed payload of `kind`.
@@ -598,15 +680,20 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
     };
     Ok(match kind {
         Kind::Hello => {
-            if p.len() < 16 {
+            if p.len() < HELLO_FIXED {
                 return Err(bad());
             }
             let n = le32(&p[8..12]) as usize;
             let d = le32(&p[12..16]) as usize;
-            if n > REGIONS_MAX || d > DESCRIPTION_BYTES_MAX || p.len() != 16 + n * 16 + d {
+            if n > REGIONS_MAX || d > DESCRIPTION_BYTES_MAX || p.len() != HELLO_FIXED + n * 16 + d {
                 return Err(bad());
             }
-            let (regions, description) = p[16..].split_at(n * 16);
+            let compression =
+                Codec::from_u32(le32(&p[16..20])).ok_or(WireError::Invalid("compression"))?;
+            if le32(&p[20..24]) != 0 {
+                return Err(WireError::Invalid("hello reserved field"));
+            }
+            let (regions, description) = p[HELLO_FIXED..].split_at(n * 16);
             let regions = regions
                 .chunks_exact(16)
                 .map(|c| RegionDesc {
@@ -620,17 +707,24 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
                 page_size: le32(&p[4..8]),
                 regions,
                 description: description.to_vec(),
+                compression,
             })
         }
         Kind::HelloReply => {
             if p.len() != 8 {
                 return Err(bad());
             }
-            match le64(p) {
-                0 => Record::HelloReply(HelloReply { zeroed: false }),
-                1 => Record::HelloReply(HelloReply { zeroed: true }),
+            let zeroed = match le32(p) {
+                0 => false,
+                1 => true,
                 _ => return Err(WireError::Invalid("hello-reply flags")),
-            }
+            };
+            let compression =
+                Codec::from_u32(le32(&p[4..])).ok_or(WireError::Invalid("compression"))?;
+            Record::HelloReply(HelloReply {
+                zeroed,
+                compression,
+            })
         }
         Kind::Pages => {
             if p.len() < 8 {
@@ -689,6 +783,8 @@ fn parse(kind: Kind, p: &[u8]) -> Result<Record<'_>, WireError> {
             }
         }
         Kind::Error => Record::Error(String::from_utf8_lossy(p).into_owned()),
+        // Decoded by the decoder, which holds the decompressor.
+        Kind::ZstdPages => return Err(WireError::NotNegotiated),
     })
 }
 
@@ -724,9 +820,14 @@ mod tests {
                 size: 1 << 20,
             }],
             description: b"{\"vcpus\":2}".to_vec(),
+            compression: Codec::Zstd,
         };
         e.hello(&hello);
-        e.hello_reply(HelloReply { zeroed: true });
+        let reply = HelloReply {
+            zeroed: true,
+            compression: Codec::Zstd,
+        };
+        e.hello_reply(reply);
         let at = e.begin_pages();
         e.page_slot(0x1000).fill(7);
         e.page_slot(0x3000).fill(9);
@@ -755,10 +856,7 @@ mod tests {
         let bytes = e.take();
         let mut d = Decoder::new(&bytes[..]);
         assert_eq!(d.next_record().unwrap(), Record::Hello(hello));
-        assert_eq!(
-            d.next_record().unwrap(),
-            Record::HelloReply(HelloReply { zeroed: true })
-        );
+        assert_eq!(d.next_record().unwrap(), Record::HelloReply(reply));
         match d.next_record().unwrap() {
             Record::Pages { gpas, data } => {
                 assert_eq!(gpas.iter().collect::<Vec<_>>(), vec![0x1000, 0x3000]);
@@ -800,6 +898,7 @@ mod tests {
             let mut p = vec![0u8; 8];
             p.extend_from_slice(&regions.to_le_bytes());
             p.extend_from_slice(&description.to_le_bytes());
+            p.extend_from_slice(&[0u8; 8]); // no compression, reserved
             p.resize(p.len() + regions as usize * 16 + extra, 0);
             let mut e = Encoder::new();
             e.simple(Kind::Hello, &p);
@@ -897,7 +996,111 @@ mod tests {
         }
     }
 
+    /// Records with three `Pages` records: compressible, incompressible, compressible.
+    fn page_records() -> Vec<u8> {
+        let mut e = Encoder::new();
+        let mut noise = 0x9e37_79b9_7f4a_7c15u64;
+        for (record, first) in [(0u64, 0u64), (1, 100), (2, 200)] {
+            let at = e.begin_pages();
+            for p in first..first + 3 {
+                let slot = e.page_slot(p * PAGE_SIZE);
+                for (i, b) in slot.iter_mut().enumerate() {
+                    *b = if record == 1 {
+                        noise ^= noise << 13;
+                        noise ^= noise >> 7;
+                        noise ^= noise << 17;
+                        noise as u8
+                    } else {
+                        (i % 7) as u8 + p as u8
+                    };
+                }
+            }
+            e.finish_pages(at);
+        }
+        e.zero_runs(&[(0x10_0000, 2)]);
+        e.end_of_round(0);
+        e.take()
+    }
+
+    fn compressed(plain: &[u8]) -> Vec<u8> {
+        crate::compress::PageCompressor::new(1)
+            .unwrap()
+            .compress(plain)
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn compressed_pages_decode_to_the_records_they_replace() {
+        let plain = page_records();
+        let zipped = compressed(&plain);
+        assert!(
+            zipped.len() < plain.len() * 2 / 3,
+            "compressible pages shrink: {} of {} bytes",
+            zipped.len(),
+            plain.len()
+        );
+        // Compressible records became zstd-pages, the incompressible one stayed as it was.
+        let kinds: Vec<u8> = {
+            let mut at = 0;
+            let mut kinds = Vec::new();
+            while at < zipped.len() {
+                kinds.push(zipped[at]);
+                at += HEADER_LEN + le32(&zipped[at + 4..]) as usize + 4;
+            }
+            kinds
+        };
+        let (z, p) = (Kind::ZstdPages as u8, Kind::Pages as u8);
+        assert_eq!(&kinds[..3], &[z, p, z]);
+        let mut d = Decoder::new(&zipped[..]).accept(Codec::Zstd).unwrap();
+        assert_eq!(
+            decode_all(&plain),
+            std::iter::from_fn(|| match d.next_record() {
+                Ok(r) => Some(format!("{r:?}")),
+                Err(WireError::Closed) => None,
+                Err(e) => Some(format!("error: {e}")),
+            })
+            .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn compressed_pages_need_the_handshake_and_an_honest_frame() {
+        let zipped = compressed(&page_records());
+        let out = decode_all(&zipped);
+        assert_eq!(
+            out.first().map(String::as_str),
+            Some("error: compressed pages on a connection without compression")
+        );
+        // A frame holding one page more than the record announces, checksummed correctly.
+        let mut e = Encoder::new();
+        e.simple(Kind::ZstdPages, &{
+            let frame = zstd::bulk::compress(&[5u8; 2 * PAGE], 1).unwrap();
+            let mut p = Vec::new();
+            p.extend_from_slice(&1u32.to_le_bytes());
+            p.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            p.extend_from_slice(&0u64.to_le_bytes());
+            p.extend_from_slice(&frame);
+            p
+        });
+        let bytes = e.take();
+        let mut d = Decoder::new(&bytes[..]).accept(Codec::Zstd).unwrap();
+        assert!(matches!(
+            d.next_record(),
+            Err(WireError::BadFrame { pages: 1 })
+        ));
+    }
+
     proptest! {
+        #[test]
+        fn mutated_compressed_streams_never_panic(idx in 0usize..40_000, val in any::<u8>()) {
+            let mut bytes = compressed(&page_records());
+            let i = idx % bytes.len();
+            bytes[i] = val;
+            let mut d = Decoder::new(&bytes[..]).accept(Codec::Zstd).unwrap();
+            while d.next_record().is_ok() {}
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
             decode_all(&bytes);
@@ -907,7 +1110,8 @@ mod tests {
         fn mutated_valid_streams_never_panic(idx in 0usize..200, val in any::<u8>()) {
             let mut e = Encoder::new();
             e.hello(&Hello { connection: 0, connections: 1, page_size: 4096,
-                regions: vec![RegionDesc { gpa: 0, size: 8192 }], description: vec![1, 2] });
+                regions: vec![RegionDesc { gpa: 0, size: 8192 }], description: vec![1, 2],
+                compression: Codec::None });
             e.zero_runs(&[(0, 1), (4096, 1)]);
             e.end_of_round(0);
             let mut bytes = e.take();

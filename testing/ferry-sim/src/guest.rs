@@ -76,13 +76,17 @@ const HEADER: usize = 16;
 const MAGIC: u32 = 0x6665_7272; // "ferr"
 
 /// The content a used page with `index` and `generation` holds: a header naming the page,
-/// then a pseudo-random fill derived from both, so any stale or misplaced copy differs.
+/// then a fill derived from both, so any stale or misplaced copy differs. Odd pages are
+/// pseudo-random (incompressible), even ones repeat one word (compressible), as real memory
+/// mixes both.
 pub fn page_content(index: u64, generation: u32, out: &mut [u8]) {
     let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(generation) | 1;
     for chunk in out[HEADER..].chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        if index % 2 == 1 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
         chunk.copy_from_slice(&x.to_le_bytes());
     }
     out[..4].copy_from_slice(&MAGIC.to_le_bytes());

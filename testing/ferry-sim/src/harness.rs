@@ -43,6 +43,9 @@ pub struct Scenario {
     /// The destination writes pages through its memfds and punches holes for zero pages
     /// (`ReceiveConfig::write_through_file`) instead of writing through the mappings.
     pub write_through_file: bool,
+    /// The destination accepts the compression the source offers
+    /// (`ReceiveConfig::accept_compression`).
+    pub accept_compression: bool,
     /// Engine settings.
     pub migration: MigrationConfig,
 }
@@ -281,6 +284,7 @@ pub fn attempt(s: &Scenario, vm: &SimVm, src_mem: &crate::SimMemory, fault: Faul
     let receive = ReceiveConfig {
         zeroed: !s.dest_prefilled,
         write_through_file: s.write_through_file,
+        accept_compression: s.accept_compression,
         ..ReceiveConfig::default()
     };
     let (src_conns, dst_conns): (Vec<_>, Vec<_>) = (0..s.connections)

@@ -26,6 +26,7 @@ fn scenario() -> Scenario {
         dirty_log_drops_every: 0,
         dest_prefilled: false,
         write_through_file: true,
+        accept_compression: true,
         migration: MigrationConfig::default(),
     }
 }
@@ -220,7 +221,10 @@ fn against_a_peer_that_stops_reading(
         Decoder::new(&mut peer.reader).next_record().unwrap();
         wire::write_preamble(&mut peer.writer, MAGIC_DEST).unwrap();
         let mut enc = Encoder::new();
-        enc.hello_reply(HelloReply { zeroed: true });
+        enc.hello_reply(HelloReply {
+            zeroed: true,
+            compression: ferry_migration::compress::Codec::None,
+        });
         peer.writer.write_all(enc.bytes()).unwrap();
         peer
     });

@@ -1,7 +1,7 @@
 //! The deterministic simulation: many seeds, every workload, every hint behaviour. After every
 //! migration, every page the guest considers in use must be byte-identical at the destination.
 
-use ferry_migration::MigrationConfig;
+use ferry_migration::{Compression, MigrationConfig};
 use ferry_sim::harness::{run, Scenario};
 use ferry_sim::{HintBehavior, SimConfig, Workload};
 
@@ -52,7 +52,16 @@ fn scenario(seed: u64, workload: Workload, hints: Option<HintBehavior>) -> Scena
         dest_prefilled: false,
         // Both ways of writing the destination's memory.
         write_through_file: seed % 2 == 1,
-        migration: MigrationConfig::default(),
+        accept_compression: true,
+        // A third of the seeds compress page data (with 1 to 3 connections).
+        migration: MigrationConfig {
+            compression: if seed % 3 == 1 {
+                Compression::Zstd { level: 1 }
+            } else {
+                Compression::None
+            },
+            ..MigrationConfig::default()
+        },
     }
 }
 
@@ -88,6 +97,32 @@ fn every_used_page_arrives_intact_across_seeds_workloads_and_hint_behaviours() {
         }
     }
     eprintln!("{runs} simulated migrations verified");
+}
+
+#[test]
+fn compression_is_used_only_when_the_destination_accepts_it() {
+    for accept in [true, false] {
+        let mut s = scenario(3, Workload::Dirty { pages_per_tick: 8 }, None);
+        s.connections = 2;
+        s.accept_compression = accept;
+        s.migration.compression = Compression::Zstd { level: 3 };
+        let out = run(&s).unwrap_or_else(|e| panic!("{s:?} failed: {e:?}"));
+        assert!(out.mismatches.is_empty() && out.dest_mismatches.is_empty());
+        let st = &out.stats;
+        if accept {
+            assert_eq!(st.compression, Compression::Zstd { level: 3 });
+            // Half the used pages repeat one word: the page data shrinks by about half.
+            assert!(
+                (st.wire_bytes as f64) < 0.7 * st.bytes as f64,
+                "{} bytes on the wire for {} encoded",
+                st.wire_bytes,
+                st.bytes
+            );
+        } else {
+            assert_eq!(st.compression, Compression::None);
+            assert_eq!(st.wire_bytes, st.bytes, "declined: nothing is compressed");
+        }
+    }
 }
 
 #[test]
