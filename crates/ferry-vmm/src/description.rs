@@ -111,6 +111,14 @@ pub struct ReceiveSettings {
     /// Refuse a VM with more vCPUs than this.
     #[serde(default)]
     pub max_vcpus: Option<u8>,
+    /// Accept compressed page data when the source offers it (`false` saves this host's
+    /// CPU; the source then sends pages as they are).
+    #[serde(default = "accept_compression_default")]
+    pub accept_compression: bool,
+}
+
+fn accept_compression_default() -> bool {
+    true
 }
 
 impl Default for ReceiveSettings {
@@ -123,6 +131,7 @@ impl Default for ReceiveSettings {
             allow_pvm: false,
             max_memory_bytes: None,
             max_vcpus: None,
+            accept_compression: true,
         }
     }
 }

@@ -84,6 +84,7 @@ pub fn receive(
     observer.listening(&local);
     let receive_config = ReceiveConfig {
         write_through_file: crate::memory::GuestRam::prefers_file_writes(),
+        accept_compression: settings.accept_compression,
         ..ReceiveConfig::default()
     };
     let arrived = Incoming::accept(&listener, &receive_config)?;

@@ -22,6 +22,15 @@ pub fn rounds_table(s: &MigrationStats) -> String {
         s.pages_skipped_total(),
         skipped_by_source(s),
     ));
+    if s.compression != ferry_migration::Compression::None {
+        out.push_str(&format!(
+            "compression: {}, {} on the wire ({:.0}% of {})\n",
+            s.compression,
+            mib(s.wire_bytes),
+            100.0 * s.wire_bytes as f64 / s.bytes.max(1) as f64,
+            mib(s.bytes)
+        ));
+    }
     out.push_str(&format!("downtime: {}\n", downtime_breakdown(s)));
     out
 }
@@ -146,6 +155,22 @@ pub fn compare_table(off: &MigrationStats, on: &MigrationStats) -> String {
 mod tests {
     use super::*;
     use ferry_migration::SwitchoverStats;
+
+    #[test]
+    fn the_totals_say_what_compression_saved_only_when_it_was_used() {
+        let mut s = MigrationStats {
+            bytes: 8 << 20,
+            wire_bytes: 2 << 20,
+            ..MigrationStats::default()
+        };
+        assert!(!rounds_table(&s).contains("compression"));
+        s.compression = ferry_migration::Compression::Zstd { level: 1 };
+        let t = rounds_table(&s);
+        assert!(
+            t.contains("compression: zstd:1, 2.0 MiB on the wire (25% of 8.0 MiB)"),
+            "{t}"
+        );
+    }
 
     #[test]
     fn the_downtime_line_names_each_phase_and_the_destination_share() {

@@ -48,6 +48,9 @@ pub struct MigrateOptions {
     /// With `tls`: the name the destination's certificate must carry, when it is not the host
     /// part of the destination's address.
     pub tls_server_name: Option<String>,
+    /// Compression of page data, offered to the destination (used if it accepts): `"none"`
+    /// or `{"zstd": {"level": N}}` (1-19). Worth it when the link, not the CPU, is the limit.
+    pub compression: ferry_migration::Compression,
 }
 
 impl Default for MigrateOptions {
@@ -66,6 +69,7 @@ impl Default for MigrateOptions {
             on_no_convergence: ferry_migration::OnNoConvergence::SwitchOver,
             tls: None,
             tls_server_name: None,
+            compression: ferry_migration::Compression::None,
         }
     }
 }
@@ -104,8 +108,10 @@ impl MigrateOptions {
                 "bandwidth and timeout must be positive".into(),
             ));
         }
+        let compression = self.compression.validate().map_err(MigrateError::Options)?;
         let defaults = MigrationConfig::default();
         Ok(MigrationConfig {
+            compression,
             audit_dirty_log: self.audit_dirty_log,
             hint_head_start: self
                 .hint_head_start_ms
@@ -162,6 +168,11 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("positive"), "{e}");
+        let e = bad(MigrateOptions {
+            compression: ferry_migration::Compression::Zstd { level: 99 },
+            ..Default::default()
+        });
+        assert!(e.contains("zstd level 99"), "{e}");
         let c = MigrateOptions {
             downtime_ms: 50,
             hints: false,

@@ -41,6 +41,10 @@ pub struct ReceiveArgs {
     /// Run even on PVM's /dev/kvm (the kvm_pvm module): for smoke tests.
     #[arg(long)]
     pub allow_pvm: bool,
+    /// Accept compressed page data when the source offers it (`ferry migrate --compress`);
+    /// `false` saves this host's CPU and the source sends pages as they are.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub accept_compression: bool,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -80,6 +84,7 @@ pub fn run(args: ReceiveArgs) -> Result<()> {
         allow_pvm: args.allow_pvm,
         max_memory_bytes: args.max_memory,
         max_vcpus: args.max_vcpus,
+        accept_compression: args.accept_compression,
     };
     match ferry_vmm::receive::receive(settings, &args.listen, tls, &mut Tell)? {
         ExitReason::Shutdown | ExitReason::GuestPowerOff => Ok(()),
