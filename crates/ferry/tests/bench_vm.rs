@@ -46,6 +46,7 @@ fn renders_a_saved_run_as_a_table_with_verdicts_and_two_pngs() {
             qemu_version: "QEMU emulator version 7.2".into(),
             host: "lab".into(),
             link_mbit: None,
+            link_by: None,
         },
         cases: Vec::new(),
         failures: Vec::new(),

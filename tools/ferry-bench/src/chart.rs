@@ -72,6 +72,8 @@ fn color(v: Variant) -> RGBColor {
         Variant::FerryOn => RGBColor(33, 113, 181),
         Variant::QemuOff => RGBColor(253, 174, 107),
         Variant::QemuHint => RGBColor(217, 72, 1),
+        Variant::FerryZstd => RGBColor(8, 48, 107),
+        Variant::QemuZstd => RGBColor(127, 39, 4),
     }
 }
 
@@ -128,6 +130,7 @@ pub fn draw(results: &Results, metric: Metric, path: &Path) -> Result<(), ChartE
     if workloads.is_empty() {
         return Err(ChartError::Empty);
     }
+    let variants = results.variants_run();
     let fail = |e: &dyn std::fmt::Display| ChartError::Draw {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -143,7 +146,7 @@ pub fn draw(results: &Results, metric: Metric, path: &Path) -> Result<(), ChartE
 
     let max = workloads
         .iter()
-        .flat_map(|&wl| Variant::ALL.map(|v| results.medians(wl, v)))
+        .flat_map(|&wl| variants.iter().map(move |&v| results.medians(wl, v)))
         .flatten()
         .map(|m| metric.value(&m))
         .fold(0.0, f64::max);
@@ -176,10 +179,10 @@ pub fn draw(results: &Results, metric: Metric, path: &Path) -> Result<(), ChartE
     .map_err(|e| fail(&e))?;
 
     let group = f64::from(right - left) / workloads.len() as f64;
-    let bar = group * 0.8 / Variant::ALL.len() as f64;
+    let bar = group * 0.8 / variants.len() as f64;
     for (i, &wl) in workloads.iter().enumerate() {
         let x0 = f64::from(left) + group * i as f64 + group * 0.1;
-        for (j, v) in Variant::ALL.into_iter().enumerate() {
+        for (j, &v) in variants.iter().enumerate() {
             let (bx0, bx1) = (
                 (x0 + bar * j as f64).round() as i32,
                 (x0 + bar * (j as f64 + 1.0)).round() as i32 - 2,
@@ -214,8 +217,8 @@ pub fn draw(results: &Results, metric: Metric, path: &Path) -> Result<(), ChartE
     }
 
     // Legend: a swatch per variant along the bottom.
-    let slot = (right - left) / Variant::ALL.len() as i32;
-    for (j, v) in Variant::ALL.into_iter().enumerate() {
+    let slot = (right - left) / variants.len() as i32;
+    for (j, &v) in variants.iter().enumerate() {
         let x = left + slot * j as i32 + 20;
         let y = h - 40;
         root.draw(&Rectangle::new(

@@ -224,19 +224,30 @@ pub fn markdown(results: &Results) -> String {
         if s.qemu_reporting { "on" } else { "off" },
     );
     if let Some(mbit) = s.link_mbit {
-        let _ = writeln!(
-            out,
-            "Link: {mbit} Mbit/s, each VMM's own bandwidth limit (ferry `--bandwidth`, QEMU \
-             `max-bandwidth`).\n"
-        );
+        let how = match s.link_by.as_deref() {
+            Some("tc") => {
+                "a token bucket on the lab host's loopback (`tc ... tbf`) that both VMMs' \
+                           connections share"
+            }
+            _ => "each VMM's own bandwidth limit (ferry `--bandwidth`, QEMU `max-bandwidth`)",
+        };
+        let _ = writeln!(out, "Link: {mbit} Mbit/s, {how}.\n");
     }
+    // Columns for the variants that ran; the zstd ratios only when both zstd variants ran.
+    let shown = results.variants_run();
+    let zstd = shown.contains(&Variant::FerryZstd) && shown.contains(&Variant::QemuZstd);
     out.push_str("| workload | metric |");
-    for v in Variant::ALL {
+    for v in &shown {
         let _ = write!(out, " {} |", v.label());
     }
-    out.push_str(" ferry on / QEMU hint | ferry on / ferry off |\n|---|---|");
-    out.push_str(&"---:|".repeat(Variant::ALL.len() + 2));
+    out.push_str(" ferry on / QEMU hint | ferry on / ferry off |");
+    if zstd {
+        out.push_str(" ferry zstd / QEMU zstd | ferry zstd / ferry on |");
+    }
+    out.push_str("\n|---|---|");
+    out.push_str(&"---:|".repeat(shown.len() + if zstd { 4 } else { 2 }));
     out.push('\n');
+    let blank = if zstd { " | | | |\n" } else { " | |\n" };
     type Metric = (&'static str, fn(&Medians) -> Option<f64>, usize);
     let metrics: [Metric; 6] = [
         ("MiB sent", |m| Some(m.bytes / f64::from(1 << 20)), 1),
@@ -256,18 +267,27 @@ pub fn markdown(results: &Results) -> String {
         for (name, get, digits) in metrics {
             let value = |v| results.medians(w, v).and_then(|m| get(&m));
             let _ = write!(out, "| {w} | {name} |");
-            for v in Variant::ALL {
+            for &v in &shown {
                 let _ = write!(out, " {} |", cell(value(v), digits));
             }
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 " {} | {} |",
                 times(ratio(value(Variant::FerryOn), value(Variant::QemuHint))),
                 times(ratio(value(Variant::FerryOn), value(Variant::FerryOff)))
             );
+            if zstd {
+                let _ = write!(
+                    out,
+                    " {} | {} |",
+                    times(ratio(value(Variant::FerryZstd), value(Variant::QemuZstd))),
+                    times(ratio(value(Variant::FerryZstd), value(Variant::FerryOn)))
+                );
+            }
+            out.push('\n');
         }
         let _ = write!(out, "| {w} | verified |");
-        for v in Variant::ALL {
+        for &v in &shown {
             let text = match results.case(w, v) {
                 None => "-".to_string(),
                 Some(c) => {
@@ -277,9 +297,9 @@ pub fn markdown(results: &Results) -> String {
             };
             let _ = write!(out, " {text} |");
         }
-        out.push_str(" | |\n");
+        out.push_str(blank);
         let _ = write!(out, "| {w} | kernel errors |");
-        for v in Variant::ALL {
+        for &v in &shown {
             let text = results.case(w, v).map_or_else(
                 || "-".to_string(),
                 |c| {
@@ -289,7 +309,7 @@ pub fn markdown(results: &Results) -> String {
             );
             let _ = write!(out, " {text} |");
         }
-        out.push_str(" | |\n");
+        out.push_str(blank);
     }
     out.push_str("\n| goal | measured | target | result |\n|---|---:|---:|---|\n");
     for g in goals(results) {
@@ -439,6 +459,7 @@ pub(crate) mod tests {
                 qemu_version: "QEMU emulator version 7.2.19".into(),
                 host: "lab".into(),
                 link_mbit: None,
+                link_by: None,
             },
             cases: Vec::new(),
             failures: Vec::new(),
@@ -559,6 +580,26 @@ pub(crate) mod tests {
         let mut slow = canned();
         slow.setup.link_mbit = Some(100);
         assert!(markdown(&slow).contains("Link: 100 Mbit/s, each VMM's own bandwidth limit"));
+        slow.setup.link_by = Some("tc".into());
+        assert!(
+            markdown(&slow).contains("Link: 100 Mbit/s, a token bucket on the lab host's loopback")
+        );
+        // Compressed variants get their columns, and their ratios, only when they ran.
+        assert!(!text.contains("zstd"));
+        let mut zstd = canned();
+        for (v, mib) in [(Variant::FerryZstd, 50), (Variant::QemuZstd, 400)] {
+            zstd.push(Workload::Freed, v, sample(4000.0, mib, true));
+        }
+        let text = markdown(&zstd);
+        assert!(
+            text.contains("| ferry on / QEMU hint | ferry on / ferry off | ferry zstd / QEMU zstd | ferry zstd / ferry on |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| freed | MiB sent | 121.0 | 111.0 | 901.0 | 801.0 | 50.0 | 400.0 | 0.14x | 0.92x | 0.12x | 0.45x |"),
+            "{text}"
+        );
+        assert!(text.contains("| idle | MiB sent | 106.0 | 101.0 | 126.0 | 127.0 | - | - | 0.80x | 0.95x | - | - |"), "{text}");
         let mut r = canned();
         r.failures.push("qemu-hint: boot\nline 2".into());
         r.cases[0].samples[0]

@@ -86,11 +86,26 @@ pub enum Variant {
     QemuOff,
     /// Debian's QEMU, balloon with `free-page-hint=on` (on an iothread).
     QemuHint,
+    /// ferry's VMM, hint sources on, page data compressed with zstd (level 1) on two
+    /// connections.
+    FerryZstd,
+    /// Debian's QEMU without `free-page-hint`, multifd with zstd compression (level 1) on two
+    /// channels.
+    QemuZstd,
 }
 
 impl Variant {
     /// Every variant, in table and chart order.
-    pub const ALL: [Self; 4] = [Self::FerryOff, Self::FerryOn, Self::QemuOff, Self::QemuHint];
+    pub const ALL: [Self; 6] = [
+        Self::FerryOff,
+        Self::FerryOn,
+        Self::QemuOff,
+        Self::QemuHint,
+        Self::FerryZstd,
+        Self::QemuZstd,
+    ];
+    /// The variants `ferry bench-vm` runs unless told otherwise.
+    pub const DEFAULT: [Self; 4] = [Self::FerryOff, Self::FerryOn, Self::QemuOff, Self::QemuHint];
 
     /// Column heading.
     pub fn label(self) -> &'static str {
@@ -99,6 +114,8 @@ impl Variant {
             Self::FerryOn => "ferry on",
             Self::QemuOff => "QEMU off",
             Self::QemuHint => "QEMU hint",
+            Self::FerryZstd => "ferry zstd",
+            Self::QemuZstd => "QEMU zstd",
         }
     }
 
@@ -109,12 +126,24 @@ impl Variant {
             Self::FerryOn => "ferry-on",
             Self::QemuOff => "qemu-off",
             Self::QemuHint => "qemu-hint",
+            Self::FerryZstd => "ferry-zstd",
+            Self::QemuZstd => "qemu-zstd",
         }
     }
 
     /// True for ferry's VMM.
     pub fn is_ferry(self) -> bool {
-        matches!(self, Self::FerryOff | Self::FerryOn)
+        matches!(self, Self::FerryOff | Self::FerryOn | Self::FerryZstd)
+    }
+
+    /// True where the VMM skips free memory the guest tells it about.
+    pub fn hints(self) -> bool {
+        matches!(self, Self::FerryOn | Self::FerryZstd | Self::QemuHint)
+    }
+
+    /// True where page data is compressed on the stream.
+    pub fn compress(self) -> bool {
+        matches!(self, Self::FerryZstd | Self::QemuZstd)
     }
 }
 
@@ -126,7 +155,8 @@ impl FromStr for Variant {
             .into_iter()
             .find(|v| v.name() == s)
             .ok_or_else(|| {
-                format!("unknown variant {s:?} (ferry-off, ferry-on, qemu-off, qemu-hint)")
+                let names: Vec<&str> = Self::ALL.iter().map(|v| v.name()).collect();
+                format!("unknown variant {s:?} ({})", names.join(", "))
             })
     }
 }
@@ -282,9 +312,13 @@ pub struct Setup {
     pub qemu_version: String,
     /// Where it ran: `lab` (nested KVM under TCG) or `hardware KVM`.
     pub host: String,
-    /// The link's bandwidth limit, Mbit/s (each VMM's own limiter), if any.
+    /// The link's bandwidth limit, Mbit/s, if any.
     #[serde(default)]
     pub link_mbit: Option<u64>,
+    /// How the link was limited: a token bucket on the lab host's loopback for both VMMs
+    /// (`tc`), or each VMM's own bandwidth limit (`limiter`).
+    #[serde(default)]
+    pub link_by: Option<String>,
 }
 
 /// A whole benchmark run.
@@ -308,6 +342,14 @@ impl Results {
         self.cases
             .iter()
             .find(|c| c.workload == workload && c.variant == variant)
+    }
+
+    /// The variants with at least one case, in table order.
+    pub fn variants_run(&self) -> Vec<Variant> {
+        Variant::ALL
+            .into_iter()
+            .filter(|&v| self.cases.iter().any(|c| c.variant == v))
+            .collect()
     }
 
     /// Medians of a case with at least one sample.

@@ -17,6 +17,8 @@ use crate::sessions::{FerrySession, QemuSession, Session};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Agent commands (`verify` of the data set, the freed workload) in the lab.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// More time for the freed workload's start, per MiB it touches.
+const FREED_TIMEOUT_PER_MIB: Duration = Duration::from_millis(100);
 /// Console lines shown when a VMM setting fails.
 const CONSOLE_TAIL: usize = 40;
 /// Room the freed workload leaves below the first guest's MemAvailable, MiB. The size is
@@ -57,8 +59,9 @@ pub struct BenchConfig {
     pub lazy_dirty_log: bool,
     /// ferry audits the dirty log at every switchover (`ferry migrate --audit-dirty-log`).
     pub audit_dirty_log: bool,
-    /// A slow link between the hosts, Mbit/s: each VMM's own bandwidth limit, the same for
-    /// both (ferry `--bandwidth`, QEMU `max-bandwidth`); `None`: loopback at full speed.
+    /// A slow link between the hosts, Mbit/s, the same for both VMMs: in the lab a token
+    /// bucket on the lab host's loopback (`tc`), elsewhere each VMM's own bandwidth limit
+    /// (ferry `--bandwidth`, QEMU `max-bandwidth`); `None`: loopback at full speed.
     pub link_mbit: Option<u64>,
     /// Workloads to run.
     pub workloads: Vec<Workload>,
@@ -89,7 +92,7 @@ impl BenchConfig {
             audit_dirty_log: false,
             link_mbit: None,
             workloads: Workload::ALL.to_vec(),
-            variants: Variant::ALL.to_vec(),
+            variants: Variant::DEFAULT.to_vec(),
             command: String::new(),
         }
     }
@@ -113,8 +116,8 @@ pub(crate) enum Group {
 impl Group {
     fn variants(self) -> &'static [Variant] {
         match self {
-            Self::Ferry => &[Variant::FerryOff, Variant::FerryOn],
-            Self::QemuOff => &[Variant::QemuOff],
+            Self::Ferry => &[Variant::FerryOff, Variant::FerryOn, Variant::FerryZstd],
+            Self::QemuOff => &[Variant::QemuOff, Variant::QemuZstd],
             Self::QemuHint => &[Variant::QemuHint],
         }
     }
@@ -142,6 +145,64 @@ fn qemu_version(binary: &std::path::Path) -> String {
         .unwrap_or_else(|| format!("{} (version unknown)", binary.display()))
 }
 
+/// A bandwidth limit on the lab host's loopback interface, where both VMMs' migration
+/// streams run: a token bucket (`tc qdisc ... tbf`), so that the link limits ferry and QEMU
+/// the same way whatever they send and on however many connections. Removed when dropped.
+struct LoopbackLink;
+
+impl LoopbackLink {
+    /// Limits loopback to `mbit` Mbit/s (10^6 bit/s).
+    fn shape(mbit: u64) -> Result<Self, BenchError> {
+        let bytes_per_s = mbit * 1_000_000 / 8;
+        // The bucket must hold loopback's largest packets (64 KiB plus headers); 10 ms of
+        // the rate on top keeps the rate from depending on the timer.
+        let burst = (bytes_per_s / 100).max(256 << 10);
+        tc(&[
+            "qdisc",
+            "replace",
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            &format!("{mbit}mbit"),
+            "burst",
+            &burst.to_string(),
+            "latency",
+            "50ms",
+        ])?;
+        Ok(Self)
+    }
+}
+
+impl Drop for LoopbackLink {
+    fn drop(&mut self) {
+        let _ = tc(&["qdisc", "del", "dev", "lo", "root"]);
+    }
+}
+
+fn tc(args: &[&str]) -> Result<(), BenchError> {
+    let binary = ["/usr/sbin/tc", "/sbin/tc"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("tc");
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .map_err(|source| BenchError::Io {
+            what: format!("running {binary} (iproute2)"),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(BenchError::Vmm(format!(
+            "`tc {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the matrix; `log` receives one line per step. A failing VMM setting is recorded in
 /// [`Results::failures`] and the others still run; only a missing KVM or image is an error.
 pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
@@ -149,6 +210,18 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
         return Err(BenchError::NoKvm);
     }
     let image = GuestImage::locate()?;
+    let in_lab = std::path::Path::new("/run/ferry-lab").exists();
+    // In the lab both VMMs share one shaped loopback; elsewhere (a real host, whose loopback
+    // others use too) each VMM limits itself.
+    let link = match config.link_mbit {
+        Some(mbit) if in_lab => Some(LoopbackLink::shape(mbit)?),
+        _ => None,
+    };
+    let vmm_limit = if link.is_some() {
+        None
+    } else {
+        config.link_bytes_per_s()
+    };
     let mut results = Results {
         date: now_utc(),
         command: config.command.clone(),
@@ -164,7 +237,10 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
             qemu_reporting: config.qemu_reporting,
             qemu_version: qemu_version(&config.qemu_binary),
             link_mbit: config.link_mbit,
-            host: if std::path::Path::new("/run/ferry-lab").exists() {
+            link_by: config
+                .link_mbit
+                .map(|_| if link.is_some() { "tc" } else { "limiter" }.to_string()),
+            host: if in_lab {
                 "lab (nested KVM under TCG)".into()
             } else {
                 "hardware KVM".into()
@@ -178,6 +254,7 @@ pub fn run_matrix(config: &BenchConfig, log: &mut dyn FnMut(&str)) -> Result<Res
         for (group, variants) in schedule(config, run) {
             run_setting(
                 config,
+                vmm_limit,
                 &image,
                 run,
                 group,
@@ -221,6 +298,7 @@ pub(crate) fn schedule(config: &BenchConfig, run: u32) -> Vec<(Group, Vec<Varian
 #[allow(clippy::too_many_arguments)]
 fn run_setting(
     config: &BenchConfig,
+    vmm_limit: Option<u64>,
     image: &GuestImage,
     run: u32,
     group: Group,
@@ -254,12 +332,12 @@ fn run_setting(
                 let mut s = FerrySession::boot(&config.ferry_binary, &dir, &guest)?;
                 s.set_lazy_dirty_log(config.lazy_dirty_log);
                 s.set_audit_dirty_log(config.audit_dirty_log);
-                s.set_bandwidth(config.link_bytes_per_s());
+                s.set_bandwidth(vmm_limit);
                 Box::new(s)
             }
             _ => {
                 let mut s = QemuSession::boot(&config.qemu_binary, &dir, &guest)?;
-                s.set_bandwidth(config.link_bytes_per_s());
+                s.set_bandwidth(vmm_limit);
                 Box::new(s)
             }
         };
@@ -295,9 +373,17 @@ fn run_setting(
 }
 
 fn command(session: &mut dyn Session, command: &str) -> Result<String, BenchError> {
+    command_within(session, command, COMMAND_TIMEOUT)
+}
+
+fn command_within(
+    session: &mut dyn Session,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, BenchError> {
     session
         .agent()
-        .command(command, COMMAND_TIMEOUT)
+        .command(command, timeout)
         .map_err(|source| BenchError::Agent {
             what: format!("`{command}`"),
             source,
@@ -400,11 +486,25 @@ fn run_group(
                 ),
             };
             let in_use_mib = in_use(session)?;
-            command(session, &start)?;
+            // The freed workload touches its memory before it answers: in the lab a QEMU
+            // guest took over 300 s for 6 GiB.
+            let touched = if workload == Workload::Freed {
+                freed
+            } else {
+                0
+            };
+            command_within(
+                session,
+                &start,
+                COMMAND_TIMEOUT + FREED_TIMEOUT_PER_MIB * u32::try_from(touched).unwrap_or(0),
+            )?;
             // Heartbeats through the migration: the guest-visible pause is their largest gap.
             command(session, &format!("heartbeat {HEARTBEAT_MS}"))?;
-            let hints = variant == Variant::FerryOn || variant == Variant::QemuHint;
-            let mut m = session.migrate(hints, config.downtime_limit_ms)?;
+            let mut m = session.migrate(
+                variant.hints(),
+                variant.compress(),
+                config.downtime_limit_ms,
+            )?;
             m.in_use_mib = Some(in_use_mib);
             let verify = session.agent().command("verify", COMMAND_TIMEOUT);
             if let Some(gaps) = session.heartbeat_gaps() {
@@ -498,6 +598,20 @@ mod tests {
         );
         config.variants = vec![Variant::FerryOn, Variant::QemuHint];
         assert_eq!(names(&config, 1), ["ferry-on", "qemu-hint"]);
+        // Compressed migrations run on the guests of the settings they compare with.
+        config.variants = Variant::ALL.to_vec();
+        let groups: Vec<(Group, Vec<Variant>)> = schedule(&config, 1);
+        assert_eq!(
+            groups[0],
+            (
+                Group::Ferry,
+                vec![Variant::FerryOff, Variant::FerryOn, Variant::FerryZstd]
+            )
+        );
+        assert_eq!(
+            groups[1],
+            (Group::QemuOff, vec![Variant::QemuOff, Variant::QemuZstd])
+        );
     }
 
     #[test]

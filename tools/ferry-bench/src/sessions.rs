@@ -31,6 +31,11 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest migration the benchmark waits for.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const POLL: Duration = Duration::from_millis(50);
+/// zstd level of compressed migrations, both VMMs (the fastest).
+pub const ZSTD_LEVEL: i32 = 1;
+/// Connections (QEMU: multifd channels) of compressed migrations, both VMMs: each compresses
+/// on its own thread. QEMU's multifd default.
+pub const COMPRESSED_CONNECTIONS: u16 = 2;
 /// QEMU's bandwidth limit is on by default (128 MiB/s); ferry has none. Lift it.
 const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 
@@ -38,10 +43,17 @@ const QEMU_MAX_BANDWIDTH: u64 = 100 << 30;
 pub trait Session {
     /// The agent of the guest where it runs now.
     fn agent(&mut self) -> &mut AgentClient;
-    /// Migrates the guest to a new VMM process, which becomes the current one.
+    /// Migrates the guest to a new VMM process, which becomes the current one; with
+    /// `compress`, page data travels zstd-compressed (level [`ZSTD_LEVEL`]) on
+    /// [`COMPRESSED_CONNECTIONS`] connections.
     /// The sample has the source's kernel errors; `verified` and `verify_answer` are for the
     /// caller to fill in after checking the destination.
-    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError>;
+    fn migrate(
+        &mut self,
+        hints: bool,
+        compress: bool,
+        downtime_ms: u64,
+    ) -> Result<Sample, BenchError>;
     /// What the current VMM process printed.
     fn vmm_log(&self) -> String;
     /// After a migration: how the destination's RAM differs from the source's at the
@@ -379,7 +391,12 @@ impl Session for FerrySession {
         self.node.log()
     }
 
-    fn migrate(&mut self, hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
+    fn migrate(
+        &mut self,
+        hints: bool,
+        compress: bool,
+        downtime_ms: u64,
+    ) -> Result<Sample, BenchError> {
         self.hops += 1;
         self.last_hop = None;
         let mut dest = FerryNode::spawn(
@@ -413,6 +430,15 @@ impl Session for FerrySession {
             audit_dirty_log: self.audit_dirty_log,
             bandwidth: self.bandwidth,
             ..MigrateOptions::default()
+        };
+        let options = if compress {
+            MigrateOptions {
+                compression: ferry_migration::Compression::Zstd { level: ZSTD_LEVEL },
+                connections: COMPRESSED_CONNECTIONS,
+                ..options
+            }
+        } else {
+            options
         };
         let started = Instant::now();
         let api = self.node.api.clone();
@@ -466,7 +492,12 @@ impl Session for FerrySession {
         Ok(Sample {
             total_ms: stats.total_ms,
             downtime_ms: stats.downtime_ms,
-            bytes: stats.bytes,
+            // What crossed the link: after compression.
+            bytes: if stats.wire_bytes > 0 {
+                stats.wire_bytes
+            } else {
+                stats.bytes
+            },
             pages_sent: stats.pages_sent,
             pages_zero: stats.pages_zero,
             pages_skipped: stats.pages_skipped_total(),
@@ -502,7 +533,9 @@ pub struct QemuSession {
     last_hop: Option<LastHop>,
 }
 
-fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>, held: bool) -> QemuMicrovm {
+/// A QEMU command line; `incoming`: a destination on that port (`Some(None)`: one that waits
+/// for `migrate-incoming`, so that its migration settings can be set first).
+fn qemu(binary: &Path, qmp: &Path, incoming: Option<Option<u16>>, held: bool) -> QemuMicrovm {
     let mut qmp_arg = OsString::from("unix:");
     qmp_arg.push(qmp);
     qmp_arg.push(",server=on,wait=off");
@@ -511,9 +544,16 @@ fn qemu(binary: &Path, qmp: &Path, incoming: Option<u16>, held: bool) -> QemuMic
         // The guest does not run after the migration until `cont`.
         extra_args.push("-S".into());
     }
-    if let Some(port) = incoming {
-        extra_args.push("-incoming".into());
-        extra_args.push(format!("tcp:127.0.0.1:{port}").into());
+    match incoming {
+        Some(Some(port)) => {
+            extra_args.push("-incoming".into());
+            extra_args.push(format!("tcp:127.0.0.1:{port}").into());
+        }
+        Some(None) => {
+            extra_args.push("-incoming".into());
+            extra_args.push("defer".into());
+        }
+        None => {}
     }
     QemuMicrovm {
         binary: binary.to_path_buf(),
@@ -616,14 +656,22 @@ impl Session for QemuSession {
         self.guest.vmm_log()
     }
 
-    /// `hints` is fixed by the balloon device QEMU was started with.
-    fn migrate(&mut self, _hints: bool, downtime_ms: u64) -> Result<Sample, BenchError> {
+    /// `hints` is fixed by the balloon device QEMU was started with; `compress` is multifd
+    /// with zstd, set on both ends.
+    fn migrate(
+        &mut self,
+        _hints: bool,
+        compress: bool,
+        downtime_ms: u64,
+    ) -> Result<Sample, BenchError> {
         self.hops += 1;
         self.last_hop = None;
         let path = self.dir.join(format!("q{}.qmp", self.hops));
         let port = free_port()?;
+        // A compressed migration's destination listens once multifd is set up there.
+        let listen = (!compress).then_some(port);
         let dest = Guest::spawn(
-            &qemu(&self.binary, &path, Some(port), self.digests),
+            &qemu(&self.binary, &path, Some(listen), self.digests),
             &self.config,
         )?;
         // QMP is served from QEMU's main loop, which starts after -incoming is listening.
@@ -633,6 +681,33 @@ impl Session for QemuSession {
             return Err(BenchError::Vmm(format!(
                 "the destination QEMU is {state}, not waiting for a migration"
             )));
+        }
+        // Multifd is a setting of both ends; the source was itself a destination before and
+        // keeps what was set there, so it is set (on or off) every time.
+        let multifd = |qmp: &mut Qmp| -> Result<(), BenchError> {
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "multifd", "state": compress }] })),
+            )?;
+            if compress {
+                qmp.execute(
+                    "migrate-set-parameters",
+                    Some(json!({
+                        "multifd-channels": COMPRESSED_CONNECTIONS,
+                        "multifd-compression": "zstd",
+                        "multifd-zstd-level": ZSTD_LEVEL,
+                    })),
+                )?;
+            }
+            Ok(())
+        };
+        multifd(&mut self.qmp)?;
+        if compress {
+            multifd(&mut dest_qmp)?;
+            dest_qmp.execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })),
+            )?;
         }
         self.qmp.execute(
             "migrate-set-parameters",

@@ -246,7 +246,7 @@ fn hop(
     pages_before: u64,
 ) -> Result<((f64, f64, f64), u64), HopError> {
     let m = session
-        .migrate(hints, config.downtime_limit_ms)
+        .migrate(hints, false, config.downtime_limit_ms)
         .map_err(|e| HopError {
             kind: Failure::Migration,
             message: e.to_string(),

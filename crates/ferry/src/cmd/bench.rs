@@ -14,9 +14,9 @@ use clap::Args;
 use ferry_migration::hint::{HintInbox, HintTargets};
 use ferry_migration::zero::is_zero;
 use ferry_migration::{
-    connect, BitmapDirtyLog, Destination, Epoch, GuestRange, HintKind, Listener, MemoryLayout,
-    Migration, MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig, RegionDesc, Tls,
-    UnpopulatedSource,
+    connect, BitmapDirtyLog, Compression, Destination, Epoch, GuestRange, HintKind, Listener,
+    MemoryLayout, Migration, MigrationConfig, MigrationStats, PageBitmap, ReceiveConfig,
+    RegionDesc, Tls, UnpopulatedSource,
 };
 use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimVm, Workload};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -79,8 +79,20 @@ enum Dest {
 
 /// Migrates a guest of `bytes` whose every page holds data, hints off, over loopback TCP
 /// (under TLS when `tls` is given).
-fn engine_tcp(bytes: u64, dest: Dest, tls: Option<&Tls>) -> Result<(Duration, MigrationStats)> {
-    let (stats, _) = sim_migration(bytes, Workload::Idle, 100, false, dest, tls)?;
+fn engine_tcp(
+    bytes: u64,
+    dest: Dest,
+    tls: Option<&Tls>,
+    compression: Compression,
+) -> Result<(Duration, MigrationStats)> {
+    let (stats, _) = sim_migration(
+        bytes,
+        Workload::Idle,
+        100,
+        false,
+        dest,
+        Link { tls, compression },
+    )?;
     Ok((Duration::from_secs_f64(stats.total_ms / 1000.0), stats))
 }
 
@@ -95,6 +107,13 @@ fn throwaway_tls() -> Result<Tls> {
     )?)
 }
 
+/// How the stream travels: TLS, compression.
+#[derive(Clone, Copy, Default)]
+struct Link<'a> {
+    tls: Option<&'a Tls>,
+    compression: Compression,
+}
+
 /// An in-process migration of a simulated guest over loopback TCP.
 fn sim_migration(
     bytes: u64,
@@ -102,8 +121,9 @@ fn sim_migration(
     used_percent: u8,
     hints: bool,
     dest: Dest,
-    tls: Option<&Tls>,
+    link: Link<'_>,
 ) -> Result<(MigrationStats, u64)> {
+    let tls = link.tls;
     let src = create_memory(bytes)?;
     let dst = create_memory(bytes)?;
     if dest == Dest::Populated {
@@ -150,6 +170,7 @@ fn sim_migration(
     let mut unpopulated = UnpopulatedSource::new(&src);
     let config = MigrationConfig {
         hints,
+        compression: link.compression,
         ..MigrationConfig::default()
     };
     let mut m = Migration::new(&src, &mut dirty, &mut control, &mut observer, config)?;
@@ -162,6 +183,24 @@ fn sim_migration(
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     Ok((stats, pages))
+}
+
+/// The kernel alone: `bytes` written with 2 MiB `pwrite`s into a fresh memfd, the
+/// destination's cost of fresh memory without any network (the ceiling of the engine's
+/// fresh-memory figure on this machine).
+fn fresh_memfd_writes(bytes: u64) -> Result<Duration> {
+    let fd = rustix::fs::memfd_create("ferry-bench-fresh", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let file = std::fs::File::from(fd);
+    file.set_len(bytes)?;
+    let buf = vec![0x5au8; 2 << 20];
+    let t = Instant::now();
+    let mut at = 0;
+    while at < bytes {
+        let n = (bytes - at).min(buf.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(&file, &buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(t.elapsed())
 }
 
 /// Zero detection over `bytes` of zeroed memory.
@@ -224,13 +263,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "measuring the engine, non-zero pages, hints off ({})...",
         mib(n)
     );
-    let (engine, es) = engine_tcp(n, Dest::FreshFile, None).context("engine")?;
-    let (engine_map, es_map) = engine_tcp(n, Dest::FreshMapping, None).context("engine")?;
-    let (engine_pop, es_pop) = engine_tcp(n, Dest::Populated, None).context("engine")?;
+    let none = Compression::None;
+    let fresh = fresh_memfd_writes(n).context("writing a fresh memfd")?;
+    let (engine, es) = engine_tcp(n, Dest::FreshFile, None, none).context("engine")?;
+    let (engine_map, es_map) = engine_tcp(n, Dest::FreshMapping, None, none).context("engine")?;
+    let (engine_pop, es_pop) = engine_tcp(n, Dest::Populated, None, none).context("engine")?;
     eprintln!("measuring the engine over TLS 1.3 ({})...", mib(n));
     let tls = throwaway_tls()?;
     let (engine_tls, es_tls) =
-        engine_tcp(n, Dest::Populated, Some(&tls)).context("engine over TLS")?;
+        engine_tcp(n, Dest::Populated, Some(&tls), none).context("engine over TLS")?;
+    eprintln!("measuring the engine with zstd compression ({})...", mib(n));
+    let zstd = Compression::Zstd { level: 1 };
+    let (engine_zstd, es_zstd) =
+        engine_tcp(n, Dest::Populated, None, zstd).context("engine with zstd")?;
     let zero = zero_detection(n);
     let hint_blocks = hint_application(4 << 30, 1024);
     let hint_pages = hint_application(4 << 30, 1);
@@ -239,14 +284,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         mib(args.guest)
     );
     let freed = Workload::Freed { percent: 75 };
-    let (off, _) = sim_migration(args.guest, freed, 10, false, Dest::FreshFile, None)?;
-    let (on, _) = sim_migration(args.guest, freed, 10, true, Dest::FreshFile, None)?;
+    let plain = Link::default();
+    let (off, _) = sim_migration(args.guest, freed, 10, false, Dest::FreshFile, plain)?;
+    let (on, _) = sim_migration(args.guest, freed, 10, true, Dest::FreshFile, plain)?;
 
     let raw_rate = gib_per_s(n, raw);
     let engine_rate = gib_per_s(es.bytes, engine);
     println!("| measurement | result |");
     println!("|---|---:|");
     println!("| raw loopback TCP, plain socket copy | {raw_rate:.2} GiB/s |");
+    println!(
+        "| kernel alone: 2 MiB writes into a fresh memfd, no network (the fresh-memory ceiling) | {:.2} GiB/s |",
+        gib_per_s(n, fresh)
+    );
     println!(
         "| engine, non-zero pages, 1 connection, into fresh memory (written through its memfd, as ferry's VMM does) | {engine_rate:.2} GiB/s ({:.0}% of raw) |",
         100.0 * engine_rate / raw_rate
@@ -265,6 +315,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     println!(
         "| engine, same, over TLS 1.3 (mutual authentication) | {tls_rate:.2} GiB/s ({:.0}% of the plain engine) |",
         100.0 * tls_rate / pop_rate
+    );
+    let zstd_rate = gib_per_s(es_zstd.bytes, engine_zstd);
+    println!(
+        "| engine, same, zstd level 1 (half the pages compressible) | {zstd_rate:.2} GiB/s of pages, {:.0}% of them on the wire |",
+        100.0 * es_zstd.wire_bytes as f64 / es_zstd.bytes.max(1) as f64
     );
     println!("| zero-page detection | {:.1} GiB/s |", gib_per_s(n, zero));
     println!(

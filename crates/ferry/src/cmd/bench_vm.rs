@@ -43,14 +43,18 @@ pub struct BenchVmArgs {
     /// Downtime limit for both VMMs, ms.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
-    /// A slow link between the hosts, Mbit/s: the same bandwidth limit for both VMMs, each
-    /// with its own limiter (ferry `--bandwidth`, QEMU `max-bandwidth`) [default: none].
+    /// A slow link between the hosts, Mbit/s, the same for both VMMs: in the lab a token
+    /// bucket on the lab host's loopback that all their connections share (`tc ... tbf`);
+    /// on a hardware host each VMM's own limiter (ferry `--bandwidth`, QEMU
+    /// `max-bandwidth`), leaving the host's loopback alone [default: none].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub link_mbit: Option<u64>,
     /// Workloads, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "idle,freed,dirty")]
     pub workloads: Vec<Workload>,
-    /// Variants, comma separated.
+    /// Variants, comma separated: ferry-off, ferry-on (hints), qemu-off, qemu-hint
+    /// (free-page-hint), and the compressed ferry-zstd (hints, zstd level 1, 2 connections)
+    /// and qemu-zstd (multifd zstd level 1, 2 channels).
     #[arg(
         long,
         value_delimiter = ',',
