@@ -67,6 +67,9 @@ pub const SETTLE_MAX: Duration = Duration::from_millis(500);
 /// the lab showed pauses right after the driver's STOP, with the guest's userspace not yet
 /// back: 1.1-1.2 s of guest pause for 25-28 ms of downtime.
 pub const SETTLE_GRACE: Duration = Duration::from_millis(20);
+/// The longest quiet spell between a busy source's hints that still counts as hints arriving
+/// (see [`MigrationConfig::hint_head_start_max`]).
+pub const HINT_FLOW_GAP: Duration = Duration::from_millis(200);
 /// How long to wait for the destination's acknowledgement after the last byte.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -79,9 +82,15 @@ pub struct MigrationConfig {
     pub timeout: Duration,
     /// Average send rate limit, bytes per second.
     pub bandwidth_limit: Option<u64>,
-    /// How long the bulk round may wait for hint sources to answer before it starts
-    /// scanning. Bounded, and cut short as soon as every source reports it is done.
+    /// How long each round waits for hint sources to answer before it starts scanning.
+    /// Bounded, and cut short as soon as every source reports it is done.
     pub hint_head_start: Duration,
+    /// How long a round's head start may run on past `hint_head_start` while a source's
+    /// guest is still at work on the request ([`HintSource::busy`]) and its hints keep
+    /// arriving (at most [`HINT_FLOW_GAP`] apart): every page hinted before the scan reaches
+    /// it is a page not sent. A guest that stops hinting, or finishes, ends it at once; one
+    /// that dribbles costs at most this.
+    pub hint_head_start_max: Duration,
     /// Whether hint sources are used at all.
     pub hints: bool,
     /// Set to `true` from any thread to cancel.
@@ -110,6 +119,7 @@ impl Default for MigrationConfig {
             timeout: Duration::from_secs(30 * 60),
             bandwidth_limit: None,
             hint_head_start: Duration::from_millis(50),
+            hint_head_start_max: Duration::from_secs(2),
             hints: true,
             cancel: Arc::new(AtomicBool::new(false)),
             handshake_timeout: Duration::from_secs(60),
@@ -463,10 +473,11 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let mut conv = Convergence::new(self.config.policy.clone());
         let mut round = 0u32;
         self.begin_epoch(run, Epoch(0));
-        self.head_start(run)?;
+        let mut head_start = self.head_start(run)?;
         loop {
             let t = Instant::now();
             let mut stats = self.send_round(run, round, true)?;
+            stats.head_start_ms = ms(head_start);
             // The round's skips are in source (registration) order.
             for (s, (_, skipped)) in self.sources.iter_mut().zip(&stats.pages_skipped) {
                 s.epoch_yield(Epoch(u64::from(round)), *skipped);
@@ -501,7 +512,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     // armed bulk round, round 1 holds every page the bulk round skipped, and
                     // the never-populated ones must be hinted again before the scanner would
                     // read (and so populate) them.
-                    self.head_start(run)?;
+                    head_start = self.head_start(run)?;
                 }
                 Decision::SwitchOver => break,
                 Decision::RoundLimit => {
@@ -610,16 +621,32 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         self.drain_hints(run);
     }
 
-    /// Lets sources answer the first epoch before the scan starts, within the bound.
-    fn head_start(&mut self, run: &mut Run) -> Result<(), MigrationError> {
+    /// Lets sources answer the epoch before the scan starts: `hint_head_start`, then on
+    /// while a busy source's hints keep arriving, up to `hint_head_start_max`; cut short
+    /// once every source is done. Returns how long it waited.
+    fn head_start(&mut self, run: &mut Run) -> Result<Duration, MigrationError> {
+        let start = Instant::now();
         if self.sources.is_empty() {
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
-        let until = Instant::now() + self.config.hint_head_start;
+        let base = start + self.config.hint_head_start;
+        let cap = start
+            + self
+                .config
+                .hint_head_start_max
+                .max(self.config.hint_head_start);
+        let mut last_hint = start;
         loop {
-            self.drain_hints(run);
-            if run.inbox.all_complete() || Instant::now() >= until {
-                return Ok(());
+            let now = Instant::now();
+            if self.drain_hints(run) > 0 {
+                last_hint = now;
+            }
+            if run.inbox.all_complete() {
+                return Ok(now - start);
+            }
+            let flowing = now - last_hint < HINT_FLOW_GAP && self.sources.iter().any(|s| s.busy());
+            if now >= cap || (now >= base && !flowing) {
+                return Ok(now - start);
             }
             self.check(run)?;
             thread::sleep(Duration::from_millis(1));

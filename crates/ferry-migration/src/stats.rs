@@ -26,6 +26,10 @@ pub struct RoundStats {
     pub bytes: u64,
     /// Wall time of the round in milliseconds.
     pub duration_ms: f64,
+    /// Time before the round's scan spent letting hint sources answer, milliseconds (not in
+    /// `duration_ms`).
+    #[serde(default)]
+    pub head_start_ms: f64,
     /// Pages dirtied during the round (found by the sync that ended it).
     pub pages_dirtied: u64,
     /// `pages_dirtied` per second of the round.

@@ -590,3 +590,121 @@ fn sources_hear_what_each_epochs_hints_spared() {
         .collect();
     assert_eq!(seen, expected);
 }
+
+/// A source whose guest hints its free pages slowly, a slice every few milliseconds over
+/// about 200 ms of the first epoch, busy until it is done (as a balloon driver in a slow
+/// guest is, zeroing each block it hints).
+struct Dribbler {
+    free: std::sync::Arc<std::sync::Mutex<Vec<ferry_migration::GuestRange>>>,
+    sink: Option<ferry_migration::HintSink>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ferry_migration::HintSource for Dribbler {
+    fn name(&self) -> &str {
+        "dribbler"
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        ferry_migration::HintKind::Free
+    }
+    fn start(&mut self, sink: ferry_migration::HintSink) {
+        self.sink = Some(sink);
+    }
+    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
+        let Some(sink) = self.sink.clone().filter(|_| epoch.0 == 0) else {
+            return;
+        };
+        // Page by page, so that each slice is about a twentieth of the free memory.
+        let free: Vec<ferry_migration::GuestRange> = self
+            .free
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                (0..r.len / ferry_migration::PAGE_SIZE).map(move |p| {
+                    ferry_migration::GuestRange::new(
+                        r.gpa + p * ferry_migration::PAGE_SIZE,
+                        ferry_migration::PAGE_SIZE,
+                    )
+                })
+            })
+            .collect();
+        let busy = self.busy.clone();
+        busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread = Some(std::thread::spawn(move || {
+            for slice in free.chunks(free.len().div_ceil(20).max(1)) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                sink.hint(epoch, slice);
+            }
+            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            sink.epoch_complete(epoch);
+        }));
+    }
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+    fn finish(&mut self, _: ferry_migration::Outcome) {}
+    fn busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The bulk round waits for a busy guest's hints while they keep coming (bounded), so that
+/// what they cover is not sent; without that wait the scan overtakes them.
+#[test]
+fn the_scan_waits_for_hints_that_keep_arriving() {
+    let bulk = |head_start_max: std::time::Duration| {
+        let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut source = Dribbler {
+            free: free.clone(),
+            sink: None,
+            busy: Default::default(),
+            thread: None,
+        };
+        let config = MigrationConfig {
+            hint_head_start_max: head_start_max,
+            ..MigrationConfig::default()
+        };
+        let (stats, bad, _) = migrate_one(5, Workload::Idle, config, &mut source, |vm| {
+            // The pages free before the migration starts: what the guest will hint.
+            let mut ranges: Vec<ferry_migration::GuestRange> = Vec::new();
+            let state = vm.lock();
+            let g = &state.guest;
+            for (i, s) in g.page_states().iter().enumerate() {
+                if *s == ferry_sim::PageState::Free {
+                    let gpa = g.layout().gpa_of(i as u64);
+                    match ranges.last_mut() {
+                        Some(r) if r.gpa + r.len == gpa => r.len += ferry_migration::PAGE_SIZE,
+                        _ => ranges.push(ferry_migration::GuestRange::new(
+                            gpa,
+                            ferry_migration::PAGE_SIZE,
+                        )),
+                    }
+                }
+            }
+            *free.lock().unwrap() = ranges;
+            drop(state);
+            vm
+        });
+        assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+        stats.rounds[0].clone()
+    };
+    let waited = bulk(MigrationConfig::default().hint_head_start_max);
+    let cut = bulk(MigrationConfig::default().hint_head_start);
+    assert!(
+        waited.head_start_ms >= 150.0 && waited.head_start_ms < 1000.0,
+        "{waited:?}"
+    );
+    assert!(cut.head_start_ms < 100.0, "{cut:?}");
+    // Four fifths of RAM are free: with the wait nearly all of it is skipped, without it
+    // the scan reads most of it before it is hinted.
+    let pages = MEMORY / ferry_migration::PAGE_SIZE;
+    assert!(waited.pages_skipped_total() > pages * 7 / 10, "{waited:?}");
+    assert!(
+        cut.pages_skipped_total() * 2 < waited.pages_skipped_total(),
+        "{cut:?} vs {waited:?}"
+    );
+}
