@@ -51,6 +51,22 @@ fn migrate_refuses_bad_arguments_before_contacting_anything() {
     ]);
     assert!(!ok);
     assert!(err.contains("17"), "{err}");
+    for (bad, says) in [
+        ("zstd:99", "zstd level 99 is not between 1 and 19"),
+        ("lz4", "none, zstd or zstd:LEVEL"),
+    ] {
+        let (ok, err) = ferry(&[
+            "migrate",
+            "--api",
+            "/x",
+            "--to",
+            "127.0.0.1:1",
+            "--compress",
+            bad,
+        ]);
+        assert!(!ok);
+        assert!(err.contains(says) && !err.contains("/x"), "{err}");
+    }
 }
 
 #[test]
