@@ -325,6 +325,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 "connections must be between 1 and {CONNECTIONS_MAX}, got {n}"
             )));
         }
+        self.config
+            .compression
+            .validate()
+            .map_err(MigrationError::Config)?;
         if self.config.description.len() > DESCRIPTION_BYTES_MAX {
             return Err(MigrationError::Config(format!(
                 "the VM description is {} bytes long, more than the {DESCRIPTION_BYTES_MAX} \

@@ -123,6 +123,15 @@ fn compression_is_used_only_when_the_destination_accepts_it() {
             assert_eq!(st.wire_bytes, st.bytes, "declined: nothing is compressed");
         }
     }
+    // A level zstd does not offer is refused before anything is sent.
+    let mut s = scenario(3, Workload::Idle, None);
+    s.migration.compression = Compression::Zstd { level: 99 };
+    match run(&s) {
+        Err((ferry_migration::MigrationError::Config(e), _)) => {
+            assert!(e.contains("zstd level 99"), "{e}")
+        }
+        other => panic!("level 99 was not refused: {:?}", other.map(|o| o.stats)),
+    }
 }
 
 #[test]
