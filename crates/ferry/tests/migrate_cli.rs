@@ -40,30 +40,26 @@ fn migrate_refuses_bad_arguments_before_contacting_anything() {
     let (ok, err) = ferry(&["migrate", "--api", "/x", "--to", "nowhere"]);
     assert!(!ok);
     assert!(err.contains("is not an address"), "{err}");
-    let (ok, err) = ferry(&[
-        "migrate",
-        "--api",
-        "/x",
-        "--to",
-        "127.0.0.1:1",
-        "--connections",
-        "17",
-    ]);
+    // A valid destination and one bad option.
+    let with = |option: &str, value: &str| {
+        ferry(&[
+            "migrate",
+            "--api",
+            "/x",
+            "--to",
+            "127.0.0.1:1",
+            option,
+            value,
+        ])
+    };
+    let (ok, err) = with("--connections", "17");
     assert!(!ok);
     assert!(err.contains("17"), "{err}");
     for (bad, says) in [
         ("zstd:99", "zstd level 99 is not between 1 and 19"),
         ("lz4", "none, zstd or zstd:LEVEL"),
     ] {
-        let (ok, err) = ferry(&[
-            "migrate",
-            "--api",
-            "/x",
-            "--to",
-            "127.0.0.1:1",
-            "--compress",
-            bad,
-        ]);
+        let (ok, err) = with("--compress", bad);
         assert!(!ok);
         assert!(err.contains(says) && !err.contains("/x"), "{err}");
     }

@@ -16,4 +16,4 @@ pub mod sim;
 pub mod state;
 
 pub use guest::{create_memory, verify, Guest, Mismatch, PageState, SimMemory};
-pub use sim::{HintBehavior, SimConfig, SimDriver, SimHintSource, SimVm, Workload};
+pub use sim::{free_ranges, HintBehavior, SimConfig, SimDriver, SimHintSource, SimVm, Workload};

@@ -348,7 +348,8 @@ fn ram_end(g: &Guest) -> u64 {
 }
 
 /// Free pages as ranges without holding them.
-fn free_ranges(g: &Guest) -> Vec<GuestRange> {
+/// The guest's free pages (on its allocator's free list) as ranges, in address order.
+pub fn free_ranges(g: &Guest) -> Vec<GuestRange> {
     let mut ranges: Vec<GuestRange> = Vec::new();
     for (i, s) in g.page_states().iter().enumerate() {
         if *s == PageState::Free {

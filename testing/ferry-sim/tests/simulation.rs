@@ -679,23 +679,7 @@ fn the_scan_waits_for_hints_that_keep_arriving() {
         };
         let (stats, bad, _) = migrate_one(5, Workload::Idle, config, &mut source, |vm| {
             // The pages free before the migration starts: what the guest will hint.
-            let mut ranges: Vec<ferry_migration::GuestRange> = Vec::new();
-            let state = vm.lock();
-            let g = &state.guest;
-            for (i, s) in g.page_states().iter().enumerate() {
-                if *s == ferry_sim::PageState::Free {
-                    let gpa = g.layout().gpa_of(i as u64);
-                    match ranges.last_mut() {
-                        Some(r) if r.gpa + r.len == gpa => r.len += ferry_migration::PAGE_SIZE,
-                        _ => ranges.push(ferry_migration::GuestRange::new(
-                            gpa,
-                            ferry_migration::PAGE_SIZE,
-                        )),
-                    }
-                }
-            }
-            *free.lock().unwrap() = ranges;
-            drop(state);
+            *free.lock().unwrap() = ferry_sim::free_ranges(&vm.lock().guest);
             vm
         });
         assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
