@@ -27,7 +27,7 @@ use crate::bitmap::PageBitmap;
 use crate::compress::{Codec, Compression};
 use crate::convergence::{Convergence, Decision, OnNoConvergence, Policy};
 use crate::dirty::{DirtyLog, DirtyLogError};
-use crate::hint::{Epoch, HintInbox, HintSource, HintTargets, Outcome};
+use crate::hint::{Epoch, HintInbox, HintKind, HintSource, HintTargets, Outcome};
 use crate::lane::{Lane, LaneError, CHUNK_PAGES};
 use crate::layout::{LayoutError, MemoryLayout, PAGE_SIZE};
 use crate::progress::{Event, Observer};
@@ -257,6 +257,11 @@ struct Run {
     scan_at: u64,
     /// Per-source counters at the end of the previous round.
     skip_mark: Vec<crate::hint::SourceStats>,
+    /// Time spent waiting for busy sources before a closing round: the wait before the pause
+    /// gets what is left of [`SETTLE_MAX`].
+    settle_spent: Duration,
+    /// When that wait saw the guest leave the work a source asked of it.
+    idle_since: Option<Instant>,
     /// What the destination holds, for the dirty-log audit (when it is on).
     audit: Option<Audit>,
 }
@@ -442,6 +447,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             arming: false,
             scan_at: 0,
             skip_mark: Vec::new(),
+            settle_spent: Duration::ZERO,
+            idle_since: None,
             audit: self.config.audit_dirty_log.then(|| Audit::new(pages)),
         })
     }
@@ -476,18 +483,26 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         run.phase = Phase::Precopy;
         let mut conv = Convergence::new(self.config.policy.clone());
         let mut round = 0u32;
+        // Whether this round's epoch asked the sources (a closing round does not).
+        let mut asked = true;
         self.begin_epoch(run, Epoch(0));
         let mut head_start = self.head_start(run)?;
         loop {
             let t = Instant::now();
             let mut stats = self.send_round(run, round, true)?;
             stats.head_start_ms = ms(head_start);
-            // The round's skips are in source (registration) order.
-            for (s, (_, skipped)) in self.sources.iter_mut().zip(&stats.pages_skipped) {
-                s.epoch_yield(Epoch(u64::from(round)), *skipped);
+            stats.closing = !asked;
+            let mut answered = false;
+            if asked {
+                // The round's skips are in source (registration) order.
+                for (s, (_, skipped)) in self.sources.iter_mut().zip(&stats.pages_skipped) {
+                    s.epoch_yield(Epoch(u64::from(round)), *skipped);
+                    answered |= *skipped > 0 && s.kind() == HintKind::Free;
+                }
+                // The fence: close the epoch, then sync.
+                self.end_epoch(run, Epoch(u64::from(round)));
+                answered |= self.sources.iter().any(|s| s.busy());
             }
-            // The fence: close the epoch, then sync.
-            self.end_epoch(run, Epoch(u64::from(round)));
             debug_assert!(
                 run.inbox.is_closed(),
                 "dirty log synced with hints still applicable"
@@ -511,12 +526,26 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 Decision::Iterate => {
                     self.vm.set_throttle(conv.throttle());
                     round += 1;
+                    asked = true;
                     self.begin_epoch(run, Epoch(u64::from(round)));
                     // Every round starts with the same bounded head start: after a lazily
                     // armed bulk round, round 1 holds every page the bulk round skipped, and
                     // the never-populated ones must be hinted again before the scanner would
                     // read (and so populate) them.
                     head_start = self.head_start(run)?;
+                }
+                Decision::SwitchOver if answered && round < conv.policy().rounds_max => {
+                    // The guest answered hint requests in the last round: what it wrote to
+                    // answer them (Linux with init_on_alloc clears every block it hints) is
+                    // in the dirty set now and is not written again. A closing round sends
+                    // it while the guest runs instead of in the pause: no hint request (its
+                    // answer would write more), once the guest has stopped (bounded), and
+                    // after one more sync for what it wrote while stopping.
+                    round += 1;
+                    asked = false;
+                    head_start = self.settle(run)?;
+                    self.dirty_log
+                        .fetch_and_clear(&self.layout, &mut run.to_send)?;
                 }
                 Decision::SwitchOver => break,
                 Decision::RoundLimit => {
@@ -541,6 +570,31 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         self.switch_over(run, round + 1)
     }
 
+    /// Waits, within what is left of [`SETTLE_MAX`], for every source to say the guest is
+    /// done with the work it asked of it ([`HintSource::busy`]). Returns how long it waited.
+    fn settle(&mut self, run: &mut Run) -> Result<Duration, MigrationError> {
+        let start = Instant::now();
+        let bound = SETTLE_MAX.saturating_sub(run.settle_spent);
+        let mut was_busy = false;
+        while self.sources.iter().any(|s| s.busy()) {
+            was_busy = true;
+            if start.elapsed() >= bound {
+                break;
+            }
+            for lane in &mut run.lanes {
+                lane.check_writer()?;
+            }
+            self.check(run)?;
+            thread::sleep(Duration::from_millis(1));
+        }
+        let waited = start.elapsed();
+        run.settle_spent += waited;
+        if was_busy && !self.sources.iter().any(|s| s.busy()) {
+            run.idle_since = Some(Instant::now());
+        }
+        Ok(waited)
+    }
+
     /// Lets the destination apply everything sent so far while the guest still runs (it
     /// reports each round applied on every connection), so that the pause does not wait for a
     /// backlog of earlier rounds (in this end's queues, in socket buffers, or behind a
@@ -555,7 +609,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         let t = Instant::now();
         let deadline = t + DRAIN_MAX;
         let mut settled = None;
-        let (mut seen_busy, mut idle_since) = (false, None);
+        // A closing round's wait counts: its guest gets the grace from when it stopped, and
+        // the two waits share one bound.
+        let (mut seen_busy, mut idle_since) = (run.idle_since.is_some(), run.idle_since);
+        let settle_max = SETTLE_MAX.saturating_sub(run.settle_spent);
         loop {
             for lane in &mut run.lanes {
                 lane.check_writer()?;
@@ -578,7 +635,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                         settled = Some(now);
                     }
                 }
-                if settled.is_none() && now >= t + SETTLE_MAX {
+                if settled.is_none() && now >= t + settle_max {
                     tracing::debug!(
                         "the guest is still busy with hint work after {SETTLE_MAX:?}; pausing it"
                     );

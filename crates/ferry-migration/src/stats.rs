@@ -30,6 +30,11 @@ pub struct RoundStats {
     /// `duration_ms`).
     #[serde(default)]
     pub head_start_ms: f64,
+    /// A closing round: run after the switch-over decision without asking the hint sources,
+    /// to send what the guest wrote answering the previous round's request while it runs
+    /// rather than in the pause. Its `head_start_ms` is the wait for the guest to stop.
+    #[serde(default)]
+    pub closing: bool,
     /// Pages dirtied during the round (found by the sync that ended it).
     pub pages_dirtied: u64,
     /// `pages_dirtied` per second of the round.

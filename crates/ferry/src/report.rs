@@ -80,6 +80,8 @@ pub fn downtime_breakdown(s: &MigrationStats) -> String {
 fn row(r: &RoundStats) -> String {
     let name = if r.is_final {
         format!("{} (final)", r.round)
+    } else if r.closing {
+        format!("{} (closing)", r.round)
     } else {
         r.round.to_string()
     };

@@ -24,6 +24,7 @@ fn sample(total_ms: f64, mib: u64) -> Sample {
         guest_stall_ms: None,
         in_use_mib: None,
         final_round_pages: None,
+        rounds_detail: Vec::new(),
     }
 }
 

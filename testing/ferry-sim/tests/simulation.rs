@@ -501,21 +501,39 @@ fn migrate_slow_to_stop(polls: u32) -> (ferry_migration::MigrationStats, bool) {
 
 /// The pause waits for a guest still busy with hint work it was told to stop (so the pause
 /// does not stretch that stall), but only within a bound: a guest that never stops costs
-/// that bound and nothing else.
+/// that bound and nothing else. The wait comes before the closing round (whose sync must
+/// see what the guest wrote until it stopped) and, for what is left, before the pause.
 #[test]
 fn the_pause_waits_a_bounded_time_for_the_guest_to_leave_hint_work() {
+    let closing = |stats: &ferry_migration::MigrationStats| {
+        let [.., closing, last] = &stats.rounds[..] else {
+            panic!("{stats:?}");
+        };
+        assert!(closing.closing && last.is_final, "{stats:?}");
+        closing.clone()
+    };
     let (stats, busy) = migrate_slow_to_stop(20);
     assert!(!busy, "paused while the guest was still busy: {stats:?}");
-    let w = &stats.switchover;
-    // Once done, the guest ran on for the grace before the pause.
+    let (c, w) = (closing(&stats), &stats.switchover);
+    // The closing round waited for the guest (20 polls of a millisecond or more), and once
+    // it was done the guest ran on for the grace before the pause.
     let grace = ferry_migration::SETTLE_GRACE.as_secs_f64() * 1000.0;
-    assert!(w.settle_ms >= grace && w.settle_ms <= w.drain_ms, "{w:?}");
+    assert!(c.head_start_ms >= 19.0, "{c:?}");
+    assert!(
+        c.duration_ms + w.settle_ms >= grace && w.settle_ms <= w.drain_ms,
+        "{c:?} {w:?}"
+    );
 
     let (stats, busy) = migrate_slow_to_stop(u32::MAX);
     assert!(busy, "a guest that never stops is paused anyway");
-    let w = &stats.switchover;
+    let (c, w) = (closing(&stats), &stats.switchover);
     let bound = ferry_migration::SETTLE_MAX.as_secs_f64() * 1000.0;
-    assert!(w.settle_ms >= bound && w.drain_ms >= w.settle_ms, "{w:?}");
+    assert!(c.head_start_ms >= bound, "{c:?}");
+    // The bound is spent once, not again before the pause.
+    assert!(
+        c.head_start_ms + w.settle_ms < bound + 100.0 && w.drain_ms >= w.settle_ms,
+        "{c:?} {w:?}"
+    );
 }
 
 /// Hints 64 pages in epoch 0 only and records what the engine says each epoch's hints spared.
@@ -700,4 +718,104 @@ fn the_scan_waits_for_hints_that_keep_arriving() {
         cut.pages_skipped_total() * 2 < waited.pages_skipped_total(),
         "{cut:?} vs {waited:?}"
     );
+}
+
+/// A balloon driver as Linux's with `init_on_alloc=1` in a slow guest: asked for hints, it
+/// takes free pages a slice at a time, clears each slice (a write the dirty log sees) and
+/// hints it, busy until it runs out of free pages or the epoch ends (then it finishes the
+/// slice in hand, as Linux finishes its 4 MiB block). Pages stay held until `finish`.
+struct ClearingDriver {
+    vm: std::sync::Arc<std::sync::Mutex<Option<ferry_sim::SimVm>>>,
+    sink: Option<ferry_migration::HintSink>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ferry_migration::HintSource for ClearingDriver {
+    fn name(&self) -> &str {
+        "clearing-driver"
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        ferry_migration::HintKind::Free
+    }
+    fn start(&mut self, sink: ferry_migration::HintSink) {
+        self.sink = Some(sink);
+    }
+    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        let (Some(sink), Some(vm)) = (self.sink.clone(), self.vm.lock().unwrap().clone()) else {
+            return;
+        };
+        let (stop, busy) = (self.stop.clone(), self.busy.clone());
+        stop.store(false, SeqCst);
+        busy.store(true, SeqCst);
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let ranges = vm.lock().guest.hold_free(64, true);
+                if ranges.is_empty() {
+                    sink.epoch_complete(epoch);
+                    break;
+                }
+                sink.hint(epoch, &ranges);
+            }
+            busy.store(false, SeqCst);
+        }));
+    }
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn finish(&mut self, _: ferry_migration::Outcome) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        if let Some(vm) = self.vm.lock().unwrap().as_ref() {
+            vm.lock().guest.release_held();
+        }
+    }
+    fn busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// What a guest wrote answering the last hint request (here: clearing every page it hints)
+/// goes in a closing round while it runs, not in the pause: the final round of an idle
+/// guest is then empty, where it would hold every page cleared in the last epoch.
+#[test]
+fn what_the_guest_wrote_for_its_hints_is_sent_before_the_pause() {
+    let vm = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mut source = ClearingDriver {
+        vm: vm.clone(),
+        sink: None,
+        stop: Default::default(),
+        busy: Default::default(),
+        thread: None,
+    };
+    // No waiting for the guest's hints beyond the base head start: the driver is still at
+    // work when the precopy converges, as Linux's is in a slow guest.
+    let config = MigrationConfig {
+        hint_head_start_max: MigrationConfig::default().hint_head_start,
+        ..MigrationConfig::default()
+    };
+    let (stats, bad, _) = migrate_one(9, Workload::Idle, config, &mut source, |sim| {
+        *vm.lock().unwrap() = Some(sim.clone());
+        sim
+    });
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+    let rounds = &stats.rounds;
+    let [.., closing, last] = &rounds[..] else {
+        panic!("{rounds:?}");
+    };
+    assert!(last.is_final && closing.closing, "{rounds:?}");
+    assert_eq!(rounds.iter().filter(|r| r.closing).count(), 1, "{rounds:?}");
+    // The closing round carried the cleared pages (zero, so nothing to send), and left the
+    // pause nothing: the idle guest wrote nothing once its driver stopped.
+    assert!(closing.pages_zero > 0, "{closing:?}");
+    assert_eq!(last.pages_queued, 0, "{last:?}");
+    assert!(stats.rounds.iter().any(|r| r.pages_skipped_total() > 0));
 }

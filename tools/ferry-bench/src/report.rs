@@ -437,6 +437,7 @@ pub(crate) mod tests {
             guest_stall_ms: Some(total_ms / 10.0),
             in_use_mib: Some(100),
             final_round_pages: None,
+            rounds_detail: Vec::new(),
         }
     }
 

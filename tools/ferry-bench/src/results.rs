@@ -211,6 +211,10 @@ pub struct Sample {
     /// found zero (QEMU does not say).
     #[serde(default)]
     pub final_round_pages: Option<[u64; 3]>,
+    /// ferry's rounds as its engine reported them (QEMU does not say), for looking into a
+    /// sample: what each round queued, sent, skipped and how long it took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds_detail: Vec<ferry_migration::RoundStats>,
 }
 
 /// How often the guest prints a heartbeat during a measured migration, ms (the agent's

@@ -515,6 +515,7 @@ impl Session for FerrySession {
                 .last()
                 .filter(|r| r.is_final)
                 .map(|r| [r.pages_queued, r.pages_sent, r.pages_zero]),
+            rounds_detail: stats.rounds.clone(),
         })
     }
 }
@@ -788,6 +789,7 @@ impl Session for QemuSession {
             guest_stall_ms: None,
             in_use_mib: None,
             final_round_pages: None,
+            rounds_detail: Vec::new(),
         })
     }
 }
