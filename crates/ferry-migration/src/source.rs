@@ -134,6 +134,32 @@ impl Default for MigrationConfig {
     }
 }
 
+/// The longest duration a migration setting may have: a year, far beyond any real one, and
+/// far enough below `Instant`'s range that deadlines computed from it cannot overflow.
+pub const SETTING_DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl MigrationConfig {
+    /// Checks the settings a migration cannot run with; says which one is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let durations = [
+            ("downtime limit", self.policy.downtime_max),
+            ("timeout", self.timeout),
+            ("hint head start", self.hint_head_start),
+            ("longest hint head start", self.hint_head_start_max),
+            ("handshake timeout", self.handshake_timeout),
+            ("stall timeout", self.stall_timeout),
+        ];
+        for (what, d) in durations {
+            if d > SETTING_DURATION_MAX {
+                return Err(format!(
+                    "the {what} of {d:?} is longer than {SETTING_DURATION_MAX:?}"
+                ));
+            }
+        }
+        self.compression.validate().map(|_| ())
+    }
+}
+
 /// Why a migration failed. In every case the VM is left running on the source.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -278,6 +304,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         observer: &'a mut dyn Observer,
         config: MigrationConfig,
     ) -> Result<Self, MigrationError> {
+        config.validate().map_err(MigrationError::Config)?;
         Ok(Self {
             layout: MemoryLayout::from_guest_memory(mem)?,
             mem,
@@ -333,10 +360,6 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 "connections must be between 1 and {CONNECTIONS_MAX}, got {n}"
             )));
         }
-        self.config
-            .compression
-            .validate()
-            .map_err(MigrationError::Config)?;
         if self.config.description.len() > DESCRIPTION_BYTES_MAX {
             return Err(MigrationError::Config(format!(
                 "the VM description is {} bytes long, more than the {DESCRIPTION_BYTES_MAX} \

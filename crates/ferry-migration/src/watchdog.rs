@@ -90,8 +90,9 @@ impl Watchdog {
     /// The guest was paused at `at` with `limit` as its downtime limit: cut the connections
     /// if the switchover has not handed over by `at + limit + PAUSE_MARGIN`.
     pub fn paused(&self, at: Instant, limit: Duration) {
-        let bound = limit + PAUSE_MARGIN;
-        lock(&self.shared.0).pause_deadline = Some((at + bound, bound));
+        // Saturating: a limit too far ahead to represent never trips.
+        let bound = limit.saturating_add(PAUSE_MARGIN);
+        lock(&self.shared.0).pause_deadline = at.checked_add(bound).map(|d| (d, bound));
         self.shared.1.notify_all();
     }
 
@@ -236,6 +237,17 @@ mod tests {
                 Duration::from_millis(300) + PAUSE_MARGIN
             ))
         );
+    }
+
+    #[test]
+    fn a_limit_too_far_ahead_to_represent_never_trips() {
+        let (closer, _peer, t) = blocked_writer();
+        let (w, cancel) = watch_for_an_hour(closer);
+        w.paused(Instant::now(), Duration::MAX);
+        thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished() && w.tripped().is_none());
+        cancel.store(true, Ordering::Relaxed);
+        assert!(t.join().unwrap().is_err());
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl MigrateOptions {
         }
         let compression = self.compression.validate().map_err(MigrateError::Options)?;
         let defaults = MigrationConfig::default();
-        Ok(MigrationConfig {
+        let config = MigrationConfig {
             compression,
             audit_dirty_log: self.audit_dirty_log,
             hint_head_start: self
@@ -127,7 +127,9 @@ impl MigrateOptions {
             hints: self.hints,
             cancel,
             ..defaults
-        })
+        };
+        config.validate().map_err(MigrateError::Options)?;
+        Ok(config)
     }
 }
 
@@ -173,6 +175,22 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("zstd level 99"), "{e}");
+        // Durations no deadline can be computed from are refused, not a panic at the pause.
+        let e = bad(MigrateOptions {
+            downtime_ms: u64::MAX,
+            ..Default::default()
+        });
+        assert!(e.contains("downtime limit"), "{e}");
+        let e = bad(MigrateOptions {
+            timeout_s: u64::MAX,
+            ..Default::default()
+        });
+        assert!(e.contains("timeout"), "{e}");
+        let e = bad(MigrateOptions {
+            hint_head_start_ms: Some(u64::MAX),
+            ..Default::default()
+        });
+        assert!(e.contains("hint head start"), "{e}");
         let c = MigrateOptions {
             downtime_ms: 50,
             hints: false,
