@@ -74,7 +74,10 @@ pub mod stats;
 pub use counters::BalloonCounters;
 pub use device::{Balloon, QUEUE_SIZE_MAX};
 pub use features::{BalloonConfig, QueueKind};
-pub use hinting::{BalloonHintSource, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, HINT_MIN_YIELD_PAGES};
+pub use hinting::{
+    BalloonHintSource, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, HINT_MIN_YIELD_PAGES,
+    HINT_WINDOW_MIN_SHARE, HINT_WINDOW_PAGES,
+};
 pub use memory::{memfd_guest_memory, DiscardError, GuestMemory};
 pub use mmio::{MmioDevice, MMIO_WINDOW_LEN};
 pub use queues::QueueError;

@@ -6,6 +6,7 @@ mod driver;
 use driver::*;
 use ferry_balloon::{
     BalloonConfig, BalloonState, CMD_ID_DONE, CMD_ID_MIN, CMD_ID_STOP, HINT_MIN_YIELD_PAGES,
+    HINT_WINDOW_MIN_SHARE, HINT_WINDOW_PAGES,
 };
 use ferry_migration::hint::HintTargets;
 use ferry_migration::{
@@ -248,6 +249,46 @@ fn the_guest_is_asked_again_only_while_hints_pay() {
         CMD_ID_DONE,
         "the held blocks still go back"
     );
+}
+
+#[test]
+fn a_request_whose_hints_stop_sparing_pages_ends_early() {
+    let (mut d, mut e, mut src) = hinting();
+    let w = HINT_WINDOW_PAGES;
+    e.inbox.open(Epoch(0));
+    src.epoch_begin(Epoch(0));
+    let id = d.read_cmd_id();
+    d.send_cmd(id);
+    // Less than a window says nothing yet; a window that spared an eighth goes on.
+    src.epoch_progress(Epoch(0), w - 1, 0);
+    src.epoch_progress(Epoch(0), w, w / HINT_WINDOW_MIN_SHARE);
+    assert_eq!(d.read_config(8), id);
+    // The next window spared less than an eighth (the first one's share does not carry
+    // over): STOP, with a config interrupt, and the epoch is complete for the engine.
+    let irqs = d.irq.count();
+    src.epoch_progress(Epoch(0), 2 * w, w / HINT_WINDOW_MIN_SHARE + w / 16);
+    assert_eq!(d.read_config(8), CMD_ID_STOP);
+    assert_eq!(d.irq.count(), irqs + 1);
+    e.drain();
+    assert!(e.inbox.all_complete());
+    // The driver finishes the block in hand, which is not delivered, then stops.
+    assert!(src.busy());
+    d.send_hint(4 * MIB, HINT_BLOCK as u32);
+    assert_eq!(e.drain(), 0);
+    d.send_cmd(CMD_ID_STOP);
+    assert!(!src.busy());
+    // The epoch's end changes nothing more.
+    let generation = d.read(REG_CONFIG_GENERATION);
+    src.epoch_end(Epoch(0));
+    e.inbox.close();
+    assert_eq!(d.read(REG_CONFIG_GENERATION), generation);
+    // The bulk round's hints spared enough overall: the next epoch asks again, afresh.
+    src.epoch_yield(Epoch(0), w);
+    e.inbox.open(Epoch(1));
+    src.epoch_begin(Epoch(1));
+    assert_eq!(d.read_cmd_id(), CMD_ID_MIN + 1);
+    src.epoch_progress(Epoch(1), w, w / HINT_WINDOW_MIN_SHARE);
+    assert_eq!(d.read_cmd_id(), CMD_ID_MIN + 1);
 }
 
 #[test]

@@ -111,6 +111,15 @@ pub trait HintSource: Send {
     fn epoch_yield(&mut self, epoch: Epoch, pages_skipped: u64) {
         let _ = (epoch, pages_skipped);
     }
+    /// How this source's hints tagged `epoch` fared so far: they covered `hinted` pages, of
+    /// which `spared` were still to be sent in the round and now are not (the rest were sent
+    /// already, or another source or an earlier hint had them). Called on the migration
+    /// thread while the epoch is open, whenever more of its hints were applied. A source
+    /// whose guest pays for every hint can end its request early once they stop sparing
+    /// pages, e.g. when they mostly cover never-populated memory another source knows.
+    fn epoch_progress(&mut self, epoch: Epoch, hinted: u64, spared: u64) {
+        let _ = (epoch, hinted, spared);
+    }
     /// Whether the guest is still doing work this source asked of it, e.g. the balloon
     /// driver still in a free page hint loop the last `epoch_end` told it to stop. Before it
     /// pauses the guest the engine waits, briefly and within a bound, for every source to
@@ -200,6 +209,10 @@ pub struct SourceStats {
     pub ranges_applied: u64,
     /// Pages removed from the to-send set by this source (not counted again by others).
     pub pages_skipped: u64,
+    /// Pages the applied ranges covered, whether or not they were still to be sent (already
+    /// sent, or skipped by another source or an earlier hint).
+    #[serde(default)]
+    pub pages_hinted: u64,
     /// Messages dropped because they were tagged with an epoch that was not current.
     pub messages_stale: u64,
     /// Ranges that were empty or lay wholly outside guest RAM.
@@ -326,6 +339,11 @@ impl HintInbox {
         self.open.is_none()
     }
 
+    /// The epoch whose hints are applied now, if one is open.
+    pub fn open_epoch(&self) -> Option<Epoch> {
+        self.open
+    }
+
     /// Whether every registered source said it is done with the open epoch.
     pub fn all_complete(&self) -> bool {
         self.complete.iter().all(|&c| c)
@@ -408,6 +426,7 @@ impl HintInbox {
         let mut any = false;
         for (start, end) in layout.whole_pages_in(range) {
             any = true;
+            stats.pages_hinted += end - start;
             work += (end - 1) / 64 - start / 64 + 1;
             match kind {
                 HintKind::Free => {
@@ -432,6 +451,11 @@ impl HintInbox {
         }
         stats.pages_skipped += skipped;
         (skipped, work)
+    }
+
+    /// Per-source hinted and skipped page counts so far, in registration order.
+    pub fn page_counts(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.stats.iter().map(|s| (s.pages_hinted, s.pages_skipped))
     }
 
     /// Per-source statistics so far.

@@ -291,6 +291,10 @@ struct Run {
     settle_spent: Duration,
     /// When that wait saw the guest leave the work a source asked of it.
     idle_since: Option<Instant>,
+    /// Per source, pages hinted and skipped when the open epoch began.
+    epoch_mark: Vec<(u64, u64)>,
+    /// Per source, pages hinted in the open epoch as last told to it (`epoch_progress`).
+    progress_told: Vec<u64>,
     /// What the destination holds, for the dirty-log audit (when it is on).
     audit: Option<Audit>,
 }
@@ -475,6 +479,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             skip_mark: Vec::new(),
             settle_spent: Duration::ZERO,
             idle_since: None,
+            epoch_mark: Vec::new(),
+            progress_told: Vec::new(),
             audit: self.config.audit_dirty_log.then(|| Audit::new(pages)),
         })
     }
@@ -523,7 +529,12 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 // The round's skips are in source (registration) order.
                 for (s, (_, skipped)) in self.sources.iter_mut().zip(&stats.pages_skipped) {
                     s.epoch_yield(Epoch(u64::from(round)), *skipped);
-                    answered |= *skipped > 0 && s.kind() == HintKind::Free;
+                }
+                // Whether a guest answered: hints of a free-kind source arrived, sparing pages
+                // or not (a guest whose request ended early spared none, and wrote).
+                let counts = run.inbox.page_counts().zip(&run.epoch_mark);
+                for (s, ((hinted, _), mark)) in self.sources.iter().zip(counts) {
+                    answered |= hinted > mark.0 && s.kind() == HintKind::Free;
                 }
                 // The fence: close the epoch, then sync.
                 self.end_epoch(run, Epoch(u64::from(round)));
@@ -561,7 +572,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     head_start = self.head_start(run, false)?;
                 }
                 Decision::SwitchOver if answered && round < conv.policy().rounds_max => {
-                    // The guest answered hint requests in the last round: what it wrote to
+                    // The guest answered hint requests in the last epoch: what it wrote to
                     // answer them (Linux with init_on_alloc clears every block it hints) is
                     // in the dirty set now and is not written again. A closing round sends
                     // it while the guest runs instead of in the pause: no hint request (its
@@ -692,6 +703,8 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
     /// Opens epoch `epoch` for hint application and tells the sources.
     fn begin_epoch(&mut self, run: &mut Run, epoch: Epoch) {
         run.inbox.open(epoch);
+        run.epoch_mark = run.inbox.page_counts().collect();
+        run.progress_told = vec![0; run.epoch_mark.len()];
         for s in self.sources.iter_mut() {
             s.epoch_begin(epoch);
         }
@@ -756,6 +769,22 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             .drain(&self.layout, &mut targets, HINT_DRAIN_BUDGET);
         run.stats.hint_work += drained.work;
         run.stats.hint_drain_work_max = run.stats.hint_drain_work_max.max(drained.work);
+        if let Some(epoch) = run.inbox.open_epoch().filter(|_| drained.work > 0) {
+            // Tell each source how its hints of the epoch fared, when more were applied.
+            let counts = run.inbox.page_counts().zip(&run.epoch_mark);
+            for ((s, told), ((hinted, skipped), mark)) in self
+                .sources
+                .iter_mut()
+                .zip(run.progress_told.iter_mut())
+                .zip(counts)
+            {
+                let hinted = hinted - mark.0;
+                if hinted > *told {
+                    *told = hinted;
+                    s.epoch_progress(epoch, hinted, skipped - mark.1);
+                }
+            }
+        }
         let skipped = drained.pages_skipped;
         if skipped > 0 {
             tracing::debug!(

@@ -249,6 +249,17 @@ fn migrate_one<C: ferry_migration::VmControl>(
     source: &mut dyn ferry_migration::HintSource,
     control: impl FnOnce(ferry_sim::SimVm) -> C,
 ) -> (ferry_migration::MigrationStats, Vec<ferry_sim::Mismatch>, C) {
+    migrate_with(seed, workload, config, &mut [source], control)
+}
+
+/// [`migrate_one`] with `sources`, registered in that order.
+fn migrate_with<C: ferry_migration::VmControl>(
+    seed: u64,
+    workload: Workload,
+    config: MigrationConfig,
+    sources: &mut [&mut dyn ferry_migration::HintSource],
+    control: impl FnOnce(ferry_sim::SimVm) -> C,
+) -> (ferry_migration::MigrationStats, Vec<ferry_sim::Mismatch>, C) {
     let src = ferry_sim::create_memory(MEMORY).unwrap();
     let dst = ferry_sim::create_memory(MEMORY).unwrap();
     let vm = ferry_sim::SimVm::new(
@@ -274,7 +285,9 @@ fn migrate_one<C: ferry_migration::VmControl>(
     let mut m =
         ferry_migration::Migration::new(&src, &mut dirty, &mut control, &mut driver, config)
             .unwrap();
-    m.add_source(source);
+    for source in sources.iter_mut() {
+        m.add_source(&mut **source);
+    }
     let stats = m.run(vec![a]).unwrap();
     t.join().unwrap();
     let layout = ferry_migration::MemoryLayout::from_guest_memory(&dst).unwrap();
@@ -872,4 +885,173 @@ fn later_rounds_do_not_wait_for_hints_that_keep_arriving() {
     for r in &precopy[1..] {
         assert!(r.head_start_ms < 100.0, "{r:?}");
     }
+}
+
+/// Hints the 64 pages at `gpa` twice in epoch 0 and records what the engine says of them.
+struct Twice {
+    gpa: u64,
+    sink: Option<ferry_migration::HintSink>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64, u64)>>>,
+}
+
+impl ferry_migration::HintSource for Twice {
+    fn name(&self) -> &str {
+        "twice"
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        ferry_migration::HintKind::Free
+    }
+    fn start(&mut self, sink: ferry_migration::HintSink) {
+        self.sink = Some(sink);
+    }
+    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
+        if let Some(s) = self.sink.as_ref() {
+            if epoch.0 == 0 {
+                let range =
+                    ferry_migration::GuestRange::new(self.gpa, 64 * ferry_migration::PAGE_SIZE);
+                s.hint(epoch, &[range]);
+                s.hint(epoch, &[range]);
+            }
+            s.epoch_complete(epoch);
+        }
+    }
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {}
+    fn finish(&mut self, _: ferry_migration::Outcome) {}
+    fn epoch_progress(&mut self, epoch: ferry_migration::Epoch, hinted: u64, spared: u64) {
+        self.seen.lock().unwrap().push((epoch.0, hinted, spared));
+    }
+}
+
+/// A source hears, during the epoch, how many pages its hints covered and how many of them
+/// they spared: a hint repeated spares nothing the second time.
+#[test]
+fn sources_hear_how_their_hints_fare_during_the_epoch() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(
+        &ferry_sim::create_memory(MEMORY).unwrap(),
+    )
+    .unwrap();
+    let last = layout.regions().last().unwrap();
+    let mut source = Twice {
+        gpa: last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
+        sink: None,
+        seen: seen.clone(),
+    };
+    let (stats, bad, _) = migrate_one(
+        3,
+        Workload::Idle,
+        MigrationConfig::default(),
+        &mut source,
+        |vm| vm,
+    );
+    assert!(bad.is_empty());
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "{stats:?}");
+    assert!(seen.iter().all(|&(e, ..)| e == 0), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(0, 128, 64)), "{seen:?}");
+}
+
+/// Hints `range` in every epoch, as `kind`; with a guest, first clears it and holds it (as
+/// a balloon driver with `init_on_alloc` does in epoch 0 only).
+struct Fixed {
+    name: &'static str,
+    kind: ferry_migration::HintKind,
+    range: ferry_migration::GuestRange,
+    guest: Option<std::sync::Arc<std::sync::Mutex<Option<ferry_sim::SimVm>>>>,
+    sink: Option<ferry_migration::HintSink>,
+}
+
+impl ferry_migration::HintSource for Fixed {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn kind(&self) -> ferry_migration::HintKind {
+        self.kind
+    }
+    fn start(&mut self, sink: ferry_migration::HintSink) {
+        self.sink = Some(sink);
+    }
+    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
+        let Some(s) = self.sink.as_ref() else { return };
+        match &self.guest {
+            Some(vm) if epoch.0 == 0 => {
+                let vm = vm.lock().unwrap().clone().unwrap();
+                use vm_memory::Bytes;
+                let zero = vec![0u8; self.range.len as usize];
+                vm.lock()
+                    .guest
+                    .memory()
+                    .write_slice(&zero, vm_memory::GuestAddress(self.range.gpa))
+                    .unwrap();
+                s.hint(epoch, &[self.range]);
+            }
+            Some(_) => {}
+            None => {
+                s.hint(epoch, &[self.range]);
+            }
+        }
+        s.epoch_complete(epoch);
+    }
+    fn epoch_end(&mut self, _: ferry_migration::Epoch) {}
+    fn finish(&mut self, _: ferry_migration::Outcome) {}
+}
+
+/// A guest that answered with hints that spared nothing (their pages were known zero from
+/// another source) still wrote for them: the closing round sends that, not the pause.
+#[test]
+fn hints_that_spared_nothing_still_get_a_closing_round() {
+    let vm = std::sync::Arc::new(std::sync::Mutex::new(None));
+    // 64 free pages at the top of RAM (a fifth of RAM is in use, from the bottom).
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(
+        &ferry_sim::create_memory(MEMORY).unwrap(),
+    )
+    .unwrap();
+    let last = layout.regions().last().unwrap();
+    let range = ferry_migration::GuestRange::new(
+        last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
+        64 * ferry_migration::PAGE_SIZE,
+    );
+    let mut holes = Fixed {
+        name: "holes",
+        kind: ferry_migration::HintKind::Zero,
+        range,
+        guest: None,
+        sink: None,
+    };
+    let mut driver = Fixed {
+        name: "driver",
+        kind: ferry_migration::HintKind::Free,
+        range,
+        guest: Some(vm.clone()),
+        sink: None,
+    };
+    // Switch over after the bulk round whatever the bandwidth.
+    let config = MigrationConfig {
+        policy: ferry_migration::Policy {
+            downtime_max: ferry_migration::SETTING_DURATION_MAX,
+            ..Default::default()
+        },
+        ..MigrationConfig::default()
+    };
+    let (stats, bad, _) = migrate_with(
+        4,
+        Workload::Idle,
+        config,
+        &mut [&mut holes, &mut driver],
+        |sim| {
+            *vm.lock().unwrap() = Some(sim.clone());
+            sim
+        },
+    );
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+    let [bulk, closing, last] = &stats.rounds[..] else {
+        panic!("{stats:?}");
+    };
+    assert_eq!(
+        bulk.pages_skipped,
+        [("holes".into(), 64), ("driver".into(), 0)]
+    );
+    assert!(closing.closing && closing.pages_zero == 64, "{closing:?}");
+    assert!(last.is_final && last.pages_queued == 0, "{last:?}");
 }
