@@ -565,10 +565,10 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     round += 1;
                     asked = true;
                     self.begin_epoch(run, Epoch(u64::from(round)));
-                    // Every round starts with the same bounded head start: after a lazily
-                    // armed bulk round, round 1 holds every page the bulk round skipped, and
-                    // the never-populated ones must be hinted again before the scanner would
-                    // read (and so populate) them.
+                    // Every later round starts with the base head start (without running
+                    // on): after a lazily armed bulk round, round 1 holds every page the
+                    // bulk round skipped, and the never-populated ones must be hinted again
+                    // before the scanner would read (and so populate) them.
                     head_start = self.head_start(run, false)?;
                 }
                 Decision::SwitchOver if answered && round < conv.policy().rounds_max => {
