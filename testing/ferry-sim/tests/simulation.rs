@@ -549,16 +549,56 @@ fn the_pause_waits_a_bounded_time_for_the_guest_to_leave_hint_work() {
     );
 }
 
-/// Hints 64 pages in epoch 0 only and records what the engine says each epoch's hints spared.
-struct Yields {
-    gpa: u64,
-    sink: Option<ferry_migration::HintSink>,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+/// The top `n` pages of RAM (the simulated memory's layout does not depend on its content);
+/// free, as a fifth of RAM is in use from the bottom.
+fn top_pages(n: u64) -> ferry_migration::GuestRange {
+    let layout = ferry_migration::MemoryLayout::from_guest_memory(
+        &ferry_sim::create_memory(MEMORY).unwrap(),
+    )
+    .unwrap();
+    let last = layout.regions().last().unwrap();
+    let len = n * ferry_migration::PAGE_SIZE;
+    ferry_migration::GuestRange::new(last.gpa + last.size - len, len)
 }
 
-impl ferry_migration::HintSource for Yields {
+/// A configuration that never converges: precopy rounds up to `rounds_max`, then the
+/// switchover.
+fn never_converging(rounds_max: u32) -> MigrationConfig {
+    MigrationConfig {
+        policy: ferry_migration::Policy {
+            downtime_max: std::time::Duration::ZERO,
+            rounds_max,
+            auto_converge: false,
+            ..Default::default()
+        },
+        ..MigrationConfig::default()
+    }
+}
+
+type Shared<T> = std::sync::Arc<std::sync::Mutex<Vec<T>>>;
+
+/// Hints the top 64 pages of RAM `times` times in epoch 0 only, and records what the engine
+/// says of its hints: each epoch's yield, and their progress during the epoch.
+#[derive(Default)]
+struct Recorder {
+    times: usize,
+    sink: Option<ferry_migration::HintSink>,
+    yields: Shared<(u64, u64)>,
+    progress: Shared<(u64, u64, u64)>,
+}
+
+impl Recorder {
+    fn new(times: usize) -> Self {
+        Self {
+            times,
+            ..Default::default()
+        }
+    }
+}
+
+impl ferry_migration::HintSource for Recorder {
     fn name(&self) -> &str {
-        "yields"
+        "recorder"
     }
     fn kind(&self) -> ferry_migration::HintKind {
         ferry_migration::HintKind::Free
@@ -569,13 +609,9 @@ impl ferry_migration::HintSource for Yields {
     fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
         if let Some(s) = &self.sink {
             if epoch.0 == 0 {
-                s.hint(
-                    epoch,
-                    &[ferry_migration::GuestRange::new(
-                        self.gpa,
-                        64 * ferry_migration::PAGE_SIZE,
-                    )],
-                );
+                for _ in 0..self.times {
+                    s.hint(epoch, &[top_pages(64)]);
+                }
             }
             s.epoch_complete(epoch);
         }
@@ -583,7 +619,13 @@ impl ferry_migration::HintSource for Yields {
     fn epoch_end(&mut self, _: ferry_migration::Epoch) {}
     fn finish(&mut self, _: ferry_migration::Outcome) {}
     fn epoch_yield(&mut self, epoch: ferry_migration::Epoch, pages_skipped: u64) {
-        self.seen.lock().unwrap().push((epoch.0, pages_skipped));
+        self.yields.lock().unwrap().push((epoch.0, pages_skipped));
+    }
+    fn epoch_progress(&mut self, epoch: ferry_migration::Epoch, hinted: u64, spared: u64) {
+        self.progress
+            .lock()
+            .unwrap()
+            .push((epoch.0, hinted, spared));
     }
 }
 
@@ -591,28 +633,9 @@ impl ferry_migration::HintSource for Yields {
 /// every request (the balloon) stops asking on that.
 #[test]
 fn sources_hear_what_each_epochs_hints_spared() {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    // The top of RAM (the simulated memory's layout does not depend on its content).
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(
-        &ferry_sim::create_memory(MEMORY).unwrap(),
-    )
-    .unwrap();
-    let last = layout.regions().last().unwrap();
-    let mut source = Yields {
-        gpa: last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
-        sink: None,
-        seen: seen.clone(),
-    };
-    let config = MigrationConfig {
-        // Never converges: precopy rounds up to the limit, then the switchover.
-        policy: ferry_migration::Policy {
-            downtime_max: std::time::Duration::ZERO,
-            rounds_max: 3,
-            auto_converge: false,
-            ..Default::default()
-        },
-        ..MigrationConfig::default()
-    };
+    let mut source = Recorder::new(1);
+    let seen = source.yields.clone();
+    let config = never_converging(3);
     let (stats, _, _) = migrate_one(
         3,
         Workload::Dirty {
@@ -635,12 +658,26 @@ fn sources_hear_what_each_epochs_hints_spared() {
 /// about 200 ms of the first epoch, busy until it is done (as a balloon driver in a slow
 /// guest is, zeroing each block it hints).
 struct Dribbler {
-    free: std::sync::Arc<std::sync::Mutex<Vec<ferry_migration::GuestRange>>>,
+    free: Shared<ferry_migration::GuestRange>,
     sink: Option<ferry_migration::HintSink>,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Hints in every epoch, not only the bulk round's.
     every_epoch: bool,
+}
+
+impl Dribbler {
+    /// A source that will hint the ranges `free` holds by then; `every_epoch`: in every
+    /// epoch, not only the bulk round's.
+    fn new(free: &Shared<ferry_migration::GuestRange>, every_epoch: bool) -> Self {
+        Self {
+            free: free.clone(),
+            sink: None,
+            busy: Default::default(),
+            thread: None,
+            every_epoch,
+        }
+    }
 }
 
 impl ferry_migration::HintSource for Dribbler {
@@ -704,13 +741,7 @@ impl ferry_migration::HintSource for Dribbler {
 fn the_scan_waits_for_hints_that_keep_arriving() {
     let bulk = |head_start_max: std::time::Duration| {
         let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut source = Dribbler {
-            free: free.clone(),
-            sink: None,
-            busy: Default::default(),
-            thread: None,
-            every_epoch: false,
-        };
+        let mut source = Dribbler::new(&free, false);
         let config = MigrationConfig {
             hint_head_start_max: head_start_max,
             ..MigrationConfig::default()
@@ -845,23 +876,8 @@ fn what_the_guest_wrote_for_its_hints_is_sent_before_the_pause() {
 #[test]
 fn later_rounds_do_not_wait_for_hints_that_keep_arriving() {
     let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut source = Dribbler {
-        free: free.clone(),
-        sink: None,
-        busy: Default::default(),
-        thread: None,
-        every_epoch: true,
-    };
-    let config = MigrationConfig {
-        // Never converges: precopy rounds up to the limit, then the switchover.
-        policy: ferry_migration::Policy {
-            downtime_max: std::time::Duration::ZERO,
-            rounds_max: 2,
-            auto_converge: false,
-            ..Default::default()
-        },
-        ..MigrationConfig::default()
-    };
+    let mut source = Dribbler::new(&free, true);
+    let config = never_converging(2);
     let (stats, bad, _) = migrate_one(
         5,
         Workload::Dirty {
@@ -887,56 +903,12 @@ fn later_rounds_do_not_wait_for_hints_that_keep_arriving() {
     }
 }
 
-/// Hints the 64 pages at `gpa` twice in epoch 0 and records what the engine says of them.
-struct Twice {
-    gpa: u64,
-    sink: Option<ferry_migration::HintSink>,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64, u64)>>>,
-}
-
-impl ferry_migration::HintSource for Twice {
-    fn name(&self) -> &str {
-        "twice"
-    }
-    fn kind(&self) -> ferry_migration::HintKind {
-        ferry_migration::HintKind::Free
-    }
-    fn start(&mut self, sink: ferry_migration::HintSink) {
-        self.sink = Some(sink);
-    }
-    fn epoch_begin(&mut self, epoch: ferry_migration::Epoch) {
-        if let Some(s) = self.sink.as_ref() {
-            if epoch.0 == 0 {
-                let range =
-                    ferry_migration::GuestRange::new(self.gpa, 64 * ferry_migration::PAGE_SIZE);
-                s.hint(epoch, &[range]);
-                s.hint(epoch, &[range]);
-            }
-            s.epoch_complete(epoch);
-        }
-    }
-    fn epoch_end(&mut self, _: ferry_migration::Epoch) {}
-    fn finish(&mut self, _: ferry_migration::Outcome) {}
-    fn epoch_progress(&mut self, epoch: ferry_migration::Epoch, hinted: u64, spared: u64) {
-        self.seen.lock().unwrap().push((epoch.0, hinted, spared));
-    }
-}
-
 /// A source hears, during the epoch, how many pages its hints covered and how many of them
 /// they spared: a hint repeated spares nothing the second time.
 #[test]
 fn sources_hear_how_their_hints_fare_during_the_epoch() {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(
-        &ferry_sim::create_memory(MEMORY).unwrap(),
-    )
-    .unwrap();
-    let last = layout.regions().last().unwrap();
-    let mut source = Twice {
-        gpa: last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
-        sink: None,
-        seen: seen.clone(),
-    };
+    let mut source = Recorder::new(2);
+    let seen = source.progress.clone();
     let (stats, bad, _) = migrate_one(
         3,
         Workload::Idle,
@@ -1002,16 +974,7 @@ impl ferry_migration::HintSource for Fixed {
 #[test]
 fn hints_that_spared_nothing_still_get_a_closing_round() {
     let vm = std::sync::Arc::new(std::sync::Mutex::new(None));
-    // 64 free pages at the top of RAM (a fifth of RAM is in use, from the bottom).
-    let layout = ferry_migration::MemoryLayout::from_guest_memory(
-        &ferry_sim::create_memory(MEMORY).unwrap(),
-    )
-    .unwrap();
-    let last = layout.regions().last().unwrap();
-    let range = ferry_migration::GuestRange::new(
-        last.gpa + last.size - 64 * ferry_migration::PAGE_SIZE,
-        64 * ferry_migration::PAGE_SIZE,
-    );
+    let range = top_pages(64);
     let mut holes = Fixed {
         name: "holes",
         kind: ferry_migration::HintKind::Zero,
