@@ -19,12 +19,7 @@ fn sample(total_ms: f64, mib: u64) -> Sample {
         verified: true,
         verify_answer: "verify pages=8192".into(),
         kernel_errors: Vec::new(),
-        switchover: None,
-        guest_pause_ms: None,
-        guest_stall_ms: None,
-        in_use_mib: None,
-        final_round_pages: None,
-        rounds_detail: Vec::new(),
+        ..Sample::default()
     }
 }
 

@@ -45,6 +45,10 @@ pub enum SysinfoError {
     BadFeatures { path: PathBuf, found: String },
     #[error("/proc/meminfo has no {0} line")]
     MissingField(&'static str),
+    #[error("/proc/buddyinfo: cannot read the line {0:?}")]
+    BadBuddyinfo(String),
+    #[error("vm.min_free_kbytes: not a number: {0:?}")]
+    BadMinFree(String),
 }
 
 fn read(path: &Path) -> Result<String, SysinfoError> {
@@ -104,15 +108,50 @@ pub fn balloon_features() -> Result<Features, SysinfoError> {
     Err(SysinfoError::NoBalloon)
 }
 
-/// Memory counters from /proc/meminfo, displayed as `total_kib=N free_kib=N available_kib=N`.
+/// Memory counters from /proc/meminfo, /proc/buddyinfo and vm.min_free_kbytes, displayed
+/// as `total_kib=N free_kib=N available_kib=N hintable_kib=N min_free_kib=N`.
 pub struct Meminfo {
     pub total_kib: u64,
     pub free_kib: u64,
     pub available_kib: u64,
+    /// Free memory in blocks of the buddy allocator's largest order (4 MiB on x86-64): all
+    /// Linux's balloon driver can hint (it hints only such blocks), and the part of MemFree a
+    /// host can learn of by free page hinting.
+    pub hintable_kib: u64,
+    /// The kernel's reserve (vm.min_free_kbytes; raised for transparent huge pages): free
+    /// memory an allocation that may not reclaim, as the balloon driver's, cannot take.
+    pub min_free_kib: u64,
+}
+
+/// Page size of the guests the agent runs in (x86-64), KiB.
+const PAGE_KIB: u64 = 4;
+
+/// Free memory in blocks of the largest order /proc/buddyinfo lists, KiB. Each line is
+/// `Node N, zone NAME c0 c1 ... cK`: cI free blocks of 2^I pages.
+fn largest_free_blocks_kib(text: &str) -> Result<u64, SysinfoError> {
+    let mut kib = 0u64;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let bad = || SysinfoError::BadBuddyinfo(line.to_string());
+        let counts = line
+            .split_once("zone")
+            .ok_or_else(bad)?
+            .1
+            .split_whitespace()
+            .skip(1)
+            .map(|c| c.parse::<u64>().map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let order = u32::try_from(counts.len()).map_err(|_| bad())?;
+        let Some(&largest) = counts.last() else {
+            return Err(bad());
+        };
+        let block_kib = PAGE_KIB.checked_shl(order - 1).ok_or_else(bad)?;
+        kib = kib.saturating_add(largest.saturating_mul(block_kib));
+    }
+    Ok(kib)
 }
 
 impl Meminfo {
-    fn parse(text: &str) -> Result<Self, SysinfoError> {
+    fn parse(text: &str, buddyinfo: &str, min_free: &str) -> Result<Self, SysinfoError> {
         let field = |name: &'static str| {
             text.lines()
                 .find_map(|line| {
@@ -125,6 +164,11 @@ impl Meminfo {
             total_kib: field("MemTotal")?,
             free_kib: field("MemFree")?,
             available_kib: field("MemAvailable")?,
+            hintable_kib: largest_free_blocks_kib(buddyinfo)?,
+            min_free_kib: min_free
+                .trim()
+                .parse()
+                .map_err(|_| SysinfoError::BadMinFree(min_free.trim().to_string()))?,
         })
     }
 }
@@ -133,14 +177,18 @@ impl fmt::Display for Meminfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "total_kib={} free_kib={} available_kib={}",
-            self.total_kib, self.free_kib, self.available_kib
+            "total_kib={} free_kib={} available_kib={} hintable_kib={} min_free_kib={}",
+            self.total_kib, self.free_kib, self.available_kib, self.hintable_kib, self.min_free_kib
         )
     }
 }
 
 pub fn meminfo() -> Result<Meminfo, SysinfoError> {
-    Meminfo::parse(&read(Path::new("/proc/meminfo"))?)
+    Meminfo::parse(
+        &read(Path::new("/proc/meminfo"))?,
+        &read(Path::new("/proc/buddyinfo"))?,
+        &read(Path::new("/proc/sys/vm/min_free_kbytes"))?,
+    )
 }
 
 /// The agent's threads, for a host that finds a workload stuck: `TID|NAME|STATE|WCHAN|STACK`
@@ -316,11 +364,18 @@ mod tests {
     #[test]
     fn reads_meminfo_fields() {
         let text = "MemTotal:  1000 kB\nMemFree:  600 kB\nMemAvailable:  800 kB\n";
-        let m = Meminfo::parse(text).unwrap();
+        // Two zones with orders 0..=10: 3 + 2 free 4 MiB blocks.
+        let buddy = "Node 0, zone      DMA      1 0 1 0 2 1 1 0 1 1 3\n\
+                     Node 0, zone    DMA32    700 400 200 90 40 20 9 6 3 5 2\n";
+        let m = Meminfo::parse(text, buddy, "45056\n").unwrap();
         assert_eq!(
             m.to_string(),
-            "total_kib=1000 free_kib=600 available_kib=800"
+            "total_kib=1000 free_kib=600 available_kib=800 hintable_kib=20480 min_free_kib=45056"
         );
-        assert!(Meminfo::parse("MemTotal: 1 kB\n").is_err());
+        assert!(Meminfo::parse("MemTotal: 1 kB\n", buddy, "1").is_err());
+        assert!(Meminfo::parse(text, "Node 0, zone DMA 1 x 2\n", "1").is_err());
+        assert!(Meminfo::parse(text, "Node 0, zone DMA\n", "1").is_err());
+        assert!(Meminfo::parse(text, "garbage\n", "1").is_err());
+        assert!(Meminfo::parse(text, buddy, "many").is_err());
     }
 }

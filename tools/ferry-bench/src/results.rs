@@ -168,7 +168,7 @@ impl fmt::Display for Variant {
 }
 
 /// One migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     /// Start of the migration to completion, as the VMM reports it, milliseconds.
     pub total_ms: f64,
@@ -207,6 +207,16 @@ pub struct Sample {
     /// The guest's memory in use before the workload started (MemTotal - MemFree), MiB.
     #[serde(default)]
     pub in_use_mib: Option<u64>,
+    /// The guest's RAM less MemFree as the migration starts (after the workload started),
+    /// MiB: what any free-page source leaves to send, zero pages aside. It counts the
+    /// memory the kernel reserves at boot (its page descriptors, its image), which
+    /// MemTotal leaves out.
+    #[serde(default)]
+    pub not_free_mib: Option<u64>,
+    /// The part of MemFree in blocks Linux's balloon driver can hint (the buddy allocator's
+    /// largest order, 4 MiB) as the migration starts, MiB.
+    #[serde(default)]
+    pub hintable_mib: Option<u64>,
     /// ferry's final (stop-and-copy) round: pages queued, of which sent with data and
     /// found zero (QEMU does not say).
     #[serde(default)]
@@ -247,6 +257,10 @@ pub struct Medians {
     pub guest_stall_ms: Option<f64>,
     /// Guest memory in use before the workload, MiB, over the samples that measured it.
     pub in_use_mib: Option<f64>,
+    /// Guest RAM less MemFree as the migration starts, MiB.
+    pub not_free_mib: Option<f64>,
+    /// Free memory in hintable blocks as the migration starts, MiB.
+    pub hintable_mib: Option<f64>,
     /// Number of samples.
     pub runs: usize,
     /// Every sample verified.
@@ -271,6 +285,8 @@ impl Case {
             guest_pause_ms: of_some(|s| s.guest_pause_ms),
             guest_stall_ms: of_some(|s| s.guest_stall_ms),
             in_use_mib: of_some(|s| s.in_use_mib.map(|m| m as f64)),
+            not_free_mib: of_some(|s| s.not_free_mib.map(|m| m as f64)),
+            hintable_mib: of_some(|s| s.hintable_mib.map(|m| m as f64)),
             runs: self.samples.len(),
             all_verified: self.samples.iter().all(|s| s.verified),
         })

@@ -422,21 +422,40 @@ fn ms_or_unknown(ms: Option<f64>) -> String {
     ms.map_or_else(|| "?".to_string(), |ms| format!("{ms:.1}"))
 }
 
-/// The guest's memory in use (MemTotal - MemFree), MiB.
-fn in_use(session: &mut dyn Session) -> Result<u64, BenchError> {
-    let meminfo = command(session, "meminfo")?;
-    let field = |name: &str| {
-        meminfo
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix(name))
-            .and_then(|n| n.parse::<u64>().ok())
-    };
-    match (field("total_kib="), field("free_kib=")) {
-        (Some(total), Some(free)) => Ok(total.saturating_sub(free) / 1024),
-        _ => Err(BenchError::Answer {
-            command: "meminfo".into(),
-            answer: meminfo,
-        }),
+/// The guest's memory counters (the agent's `meminfo`), KiB.
+struct GuestMemory {
+    total_kib: u64,
+    free_kib: u64,
+    /// Free in blocks of the largest order, what Linux's balloon driver can hint (an agent
+    /// older than this field does not say).
+    hintable_kib: Option<u64>,
+}
+
+impl GuestMemory {
+    fn read(session: &mut dyn Session) -> Result<Self, BenchError> {
+        let meminfo = command(session, "meminfo")?;
+        let field = |name: &str| {
+            meminfo
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        match (field("total_kib="), field("free_kib=")) {
+            (Some(total_kib), Some(free_kib)) => Ok(Self {
+                total_kib,
+                free_kib,
+                hintable_kib: field("hintable_kib="),
+            }),
+            _ => Err(BenchError::Answer {
+                command: "meminfo".into(),
+                answer: meminfo,
+            }),
+        }
+    }
+
+    /// Memory in use (MemTotal - MemFree), MiB.
+    fn in_use_mib(&self) -> u64 {
+        self.total_kib.saturating_sub(self.free_kib) / 1024
     }
 }
 
@@ -459,6 +478,7 @@ fn run_group(
         })?;
     let features = command(session, "features")?;
     log(&format!("guest up; balloon: {features}"));
+    log(&format!("guest memory at boot: {}", command(session, "meminfo")?));
     let dataset = format!("dataset {}", config.dataset_mib);
     let pages = config.dataset_mib * 256;
     let answer = command(session, &dataset)?;
@@ -485,7 +505,7 @@ fn run_group(
                     config.dirty_mib, config.dirty_rate_mib_s
                 ),
             };
-            let in_use_mib = in_use(session)?;
+            let in_use_mib = GuestMemory::read(session)?.in_use_mib();
             // The freed workload touches its memory before it answers: in the lab a QEMU
             // guest took over 300 s for 6 GiB.
             let touched = if workload == Workload::Freed {
@@ -498,6 +518,10 @@ fn run_group(
                 &start,
                 COMMAND_TIMEOUT + FREED_TIMEOUT_PER_MIB * u32::try_from(touched).unwrap_or(0),
             )?;
+            // What a free-page source could know of as the migration starts: the guest's RAM
+            // less MemFree must go whatever the source; of MemFree, Linux hints only blocks of
+            // its largest order.
+            let before = GuestMemory::read(session)?;
             // Heartbeats through the migration: the guest-visible pause is their largest gap.
             command(session, &format!("heartbeat {HEARTBEAT_MS}"))?;
             let mut m = session.migrate(
@@ -506,6 +530,8 @@ fn run_group(
                 config.downtime_limit_ms,
             )?;
             m.in_use_mib = Some(in_use_mib);
+            m.not_free_mib = Some(config.memory_mib.saturating_sub(before.free_kib / 1024));
+            m.hintable_mib = before.hintable_kib.map(|k| k / 1024);
             let verify = session.agent().command("verify", COMMAND_TIMEOUT);
             if let Some(gaps) = session.heartbeat_gaps() {
                 m.guest_pause_ms = Some(gaps.switchover.as_secs_f64() * 1000.0);

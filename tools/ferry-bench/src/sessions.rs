@@ -507,15 +507,13 @@ impl Session for FerrySession {
             verify_answer: String::new(),
             kernel_errors,
             switchover: Some(stats.switchover.clone()),
-            guest_pause_ms: None,
-            guest_stall_ms: None,
-            in_use_mib: None,
             final_round_pages: stats
                 .rounds
                 .last()
                 .filter(|r| r.is_final)
                 .map(|r| [r.pages_queued, r.pages_sent, r.pages_zero]),
             rounds_detail: stats.rounds.clone(),
+            ..Sample::default()
         })
     }
 }
@@ -784,12 +782,7 @@ impl Session for QemuSession {
             verified: false,
             verify_answer: String::new(),
             kernel_errors,
-            switchover: None,
-            guest_pause_ms: None,
-            guest_stall_ms: None,
-            in_use_mib: None,
-            final_round_pages: None,
-            rounds_detail: Vec::new(),
+            ..Sample::default()
         })
     }
 }
