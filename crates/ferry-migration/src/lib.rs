@@ -47,8 +47,8 @@ pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, Source
 pub use layout::{GuestRange, MemoryLayout, RegionDesc, PAGE_SHIFT, PAGE_SIZE};
 pub use progress::{Event, NoObserver, Observer};
 pub use source::{
-    Migration, MigrationConfig, MigrationError, HINT_DRAIN_BUDGET, SETTING_DURATION_MAX,
-    SETTLE_GRACE, SETTLE_MAX,
+    Migration, MigrationConfig, MigrationError, HINT_DRAIN_BUDGET, HINT_RATE_FLOOR_DEFAULT,
+    HINT_RATE_WINDOW, SETTING_DURATION_MAX, SETTLE_GRACE, SETTLE_MAX,
 };
 pub use stats::{MigrationStats, RoundStats, SwitchoverStats};
 pub use tls::{Tls, TlsError, TlsFiles};

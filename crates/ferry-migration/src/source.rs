@@ -13,6 +13,7 @@
 //! VM here; a lost acknowledgement (timeout, closed or cut connection) ends the migration
 //! with [`MigrationError::OutcomeUnknown`] and the VM paused: never two running copies.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -67,9 +68,16 @@ pub const SETTLE_MAX: Duration = Duration::from_millis(500);
 /// the lab showed pauses right after the driver's STOP, with the guest's userspace not yet
 /// back: 1.1-1.2 s of guest pause for 25-28 ms of downtime.
 pub const SETTLE_GRACE: Duration = Duration::from_millis(20);
-/// The longest quiet spell between a busy source's hints that still counts as hints arriving
-/// (see [`MigrationConfig::hint_head_start_max`]).
-pub const HINT_FLOW_GAP: Duration = Duration::from_millis(200);
+/// Over how long a span the bulk round's head start judges whether the guest's hints still
+/// pay (see [`MigrationConfig::hint_rate_floor`]), judged continuously once it has run that
+/// long. Long enough that a guest whose hint loop stalls for a moment (in the lab one turn of
+/// it took up to ~100 ms) is not taken for one that stopped; short, because a guest whose
+/// hints dried up (in the lab: after ~0.3 s, its free memory down to the kernel's
+/// watermarks, while it stays in its loop) costs it once.
+pub const HINT_RATE_WINDOW: Duration = Duration::from_millis(250);
+/// [`MigrationConfig::hint_rate_floor`] without a bandwidth limit: 1 Gbit/s, the slower end
+/// of a link between hosts.
+pub const HINT_RATE_FLOOR_DEFAULT: u64 = 125_000_000;
 /// How long to wait for the destination's acknowledgement after the last byte.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -87,13 +95,23 @@ pub struct MigrationConfig {
     pub hint_head_start: Duration,
     /// How long the bulk round's head start may run on past `hint_head_start` while a
     /// source's guest is still at work on the request ([`HintSource::busy`]) and its hints
-    /// keep arriving (at most [`HINT_FLOW_GAP`] apart): every page hinted before the scan
-    /// reaches it is a page not sent. A guest that stops hinting, or finishes, ends it at
-    /// once; one that dribbles costs at most this. Later rounds do not run on: their queue is
-    /// what was written since, mostly blocks the guest itself holds for its hints (which it
-    /// cannot hint again), and in the lab waiting there spared no page (0-512 of 13,000-20,000
-    /// queued) for 200-280 ms a round.
+    /// pay: every page hinted before the scan reaches it is a page not sent. A guest that
+    /// finishes or leaves its hint loop ends it at once, one whose hints spare less than
+    /// [`Self::hint_rate_floor`] within a [`HINT_RATE_WINDOW`] ends it then; one that keeps
+    /// paying costs at most this. Later rounds do not run on: their queue is what was written
+    /// since, mostly blocks the guest itself holds for its hints (which it cannot hint
+    /// again), and in the lab waiting there spared no page (0-512 of 13,000-20,000 queued)
+    /// for 200-280 ms a round.
     pub hint_head_start_max: Duration,
+    /// Guest memory per second, in bytes, that the hints of free-page sources
+    /// ([`HintKind::Free`]) must spare for the bulk round's head start to run on: while the
+    /// guest hints faster than the link could send what it hints, waiting costs less time
+    /// than sending and saves every byte it spares. `None`: the bandwidth limit, or
+    /// [`HINT_RATE_FLOOR_DEFAULT`] without one. In the lab a 1 GiB guest whose free memory
+    /// the host had populated took over 2 s to hint it, at ~350 MB/s, while the link
+    /// moved ~150 MB/s: a fixed 2 s limit cut it off and the scan sent ~130 MiB of free
+    /// memory.
+    pub hint_rate_floor: Option<u64>,
     /// Whether hint sources are used at all.
     pub hints: bool,
     /// Set to `true` from any thread to cancel.
@@ -122,7 +140,8 @@ impl Default for MigrationConfig {
             timeout: Duration::from_secs(30 * 60),
             bandwidth_limit: None,
             hint_head_start: Duration::from_millis(50),
-            hint_head_start_max: Duration::from_secs(2),
+            hint_head_start_max: Duration::from_secs(10),
+            hint_rate_floor: None,
             hints: true,
             cancel: Arc::new(AtomicBool::new(false)),
             handshake_timeout: Duration::from_secs(60),
@@ -739,22 +758,51 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         } else {
             base
         };
-        let mut last_hint = start;
+        // Pages the free-page sources' hints must spare per window for the wait to go on.
+        let floor = self
+            .config
+            .hint_rate_floor
+            .or(self.config.bandwidth_limit)
+            .unwrap_or(HINT_RATE_FLOOR_DEFAULT)
+            .saturating_mul(HINT_RATE_WINDOW.as_millis() as u64)
+            / 1000
+            / PAGE_SIZE;
+        // (when, pages spared by then), over the last window.
+        let mut window = VecDeque::from([(start, self.pages_spared(run))]);
         loop {
             let now = Instant::now();
-            if self.drain_hints(run) > 0 {
-                last_hint = now;
-            }
-            if run.inbox.all_complete() {
+            self.drain_hints(run);
+            if run.inbox.all_complete() || now >= cap {
                 return Ok(now - start);
             }
-            let flowing = now - last_hint < HINT_FLOW_GAP && self.sources.iter().any(|s| s.busy());
-            if now >= cap || (now >= base && !flowing) {
+            let busy = self.sources.iter().any(|s| s.busy());
+            if now >= base && !busy {
+                return Ok(now - start);
+            }
+            let spared = self.pages_spared(run);
+            window.push_back((now, spared));
+            // Keep the newest sample a window old or older as the front.
+            while window.len() > 1 && now - window[1].0 >= HINT_RATE_WINDOW {
+                window.pop_front();
+            }
+            let judged = now - window[0].0 >= HINT_RATE_WINDOW;
+            if judged && now >= base && spared - window[0].1 < floor {
                 return Ok(now - start);
             }
             self.check(run)?;
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Pages the hints of free-page sources spared so far (hints repeating what a source of
+    /// never-populated memory reported spare nothing).
+    fn pages_spared(&self, run: &Run) -> u64 {
+        self.sources
+            .iter()
+            .zip(run.inbox.page_counts())
+            .filter(|(s, _)| s.kind() == HintKind::Free)
+            .map(|(_, (_, skipped))| skipped)
+            .sum()
     }
 
     fn drain_hints(&mut self, run: &mut Run) -> u64 {

@@ -654,16 +654,27 @@ fn sources_hear_what_each_epochs_hints_spared() {
     assert_eq!(seen, expected);
 }
 
-/// A source whose guest hints its free pages slowly, a slice every few milliseconds over
-/// about 200 ms of the first epoch, busy until it is done (as a balloon driver in a slow
-/// guest is, zeroing each block it hints).
+/// A source whose guest hints its free pages slowly, a slice at a time (by default a
+/// twentieth of them every 10 ms, about 200 ms of the first epoch), busy until it is done or
+/// the epoch ends (as a balloon driver in a slow guest is, zeroing each block it hints).
 struct Dribbler {
     free: Shared<ferry_migration::GuestRange>,
     sink: Option<ferry_migration::HintSink>,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Hints in every epoch, not only the bulk round's.
     every_epoch: bool,
+    pace: Pace,
+}
+
+/// How a [`Dribbler`] hints: `slices` slices of its free pages, one every `interval`, and
+/// before slice `stall.0` a pause of `stall.1`.
+#[derive(Clone, Copy)]
+struct Pace {
+    slices: usize,
+    interval: std::time::Duration,
+    stall: Option<(usize, std::time::Duration)>,
 }
 
 impl Dribbler {
@@ -674,8 +685,21 @@ impl Dribbler {
             free: free.clone(),
             sink: None,
             busy: Default::default(),
+            stop: Default::default(),
             thread: None,
             every_epoch,
+            pace: Pace {
+                slices: 20,
+                interval: std::time::Duration::from_millis(10),
+                stall: None,
+            },
+        }
+    }
+
+    fn paced(free: &Shared<ferry_migration::GuestRange>, pace: Pace) -> Self {
+        Self {
+            pace,
+            ..Self::new(free, false)
         }
     }
 }
@@ -713,18 +737,28 @@ impl ferry_migration::HintSource for Dribbler {
                 })
             })
             .collect();
-        let busy = self.busy.clone();
-        busy.store(true, std::sync::atomic::Ordering::SeqCst);
+        use std::sync::atomic::Ordering::SeqCst;
+        let (busy, stop, pace) = (self.busy.clone(), self.stop.clone(), self.pace);
+        busy.store(true, SeqCst);
+        stop.store(false, SeqCst);
         self.thread = Some(std::thread::spawn(move || {
-            for slice in free.chunks(free.len().div_ceil(20).max(1)) {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            let slices = free.chunks(free.len().div_ceil(pace.slices).max(1));
+            for (i, slice) in slices.enumerate() {
+                if let Some((_, pause)) = pace.stall.filter(|s| s.0 == i) {
+                    std::thread::sleep(pause);
+                }
+                std::thread::sleep(pace.interval);
+                if stop.load(SeqCst) {
+                    break;
+                }
                 sink.hint(epoch, slice);
             }
-            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            busy.store(false, SeqCst);
             sink.epoch_complete(epoch);
         }));
     }
     fn epoch_end(&mut self, _: ferry_migration::Epoch) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
@@ -740,19 +774,11 @@ impl ferry_migration::HintSource for Dribbler {
 #[test]
 fn the_scan_waits_for_hints_that_keep_arriving() {
     let bulk = |head_start_max: std::time::Duration| {
-        let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut source = Dribbler::new(&free, false);
         let config = MigrationConfig {
             hint_head_start_max: head_start_max,
             ..MigrationConfig::default()
         };
-        let (stats, bad, _) = migrate_one(5, Workload::Idle, config, &mut source, |vm| {
-            // The pages free before the migration starts: what the guest will hint.
-            *free.lock().unwrap() = ferry_sim::free_ranges(&vm.lock().guest);
-            vm
-        });
-        assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
-        stats.rounds[0].clone()
+        bulk_round(None, config)
     };
     let waited = bulk(MigrationConfig::default().hint_head_start_max);
     let cut = bulk(MigrationConfig::default().hint_head_start);
@@ -769,6 +795,88 @@ fn the_scan_waits_for_hints_that_keep_arriving() {
         cut.pages_skipped_total() * 2 < waited.pages_skipped_total(),
         "{cut:?} vs {waited:?}"
     );
+}
+
+/// The bulk round of an idle guest whose [`Dribbler`] hints (at `pace`, or its default) the
+/// pages free as the migration starts. Every page must arrive.
+fn bulk_round(pace: Option<Pace>, config: MigrationConfig) -> ferry_migration::RoundStats {
+    let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut source = match pace {
+        Some(pace) => Dribbler::paced(&free, pace),
+        None => Dribbler::new(&free, false),
+    };
+    let (stats, bad, _) = migrate_one(5, Workload::Idle, config, &mut source, |vm| {
+        *free.lock().unwrap() = ferry_sim::free_ranges(&vm.lock().guest);
+        vm
+    });
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+    stats.rounds[0].clone()
+}
+
+/// A guest whose hints stall for a moment, but that hints fast enough around the stall,
+/// keeps the scan waiting: what it hints after the stall is not sent. One whose hints stop
+/// for longer than the judging window, though still busy, does not.
+#[test]
+fn the_scan_waits_through_a_stall_of_hints_that_pay() {
+    let ms = std::time::Duration::from_millis;
+    let window = ferry_migration::HINT_RATE_WINDOW;
+    let stalled = |stall| {
+        let pace = Pace {
+            slices: 20,
+            interval: ms(10),
+            stall: Some((5, stall)),
+        };
+        let config = MigrationConfig {
+            // 1000 pages a second; the guest hints over 1500 pages in 50 ms.
+            hint_rate_floor: Some(1000 * ferry_migration::PAGE_SIZE),
+            ..MigrationConfig::default()
+        };
+        bulk_round(Some(pace), config)
+    };
+    let bulk = stalled(window * 3 / 5);
+    let stall_ms = (window * 3 / 5).as_secs_f64() * 1000.0;
+    assert!(bulk.head_start_ms >= stall_ms + 50.0, "{bulk:?}");
+    let pages = MEMORY / ferry_migration::PAGE_SIZE;
+    assert!(bulk.pages_skipped_total() > pages * 7 / 10, "{bulk:?}");
+    // Stopped for four windows after the first 50 ms: judged over one window from then.
+    let dried = stalled(window * 4);
+    let window_ms = window.as_secs_f64() * 1000.0;
+    assert!(
+        dried.head_start_ms >= window_ms && dried.head_start_ms < 50.0 + 2.0 * window_ms,
+        "{dried:?}"
+    );
+    assert!(dried.pages_skipped_total() < bulk.pages_skipped_total());
+}
+
+/// A guest that hints slower than the floor rate (by default a 1 Gbit/s link) holds the scan
+/// for one judging window, not until the head start's limit; with a floor it beats, it holds
+/// it until that limit.
+#[test]
+fn hints_slower_than_the_floor_rate_do_not_hold_the_scan() {
+    let ms = std::time::Duration::from_millis;
+    // One page every 20 ms: 50 pages a second.
+    let pace = Pace {
+        slices: usize::MAX,
+        interval: ms(20),
+        stall: None,
+    };
+    let window = ferry_migration::HINT_RATE_WINDOW.as_secs_f64() * 1000.0;
+    let slow = bulk_round(Some(pace), MigrationConfig::default());
+    assert!(
+        slow.head_start_ms >= window && slow.head_start_ms < 2.0 * window,
+        "{slow:?}"
+    );
+    let config = MigrationConfig {
+        hint_rate_floor: Some(30 * ferry_migration::PAGE_SIZE),
+        hint_head_start_max: ms(1500),
+        ..MigrationConfig::default()
+    };
+    let paying = bulk_round(Some(pace), config);
+    assert!(
+        paying.head_start_ms >= 1500.0 && paying.head_start_ms < 1500.0 + window,
+        "{paying:?}"
+    );
+    assert!(paying.pages_skipped_total() > slow.pages_skipped_total());
 }
 
 /// A balloon driver as Linux's with `init_on_alloc=1` in a slow guest: asked for hints, it
