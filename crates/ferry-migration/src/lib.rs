@@ -40,7 +40,7 @@ pub mod zero;
 
 pub use bitmap::{set_bits, PageBitmap};
 pub use compress::Compression;
-pub use convergence::{OnNoConvergence, Policy};
+pub use convergence::{OnNoConvergence, Policy, DOWNTIME_NEGLIGIBLE};
 pub use dest::{Destination, Incoming, ReceiveConfig, ReceiveError, ReceiveStats, Received};
 pub use dirty::{BitmapDirtyLog, DirtyLog, DirtyLogError};
 pub use hint::{Epoch, HintInbox, HintKind, HintSink, HintSource, Outcome, SourceStats};

@@ -579,10 +579,16 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 run.to_send.count(),
             );
             match decision {
+                Decision::Iterate if !asked => {
+                    // Closing rounds go on without hint requests while they pay (the
+                    // guest may have written much while it stopped answering).
+                    self.vm.set_throttle(conv.throttle());
+                    round += 1;
+                    head_start = Duration::ZERO;
+                }
                 Decision::Iterate => {
                     self.vm.set_throttle(conv.throttle());
                     round += 1;
-                    asked = true;
                     self.begin_epoch(run, Epoch(u64::from(round)));
                     // Every later round starts with the base head start (without running
                     // on): after a lazily armed bulk round, round 1 holds every page the
@@ -590,7 +596,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                     // before the scanner would read (and so populate) them.
                     head_start = self.head_start(run, false)?;
                 }
-                Decision::SwitchOver if answered && round < conv.policy().rounds_max => {
+                Decision::SwitchOver if asked && answered && round < conv.policy().rounds_max => {
                     // The guest answered hint requests in the last epoch: what it wrote to
                     // answer them (Linux with init_on_alloc clears every block it hints) is
                     // in the dirty set now and is not written again. A closing round sends
@@ -786,7 +792,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
                 window.pop_front();
             }
             let judged = now - window[0].0 >= HINT_RATE_WINDOW;
-            if judged && now >= base && spared - window[0].1 < floor {
+            if judged && now >= base && spared.saturating_sub(window[0].1) < floor {
                 return Ok(now - start);
             }
             self.check(run)?;

@@ -561,6 +561,38 @@ fn top_pages(n: u64) -> ferry_migration::GuestRange {
     ferry_migration::GuestRange::new(last.gpa + last.size - len, len)
 }
 
+/// A guest that keeps writing is paused with what it wrote during one short round, not with
+/// whatever the first round that fits the downtime limit left: precopy goes on while each
+/// round halves what the one before left.
+#[test]
+fn precopy_goes_on_while_rounds_halve_what_is_left() {
+    // A slow link, so that what a round leaves is worth more than a negligible pause.
+    let config = MigrationConfig {
+        bandwidth_limit: Some(20 << 20),
+        ..MigrationConfig::default()
+    };
+    let (stats, bad, _) = migrate_with(
+        3,
+        Workload::Dirty { pages_per_tick: 48 },
+        config,
+        &mut [],
+        |vm| vm,
+    );
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+    let rounds = &stats.rounds;
+    let [bulk, .., last] = &rounds[..] else {
+        panic!("{rounds:?}");
+    };
+    assert!(last.is_final && rounds.len() >= 3, "{rounds:?}");
+    // The bulk round's leftover fit the limit; the pause got well under half of it.
+    assert!(last.pages_queued * 2 <= bulk.pages_dirtied, "{rounds:?}");
+    // Every precopy round but the last halved what the one before left.
+    let precopy = &rounds[..rounds.len() - 1];
+    for w in precopy[..precopy.len() - 1].windows(2) {
+        assert!(w[1].pages_dirtied * 2 <= w[0].pages_dirtied, "{rounds:?}");
+    }
+}
+
 /// A configuration that never converges: precopy rounds up to `rounds_max`, then the
 /// switchover.
 fn never_converging(rounds_max: u32) -> MigrationConfig {

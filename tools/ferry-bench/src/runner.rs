@@ -478,7 +478,10 @@ fn run_group(
         })?;
     let features = command(session, "features")?;
     log(&format!("guest up; balloon: {features}"));
-    log(&format!("guest memory at boot: {}", command(session, "meminfo")?));
+    log(&format!(
+        "guest memory at boot: {}",
+        command(session, "meminfo")?
+    ));
     let dataset = format!("dataset {}", config.dataset_mib);
     let pages = config.dataset_mib * 256;
     let answer = command(session, &dataset)?;
