@@ -119,6 +119,13 @@ impl Convergence {
         Duration::from_secs_f64((pages * PAGE_SIZE) as f64 / self.bandwidth)
     }
 
+    /// Records that the next round starts with `pages` queued after all (a sync between two
+    /// rounds, as before a closing round, added what the guest wrote meanwhile): the next
+    /// decision compares what that round leaves with this.
+    pub fn requeued(&mut self, pages: u64) {
+        self.last_dirty = pages;
+    }
+
     /// Records round `round` (0 = bulk) that wrote `bytes` in `elapsed` and left
     /// `pages_dirty` pages dirty, and decides what comes next.
     ///
@@ -202,6 +209,9 @@ mod tests {
         assert_eq!(c.after_round(2, 1 << 20, MS, 8_000), Decision::Iterate);
         // No longer halving: what the guest writes during a round is the floor.
         assert_eq!(c.after_round(3, 1 << 20, MS, 5_000), Decision::SwitchOver);
+        // A sync before the next round found much more: that round is compared with it.
+        c.requeued(40_000);
+        assert_eq!(c.after_round(4, 1 << 20, MS, 10_000), Decision::Iterate);
 
         // After the bulk round, what is left is compared with all of RAM: one more round
         // unless negligible (1,000 pages at 1 GiB/s: 3.9 ms).

@@ -26,8 +26,9 @@ pub struct RoundStats {
     pub bytes: u64,
     /// Wall time of the round in milliseconds.
     pub duration_ms: f64,
-    /// Time before the round's scan spent letting hint sources answer, milliseconds (not in
-    /// `duration_ms`).
+    /// Time spent letting hint sources answer, milliseconds: before the round's scan (not in
+    /// `duration_ms`) and, in the bulk round, during it whenever the guest's hints paid
+    /// again (in `duration_ms`).
     #[serde(default)]
     pub head_start_ms: f64,
     /// A closing round: run after the switch-over decision without asking the hint sources,

@@ -701,12 +701,14 @@ struct Dribbler {
 }
 
 /// How a [`Dribbler`] hints: `slices` slices of its free pages, one every `interval`, and
-/// before slice `stall.0` a pause of `stall.1`.
+/// before slice `stall.0` a pause of `stall.1`; from the top of RAM down if `top_down`
+/// (the scan goes up, so it meets such hints late), else from the bottom up.
 #[derive(Clone, Copy)]
 struct Pace {
     slices: usize,
     interval: std::time::Duration,
     stall: Option<(usize, std::time::Duration)>,
+    top_down: bool,
 }
 
 impl Dribbler {
@@ -724,6 +726,7 @@ impl Dribbler {
                 slices: 20,
                 interval: std::time::Duration::from_millis(10),
                 stall: None,
+                top_down: false,
             },
         }
     }
@@ -773,6 +776,10 @@ impl ferry_migration::HintSource for Dribbler {
         let (busy, stop, pace) = (self.busy.clone(), self.stop.clone(), self.pace);
         busy.store(true, SeqCst);
         stop.store(false, SeqCst);
+        let mut free = free;
+        if pace.top_down {
+            free.reverse();
+        }
         self.thread = Some(std::thread::spawn(move || {
             let slices = free.chunks(free.len().div_ceil(pace.slices).max(1));
             for (i, slice) in slices.enumerate() {
@@ -832,12 +839,21 @@ fn the_scan_waits_for_hints_that_keep_arriving() {
 /// The bulk round of an idle guest whose [`Dribbler`] hints (at `pace`, or its default) the
 /// pages free as the migration starts. Every page must arrive.
 fn bulk_round(pace: Option<Pace>, config: MigrationConfig) -> ferry_migration::RoundStats {
+    bulk_round_of(Workload::Idle, pace, config)
+}
+
+/// [`bulk_round`] of a guest running `workload`.
+fn bulk_round_of(
+    workload: Workload,
+    pace: Option<Pace>,
+    config: MigrationConfig,
+) -> ferry_migration::RoundStats {
     let free = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut source = match pace {
         Some(pace) => Dribbler::paced(&free, pace),
         None => Dribbler::new(&free, false),
     };
-    let (stats, bad, _) = migrate_one(5, Workload::Idle, config, &mut source, |vm| {
+    let (stats, bad, _) = migrate_one(5, workload, config, &mut source, |vm| {
         *free.lock().unwrap() = ferry_sim::free_ranges(&vm.lock().guest);
         vm
     });
@@ -857,6 +873,7 @@ fn the_scan_waits_through_a_stall_of_hints_that_pay() {
             slices: 20,
             interval: ms(10),
             stall: Some((5, stall)),
+            top_down: false,
         };
         let config = MigrationConfig {
             // 1000 pages a second; the guest hints over 1500 pages in 50 ms.
@@ -880,6 +897,45 @@ fn the_scan_waits_through_a_stall_of_hints_that_pay() {
     assert!(dried.pages_skipped_total() < bulk.pages_skipped_total());
 }
 
+/// A guest whose hints stop for longer than the judging window and then go on at full
+/// speed: the head start ends in the stop, and the scan, which started then, stops to wait
+/// again while they pay.
+#[test]
+fn the_scan_waits_again_when_hints_pay_again() {
+    let ms = std::time::Duration::from_millis;
+    let window = ferry_migration::HINT_RATE_WINDOW;
+    let stall = window * 12 / 5;
+    let pace = Pace {
+        slices: 40,
+        interval: ms(10),
+        stall: Some((5, stall)),
+        top_down: true,
+    };
+    let bulk = |head_start_max| {
+        let config = MigrationConfig {
+            // 200 pages a second; each slice spares over 100 pages.
+            hint_rate_floor: Some(200 * ferry_migration::PAGE_SIZE),
+            // Freed memory holds data: a scan of about a second.
+            bandwidth_limit: Some(24 << 20),
+            hint_head_start_max: head_start_max,
+            ..MigrationConfig::default()
+        };
+        bulk_round_of(Workload::Freed { percent: 60 }, Some(pace), config)
+    };
+    let waited = bulk(MigrationConfig::default().hint_head_start_max);
+    // The head start ended a window into the stop (~0.3 s); the scan, started then, waited
+    // through most of the 350 ms of hints after it.
+    let window_ms = window.as_secs_f64() * 1000.0;
+    assert!(waited.head_start_ms >= window_ms + 200.0, "{waited:?}");
+    // Without any waiting the scan sends much of what the guest hints after the stop.
+    let unwaited = bulk(MigrationConfig::default().hint_head_start);
+    assert!(unwaited.head_start_ms < 100.0, "{unwaited:?}");
+    assert!(
+        waited.pages_sent + 500 < unwaited.pages_sent,
+        "{waited:?} vs {unwaited:?}"
+    );
+}
+
 /// A guest that hints slower than the floor rate (by default a 1 Gbit/s link) holds the scan
 /// for one judging window, not until the head start's limit; with a floor it beats, it holds
 /// it until that limit.
@@ -891,6 +947,7 @@ fn hints_slower_than_the_floor_rate_do_not_hold_the_scan() {
         slices: usize::MAX,
         interval: ms(20),
         stall: None,
+        top_down: false,
     };
     let window = ferry_migration::HINT_RATE_WINDOW.as_secs_f64() * 1000.0;
     let slow = bulk_round(Some(pace), MigrationConfig::default());
