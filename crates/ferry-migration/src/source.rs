@@ -107,9 +107,9 @@ pub struct MigrationConfig {
     /// for 200-280 ms a round.
     pub hint_head_start_max: Duration,
     /// Guest memory per second, in bytes, that the hints of free-page sources
-    /// ([`HintKind::Free`]) must spare for the bulk round's head start to run on: while the
-    /// guest hints faster than the link could send what it hints, waiting costs less time
-    /// than sending and saves every byte it spares. `None`: the bandwidth limit, or
+    /// ([`HintKind::Free`]) must spare for the bulk round to wait for them (its head start to
+    /// run on, its scan to stop): while the guest hints faster than the link could send what
+    /// it hints, waiting costs less time than sending and saves every byte it spares. `None`: the bandwidth limit, or
     /// [`HINT_RATE_FLOOR_DEFAULT`] without one. In the lab a 1 GiB guest whose free memory
     /// the host had populated took over 2 s to hint it, at ~350 MB/s, while the link
     /// moved ~150 MB/s: a fixed 2 s limit cut it off and the scan sent ~130 MiB of free
