@@ -860,6 +860,20 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         Ok((skipped, start.elapsed()))
     }
 
+    /// Applies queued hints at a point of a round's scan where that is allowed, then (in the
+    /// bulk round) waits while they pay; the wait counts in the round's `head_start_ms`.
+    /// Returns the pages spared.
+    fn hints_during_scan(
+        &mut self,
+        run: &mut Run,
+        stats: &mut RoundStats,
+    ) -> Result<u64, MigrationError> {
+        let drained = self.drain_hints(run);
+        let (spared, waited) = self.wait_while_hints_pay(run)?;
+        stats.head_start_ms += ms(waited);
+        Ok(drained + spared)
+    }
+
     /// Pages the hints of free-page sources spared so far (hints repeating what a source of
     /// never-populated memory reported spare nothing).
     fn pages_spared(&self, run: &Run) -> u64 {
@@ -959,10 +973,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
         while let Some(mut i) = run.to_send.next_set(cursor) {
             if run.arming && i >= armed_until {
                 if hinting {
-                    skipped += self.drain_hints(run);
-                    let (spared, waited) = self.wait_while_hints_pay(run)?;
-                    skipped += spared;
-                    stats.head_start_ms += ms(waited);
+                    skipped += self.hints_during_scan(run, &mut stats)?;
                     match run.to_send.next_set(cursor) {
                         Some(j) => i = j,
                         None => break,
@@ -1012,10 +1023,7 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             if done >= next_checkpoint {
                 next_checkpoint = done + CHECKPOINT_PAGES;
                 if hinting && !run.arming {
-                    skipped += self.drain_hints(run);
-                    let (spared, waited) = self.wait_while_hints_pay(run)?;
-                    skipped += spared;
-                    stats.head_start_ms += ms(waited);
+                    skipped += self.hints_during_scan(run, &mut stats)?;
                 }
                 self.check(run)?;
                 self.observer.event(&Event::Progress {
