@@ -529,11 +529,15 @@ fn the_pause_waits_a_bounded_time_for_the_guest_to_leave_hint_work() {
     assert!(!busy, "paused while the guest was still busy: {stats:?}");
     let (c, w) = (closing(&stats), &stats.switchover);
     // The closing round waited for the guest (20 polls of a millisecond or more), and once
-    // it was done the guest ran on for the grace before the pause.
+    // it was done the guest ran on for the grace before the pause: in the closing round,
+    // the wait before the pause, and the dirty-log sync between the guest's stop and the
+    // closing round, which neither figure counts (up to a few milliseconds when the
+    // machine is loaded; without it the check failed once beside the other tests).
     let grace = ferry_migration::SETTLE_GRACE.as_secs_f64() * 1000.0;
+    let sync_allowance = 5.0;
     assert!(c.head_start_ms >= 19.0, "{c:?}");
     assert!(
-        c.duration_ms + w.settle_ms >= grace && w.settle_ms <= w.drain_ms,
+        c.duration_ms + w.settle_ms + sync_allowance >= grace && w.settle_ms <= w.drain_ms,
         "{c:?} {w:?}"
     );
 
