@@ -53,8 +53,32 @@ enum KillAt {
 enum Target {
     /// After this many bytes.
     At(u64),
-    /// `by` bytes before the end of the first record of type `kind`.
-    BeforeEndOf { kind: Kind, by: u64 },
+    /// `by` bytes before the end of the first record of the kind the pump watches.
+    BeforeEnd(u64),
+}
+
+/// What one direction carried.
+#[derive(Debug, Default)]
+struct Carried {
+    /// Bytes read from the sender.
+    read: AtomicU64,
+    /// Bytes written on to the receiver.
+    forwarded: AtomicU64,
+    /// Where the first record of the watched kind ends (u64::MAX: none seen).
+    watched_end: AtomicU64,
+}
+
+impl Carried {
+    fn new() -> Arc<Self> {
+        let c = Self::default();
+        c.watched_end.store(u64::MAX, Ordering::SeqCst);
+        Arc::new(c)
+    }
+
+    /// Whether the watched record reached the receiver whole.
+    fn watched_through(&self) -> bool {
+        self.forwarded.load(Ordering::SeqCst) >= self.watched_end.load(Ordering::SeqCst)
+    }
 }
 
 /// Follows the record boundaries of one direction of a migration stream
@@ -105,12 +129,14 @@ impl Framer {
     }
 }
 
-/// Copies `from` to `to`; once `counted` would pass the `kill` point, forwards up to it and
-/// kills `pid`. Either side closing closes the other, as one connection would.
+/// Copies `from` to `to`, noting in `carried` where the first record of kind `watch` ends;
+/// once the bytes read would pass the `kill` point, forwards up to it and kills `pid`. Either
+/// side closing closes the other, as one connection would.
 fn pump(
     mut from: UnixStream,
     mut to: UnixStream,
-    counted: Arc<AtomicU64>,
+    carried: Arc<Carried>,
+    watch: Kind,
     kill: Option<Target>,
     pid: i32,
 ) {
@@ -125,12 +151,18 @@ fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(Target::BeforeEndOf { kind, by }) = kill {
-            if let Some(end) = framer.feed(&buf[..n], kind) {
+        if let Some(end) = framer.feed(&buf[..n], watch) {
+            let _ = carried.watched_end.compare_exchange(
+                u64::MAX,
+                end,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if let Some(Target::BeforeEnd(by)) = kill {
                 kill_after.get_or_insert(end - by);
             }
         }
-        let before = counted.fetch_add(n as u64, Ordering::SeqCst);
+        let before = carried.read.fetch_add(n as u64, Ordering::SeqCst);
         let mut end = n;
         let mut kill = false;
         if let Some(at) = kill_after {
@@ -142,6 +174,7 @@ fn pump(
         if to.write_all(&buf[..end]).is_err() {
             break;
         }
+        carried.forwarded.fetch_add(end as u64, Ordering::SeqCst);
         if kill {
             if let Some(pid) = rustix::process::Pid::from_raw(pid) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
@@ -159,53 +192,44 @@ fn pump(
 
 /// Both directions between the source's end and the destination, pumped on two threads, with
 /// `pid` killed where `kill` says.
+/// The source's direction watches its Complete record, the destination's its Ack.
 struct Proxy {
     pumps: [std::thread::JoinHandle<()>; 2],
-    counted: [Arc<AtomicU64>; 2],
+    carried: [Arc<Carried>; 2],
 }
 
 impl Proxy {
     fn start(source: UnixStream, dest: UnixStream, kill: KillAt, pid: i32) -> Self {
-        let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+        let carried = [Carried::new(), Carried::new()];
         let (forward_kill, backward_kill) = match kill {
             KillAt::Never => (None, None),
             KillAt::Forward(at) => (Some(Target::At(at)), None),
-            KillAt::ForwardEnd(by) => (
-                Some(Target::BeforeEndOf {
-                    kind: Kind::Complete,
-                    by,
-                }),
-                None,
-            ),
+            KillAt::ForwardEnd(by) => (Some(Target::BeforeEnd(by)), None),
             KillAt::Backward(at) => (None, Some(Target::At(at))),
-            KillAt::BackwardEnd(by) => (
-                None,
-                Some(Target::BeforeEndOf {
-                    kind: Kind::Ack,
-                    by,
-                }),
-            ),
+            KillAt::BackwardEnd(by) => (None, Some(Target::BeforeEnd(by))),
         };
         let (from, to, c) = (
             source.try_clone().unwrap(),
             dest.try_clone().unwrap(),
-            counted[0].clone(),
+            carried[0].clone(),
         );
-        let forward = std::thread::spawn(move || pump(from, to, c, forward_kill, pid));
-        let c = counted[1].clone();
-        let backward = std::thread::spawn(move || pump(dest, source, c, backward_kill, pid));
+        let forward =
+            std::thread::spawn(move || pump(from, to, c, Kind::Complete, forward_kill, pid));
+        let c = carried[1].clone();
+        let backward =
+            std::thread::spawn(move || pump(dest, source, c, Kind::Ack, backward_kill, pid));
         Self {
             pumps: [forward, backward],
-            counted,
+            carried,
         }
     }
 
-    /// Waits for both directions to end; the bytes each carried.
-    fn join(self) -> [u64; 2] {
+    /// Waits for both directions to end; what each carried.
+    fn join(self) -> [Arc<Carried>; 2] {
         for p in self.pumps {
             p.join().unwrap();
         }
-        self.counted.map(|c| c.load(Ordering::SeqCst))
+        self.carried
     }
 }
 
@@ -213,6 +237,8 @@ struct Run {
     result: Result<ferry_migration::MigrationStats, MigrationError>,
     source_paused: bool,
     bytes: [u64; 2],
+    /// The destination's acknowledgement reached the source whole.
+    ack_through: bool,
     killed: bool,
     elapsed: Duration,
 }
@@ -269,12 +295,13 @@ fn migrate_killing(dir: &std::path::Path, kill: KillAt) -> Run {
     })();
     let elapsed = started.elapsed();
     let status = child.wait().unwrap();
-    let bytes = proxy.join();
+    let carried = proxy.join();
     let source_paused = vm.lock().paused;
     Run {
         result,
         source_paused,
-        bytes,
+        bytes: carried.each_ref().map(|c| c.read.load(Ordering::SeqCst)),
+        ack_through: carried[1].watched_through(),
         killed: std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
         elapsed,
     }
@@ -307,8 +334,11 @@ fn a_destination_killed_at_any_phase_never_leaves_the_source_wrong() {
             "{kill:?}: the source took {:?}",
             run.elapsed
         );
+        // A point past this run's end (streams vary a little in length: the rounds the
+        // engine needs depend on the bandwidth it measures) kills nothing before the end.
         let ending = match &run.result {
-            Ok(_) => panic!("{kill:?}: success reported, but the destination died before its acknowledgement was through"),
+            Ok(_) if !run.ack_through => panic!("{kill:?}: success reported, but the destination died before its acknowledgement was through"),
+            Ok(_) => "succeeded, acknowledgement through",
             Err(MigrationError::OutcomeUnknown(_)) => {
                 assert!(run.source_paused, "{kill:?}: outcome unknown, yet the source runs");
                 "outcome unknown, source paused"
@@ -321,7 +351,11 @@ fn a_destination_killed_at_any_phase_never_leaves_the_source_wrong() {
         *endings.entry(ending).or_insert(0) += 1;
     }
     eprintln!("endings: {endings:?}");
-    assert_eq!(endings.len(), 2, "both endings reached: {endings:?}");
+    assert!(
+        endings.contains_key("outcome unknown, source paused")
+            && endings.contains_key("failed, source runs"),
+        "both endings of a killed destination reached: {endings:?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -397,11 +431,11 @@ fn receive_killing_source(dir: &std::path::Path, kill: KillAt) -> SourceRun {
         let _ = out.read_to_string(&mut source_output);
     }
     let status = child.wait().unwrap();
-    let bytes = proxy.join();
+    let carried = proxy.join();
     SourceRun {
         received,
         elapsed,
-        bytes,
+        bytes: carried.each_ref().map(|c| c.read.load(Ordering::SeqCst)),
         killed: std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL),
         source_output,
     }
