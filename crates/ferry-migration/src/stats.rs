@@ -96,6 +96,11 @@ pub struct SwitchoverStats {
     /// It can exceed `ack_wait_ms` by a little: its clock starts when the last record
     /// arrived, which can be before this end's writers reported everything sent.
     pub destination_ms: f64,
+    /// How long the guest could stay paused before the source would give the switchover up
+    /// and resume it here: the downtime limit, or the downtime expected when the round limit
+    /// forced the switchover, plus the pause margin (0 if it never paused).
+    #[serde(default)]
+    pub pause_bound_ms: f64,
 }
 
 /// The whole migration's statistics.

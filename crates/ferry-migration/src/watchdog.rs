@@ -4,8 +4,8 @@
 //! peer that stopped reading, the reply reader, a flush. The watchdog is a thread that shuts
 //! every connection down (so each of those waits returns an error at once) when the migration
 //! is cancelled, when its overall deadline passes, or when the guest has been paused longer
-//! than the downtime limit plus [`PAUSE_MARGIN`]. The engine then fails the migration with the
-//! watchdog's reason and resumes the guest here.
+//! than the engine planned plus a margin ([`PAUSE_MARGIN`] by default). The engine then fails
+//! the migration with the watchdog's reason and resumes the guest here.
 //!
 //! Once every Complete record is written the destination may resume the guest, so from
 //! [`Watchdog::handed_over`] on the watchdog no longer acts on the pause bound or a cancel:
@@ -87,11 +87,11 @@ impl Watchdog {
         })
     }
 
-    /// The guest was paused at `at` with `limit` as its downtime limit: cut the connections
-    /// if the switchover has not handed over by `at + limit + PAUSE_MARGIN`.
-    pub fn paused(&self, at: Instant, limit: Duration) {
-        // Saturating: a limit too far ahead to represent never trips.
-        let bound = limit.saturating_add(PAUSE_MARGIN);
+    /// The guest was paused at `at`: cut the connections if the switchover has not handed
+    /// over by `at + bound` (the engine's bound: the pause it planned plus its margin,
+    /// [`PAUSE_MARGIN`] by default).
+    pub fn paused(&self, at: Instant, bound: Duration) {
+        // A bound too far ahead to represent never trips.
         lock(&self.shared.0).pause_deadline = at.checked_add(bound).map(|d| (d, bound));
         self.shared.1.notify_all();
     }
@@ -224,19 +224,14 @@ mod tests {
     }
 
     #[test]
-    fn a_pause_longer_than_the_limit_plus_the_margin_cuts_the_connections() {
+    fn a_pause_longer_than_its_bound_cuts_the_connections() {
         let (closer, _peer, t) = blocked_writer();
         let (w, _) = watch_for_an_hour(closer);
         // Paused long ago: the bound has passed already.
-        let at = Instant::now() - PAUSE_MARGIN - Duration::from_secs(1);
-        w.paused(at, Duration::from_millis(300));
+        let bound = Duration::from_millis(300) + PAUSE_MARGIN;
+        w.paused(Instant::now() - bound - Duration::from_secs(1), bound);
         assert!(t.join().unwrap().is_err());
-        assert_eq!(
-            w.tripped(),
-            Some(Trip::PauseTooLong(
-                Duration::from_millis(300) + PAUSE_MARGIN
-            ))
-        );
+        assert_eq!(w.tripped(), Some(Trip::PauseTooLong(bound)));
     }
 
     #[test]

@@ -303,6 +303,20 @@ fn after_the_round_limit_the_policy_cancels_or_switches_over() {
     assert_eq!(out.stats.rounds.len(), 4, "{:?}", out.stats.rounds);
     assert!(out.stats.rounds.last().is_some_and(|r| r.is_final));
     assert!(out.mismatches.is_empty() && out.dest_mismatches.is_empty());
+    // The pause it decided on is longer than the limit: the watchdog's bound grows with it
+    // (a bound of the limit plus the margin cut such a switchover in the lab).
+    let margin_ms = s.migration.pause_margin.as_secs_f64() * 1000.0;
+    let bound = out.stats.switchover.pause_bound_ms;
+    assert!(
+        bound > margin_ms,
+        "a forced switchover's pause bound {bound} ms is no more than the margin"
+    );
+    // A migration that converges keeps the limit plus the margin.
+    s.sim.workload = Workload::Idle;
+    s.migration.policy.downtime_max = std::time::Duration::from_millis(300);
+    let vm = SimVm::new(Guest::new(mem.clone(), s.seed), s.sim);
+    let out = run_faulty(&s, &vm, &mem, Fault::None).unwrap_or_else(|e| panic!("idle: {}", e.0));
+    assert_eq!(out.stats.switchover.pause_bound_ms, 300.0 + margin_ms);
 }
 
 /// Checks one attempt against the handover's promise: never two running copies, the copy that
