@@ -80,6 +80,31 @@ fn bad_arguments_get_clear_errors() {
     );
     let (ok, _, err) = ferry(&["sim", "--connections", "99"]);
     assert!(!ok && err.contains("99"), "{err}");
+    // A downtime limit no deadline can be computed from fails as the command line is read,
+    // before any VMM is reached (the address below is never connected to).
+    for command in [
+        &[
+            "migrate",
+            "--api",
+            "/nonexistent.sock",
+            "--to",
+            "127.0.0.1:1",
+        ][..],
+        &["sim"][..],
+    ] {
+        for bad in ["0", "99999999999999999"] {
+            let args: Vec<&str> = command
+                .iter()
+                .copied()
+                .chain(["--downtime-ms", bad])
+                .collect();
+            let (ok, _, err) = ferry(&args);
+            assert!(
+                !ok && err.contains("--downtime-ms") && err.contains(bad),
+                "{args:?}: {err}"
+            );
+        }
+    }
 }
 
 #[test]

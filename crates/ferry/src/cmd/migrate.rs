@@ -57,7 +57,11 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub audit_dirty_log: bool,
     /// Longest acceptable pause of the guest, in milliseconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=crate::units::DOWNTIME_MS_MAX)
+    )]
     pub downtime_ms: u64,
     /// Bandwidth limit, e.g. 100M (MiB/s) or 1Gbit (10^9 bit/s); none by default.
     #[arg(long, value_parser = parse_rate)]

@@ -72,7 +72,11 @@ pub struct SimArgs {
     #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
     /// Downtime target in milliseconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=crate::units::DOWNTIME_MS_MAX)
+    )]
     pub downtime_ms: u64,
     /// Seed of the guest's behaviour.
     #[arg(long, default_value_t = 1)]
