@@ -225,6 +225,10 @@ pub struct Sample {
     /// sample: what each round queued, sent, skipped and how long it took.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rounds_detail: Vec<ferry_migration::RoundStats>,
+    /// ferry's free-page sources as its engine counted them (QEMU does not say): ranges
+    /// applied, pages they covered and pages they spared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<ferry_migration::SourceStats>,
 }
 
 /// How often the guest prints a heartbeat during a measured migration, ms (the agent's

@@ -4,7 +4,7 @@
 //! workload; QEMU's balloon decides hinting when it boots, so QEMU gets one guest without and
 //! one with `free-page-hint`. The order of the settings rotates between repetitions.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_lab::{hw_kvm_usable, AgentError, GuestConfig, GuestImage};
@@ -67,6 +67,10 @@ pub struct BenchConfig {
     pub workloads: Vec<Workload>,
     /// Variants to run.
     pub variants: Vec<Variant>,
+    /// Where each VMM setting's work directory (VMM logs, guest consoles, QMP transcripts) is
+    /// copied when its guest is done, as `run<N>-<setting>/`; `None`: they are deleted. The
+    /// VMMs log at the level `FERRY_LOG` sets (e.g. `ferry_balloon=debug`).
+    pub keep_logs: Option<PathBuf>,
     /// The command line, for the results.
     pub command: String,
 }
@@ -93,6 +97,7 @@ impl BenchConfig {
             link_mbit: None,
             workloads: Workload::ALL.to_vec(),
             variants: Variant::DEFAULT.to_vec(),
+            keep_logs: None,
             command: String::new(),
         }
     }
@@ -368,7 +373,31 @@ fn run_setting(
             .failures
             .push(format!("run {run}, {}: {e}", group.name()));
     }
+    if let Some(keep) = &config.keep_logs {
+        let to = keep.join(format!("run{run}-{}", group.name()));
+        match copy_dir(&dir, &to) {
+            Ok(()) => log(&format!("kept the logs in {}", to.display())),
+            Err(e) => log(&format!("could not keep the logs in {}: {e}", to.display())),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Copies the files of `from` (and of its subdirectories) into `to`, which it creates; the
+/// work directory may be on another file system than `to` (the lab's /tmp and the checkout
+/// it shares), so renaming it would not do.
+pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
     Ok(())
 }
 
@@ -598,6 +627,27 @@ fn run_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_logs_are_copied_with_their_subdirectories() {
+        let root = std::env::temp_dir().join(format!("ferry-copy-dir-{}", std::process::id()));
+        let from = root.join("work");
+        std::fs::create_dir_all(from.join("sub")).unwrap();
+        std::fs::write(from.join("vm0.log"), "source").unwrap();
+        std::fs::write(from.join("sub/q1.qmp"), "qmp").unwrap();
+        let to = root.join("kept/run1-ferry");
+        copy_dir(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("vm0.log")).unwrap(),
+            "source"
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("sub/q1.qmp")).unwrap(),
+            "qmp"
+        );
+        assert!(copy_dir(&root.join("missing"), &root.join("x")).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn the_schedule_rotates_settings_and_swaps_hints() {

@@ -513,6 +513,7 @@ impl Session for FerrySession {
                 .filter(|r| r.is_final)
                 .map(|r| [r.pages_queued, r.pages_sent, r.pages_zero]),
             rounds_detail: stats.rounds.clone(),
+            sources: stats.sources.clone(),
             ..Sample::default()
         })
     }

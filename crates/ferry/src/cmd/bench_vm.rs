@@ -41,7 +41,11 @@ pub struct BenchVmArgs {
     #[arg(long, default_value_t = 16)]
     pub dirty_rate: u64,
     /// Downtime limit for both VMMs, ms.
-    #[arg(long, default_value_t = 300)]
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=crate::units::DOWNTIME_MS_MAX)
+    )]
     pub downtime_ms: u64,
     /// A slow link between the hosts, Mbit/s, the same for both VMMs: in the lab a token
     /// bucket on the lab host's loopback that all their connections share (`tc ... tbf`);
@@ -81,6 +85,11 @@ pub struct BenchVmArgs {
     /// Output directory [default: build/bench in the workspace].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Keep each VMM setting's logs, guest consoles and QMP transcripts in `<out>/logs/`
+    /// (deleted otherwise). ferry's VMMs log at the level FERRY_LOG sets, e.g.
+    /// `FERRY_LOG=ferry_balloon=debug,ferry_migration=debug`.
+    #[arg(long)]
+    pub keep_logs: bool,
     /// Time limit of the lab run, seconds.
     #[arg(long, default_value_t = 3600)]
     pub lab_timeout: u64,
@@ -149,6 +158,13 @@ impl BenchVmArgs {
         config.link_mbit = self.link_mbit;
         config.workloads = self.workloads.clone();
         config.variants = self.variants.clone();
+        if self.keep_logs {
+            let base = match &self.lab_results {
+                Some(dir) => dir.clone(),
+                None => self.out_dir()?,
+            };
+            config.keep_logs = Some(base.join("logs"));
+        }
         config.command = command_line();
         Ok(config)
     }
@@ -200,6 +216,14 @@ pub fn run(args: &BenchVmArgs) -> Result<()> {
         ferry_lab::workspace_root()?.join(format!("build/bench/lab-{}", std::process::id()));
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let ran = run_in_lab(args, Some(&staging));
+    // The logs are kept even when the run failed: that is when they are wanted.
+    if args.keep_logs && staging.join("logs").is_dir() {
+        let logs = out.join("logs");
+        match ferry_bench::runner::copy_dir(&staging.join("logs"), &logs) {
+            Ok(()) => eprintln!("ferry: the VMMs' logs are in {}", logs.display()),
+            Err(e) => eprintln!("ferry: could not copy the logs to {}: {e}", logs.display()),
+        }
+    }
     let moved = ran.and_then(|()| {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         std::fs::copy(staging.join("results.json"), &json)
@@ -331,5 +355,33 @@ mod tests {
             18
         );
         assert!(Cli::try_parse_from(["bench-vm", "--lab-mem-gib", "0"]).is_err());
+    }
+
+    #[test]
+    fn logs_are_kept_beside_the_results_only_when_asked() {
+        assert_eq!(
+            parse(&["--out", "/tmp/b"]).config().unwrap().keep_logs,
+            None
+        );
+        assert_eq!(
+            parse(&["--out", "/tmp/b", "--keep-logs"])
+                .config()
+                .unwrap()
+                .keep_logs,
+            Some(PathBuf::from("/tmp/b/logs"))
+        );
+        // The lab copy writes where the host copy will look for them.
+        let lab = parse(&[
+            "--out",
+            "/tmp/b",
+            "--keep-logs",
+            "--in-lab",
+            "--lab-results",
+            "/w/build/bench/lab-1",
+        ]);
+        assert_eq!(
+            lab.config().unwrap().keep_logs,
+            Some(PathBuf::from("/w/build/bench/lab-1/logs"))
+        );
     }
 }
