@@ -150,8 +150,8 @@ impl Lane {
         }
     }
 
-    /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`] or
-    /// [`Lane::drop_page`] afterwards.
+    /// Room for one page at `gpa`, to be filled by the caller; call [`Lane::keep_page`]
+    /// afterwards (zero pages are found in guest memory before, and never take a slot).
     pub fn page_slot(&mut self, gpa: u64) -> &mut [u8] {
         if self.pages_at.is_none() {
             self.pages_at = Some(self.enc.begin_pages());
@@ -169,11 +169,6 @@ impl Lane {
             }
         }
         Ok(0)
-    }
-
-    /// Takes back the page just filled (it was all zero).
-    pub fn drop_page(&mut self) {
-        self.enc.unpage();
     }
 
     /// Queues page `gpa` to be zeroed at the destination, coalescing with the previous run.

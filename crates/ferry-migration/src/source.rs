@@ -40,7 +40,7 @@ use crate::wire::{
     self, Decoder, Encoder, Hello, Record, WireError, DESCRIPTION_BYTES_MAX,
     DEVICE_STATE_BYTES_MAX, MAGIC_DEST, MAGIC_SOURCE,
 };
-use crate::zero::is_zero;
+use crate::zero::page_is_zero;
 
 /// Pages handled between two checkpoints (hint drain, progress, cancel and peer checks).
 const CHECKPOINT_PAGES: u64 = 256;
@@ -1006,23 +1006,26 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             let lane = &mut run.lanes[((i / CHUNK_PAGES) % lanes) as usize];
             let zero = if run.known_zero.get(i) {
                 true
+            } else if page_is_zero(
+                &self
+                    .mem
+                    .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
+                    .map_err(|source| MigrationError::Memory { gpa, source })?,
+            ) {
+                // Checked in place: a zero page is not copied at all.
+                true
             } else {
                 let slot = lane.page_slot(gpa);
                 self.mem
                     .read_slice(slot, GuestAddress(gpa))
                     .map_err(|source| MigrationError::Memory { gpa, source })?;
-                if is_zero(slot) {
-                    lane.drop_page();
-                    true
-                } else {
-                    if let Some(a) = run.audit.as_mut() {
-                        a.sent(i, slot);
-                    }
-                    run.dest_nonzero.set(i);
-                    stats.pages_sent += 1;
-                    stats.bytes += lane.keep_page(run.limiter.as_mut())?;
-                    false
+                if let Some(a) = run.audit.as_mut() {
+                    a.sent(i, slot);
                 }
+                run.dest_nonzero.set(i);
+                stats.pages_sent += 1;
+                stats.bytes += lane.keep_page(run.limiter.as_mut())?;
+                false
             };
             if zero {
                 if let Some(a) = run.audit.as_mut() {

@@ -1,31 +1,40 @@
 //! Zero-page detection at memory speed.
 
-/// Whether `page` is all zero bytes.
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{VolatileMemory, VolatileSlice};
+
+/// Whether the guest memory `page` reads all zero, checked where it lies.
 ///
-/// The first 64 bytes are checked on their own, so a typical data page is rejected after
-/// one cache line; the rest is OR-reduced in 256-byte blocks of 64-bit words, which the
-/// compiler turns into vector instructions, stopping at the first non-zero block.
-pub fn is_zero(page: &[u8]) -> bool {
-    let (head, tail) = page.split_at(page.len().min(64));
-    if or_words(head) != 0 {
+/// The engine asks this before it copies a page into a record: most pages it reads in a
+/// round after hinting are ones the guest's driver zeroed (Debian's `init_on_alloc`), and
+/// copying each only to find it empty cost twice the reads. Measured on 512 MiB of zero
+/// pages: 1.1 GB/s copy-then-check against 2.9 GB/s in place in the lab (its host under
+/// TCG), 8.9 against 10.8 GB/s on this machine. The loads are volatile (the guest may be
+/// writing the page; a write after the check is in the dirty log and the page goes again),
+/// 8 words at a time, stopping at the first block that is not zero. A length that is not a
+/// whole number of words reads as not zero (the caller then copies and sends it).
+pub fn page_is_zero<B: BitmapSlice>(page: &VolatileSlice<'_, B>) -> bool {
+    const WORD: usize = std::mem::size_of::<u64>();
+    if page.len() % WORD != 0 {
         return false;
     }
-    let mut blocks = tail.chunks_exact(256);
-    blocks.all(|b| or_words(b) == 0) && blocks.remainder().iter().all(|&x| x == 0)
-}
-
-/// OR of all whole 64-bit words of `b`, and of its trailing bytes.
-fn or_words(b: &[u8]) -> u64 {
-    let mut words = b.chunks_exact(8);
-    let acc = words.by_ref().fold(0u64, |acc, w| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        acc | u64::from_ne_bytes(a)
-    });
-    acc | words
-        .remainder()
-        .iter()
-        .fold(0u64, |acc, &x| acc | u64::from(x))
+    let Ok(words) = page.get_array_ref::<u64>(0, page.len() / WORD) else {
+        return false;
+    };
+    let n = words.len();
+    let mut i = 0;
+    while i < n {
+        let end = (i + 8).min(n);
+        let mut acc = 0;
+        for k in i..end {
+            acc |= words.load(k);
+        }
+        if acc != 0 {
+            return false;
+        }
+        i = end;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -33,15 +42,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_any_non_zero_byte() {
+    fn finds_any_non_zero_word_of_guest_memory_in_place() {
         let mut page = vec![0u8; 4096];
-        assert!(is_zero(&page));
-        for i in [0, 63, 64, 2047, 4095] {
-            page[i] = 1;
-            assert!(!is_zero(&page), "byte {i}");
+        assert!(page_is_zero(&VolatileSlice::from(&mut page[..])));
+        for i in [0, 7, 8, 63, 64, 2047, 4095] {
+            page[i] = 0x80;
+            assert!(
+                !page_is_zero(&VolatileSlice::from(&mut page[..])),
+                "byte {i}"
+            );
             page[i] = 0;
         }
-        assert!(is_zero(&[]));
-        assert!(!is_zero(&[0, 0, 1]), "remainder shorter than a block");
+        // Shorter than a block of 8 words, and not a whole number of words.
+        assert!(page_is_zero(&VolatileSlice::from(&mut page[..24])));
+        assert!(!page_is_zero(&VolatileSlice::from(&mut page[..12])));
+        assert!(page_is_zero(&VolatileSlice::from(&mut page[..0])));
     }
 }
