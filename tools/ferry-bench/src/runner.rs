@@ -384,17 +384,19 @@ fn run_setting(
     Ok(())
 }
 
-/// Copies the files of `from` (and of its subdirectories) into `to`, which it creates; the
-/// work directory may be on another file system than `to` (the lab's /tmp and the checkout
-/// it shares), so renaming it would not do.
+/// Copies the regular files of `from` (and of its subdirectories) into `to`, which it
+/// creates; sockets (the VMMs' API and console sockets) and other special files are left
+/// out. The work directory may be on another file system than `to` (the lab's /tmp and the
+/// checkout it shares), so renaming it would not do.
 pub fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
             copy_dir(&entry.path(), &target)?;
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(entry.path(), target)?;
         }
     }
@@ -635,6 +637,8 @@ mod tests {
         std::fs::create_dir_all(from.join("sub")).unwrap();
         std::fs::write(from.join("vm0.log"), "source").unwrap();
         std::fs::write(from.join("sub/q1.qmp"), "qmp").unwrap();
+        // A VMM's API socket is in there too, and cannot be copied.
+        let _api = std::os::unix::net::UnixListener::bind(from.join("vm0.api")).unwrap();
         let to = root.join("kept/run1-ferry");
         copy_dir(&from, &to).unwrap();
         assert_eq!(
@@ -645,6 +649,7 @@ mod tests {
             std::fs::read_to_string(to.join("sub/q1.qmp")).unwrap(),
             "qmp"
         );
+        assert!(!to.join("vm0.api").exists());
         assert!(copy_dir(&root.join("missing"), &root.join("x")).is_err());
         std::fs::remove_dir_all(&root).unwrap();
     }
