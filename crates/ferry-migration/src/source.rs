@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::audit::Audit;
 use crate::bitmap::PageBitmap;
@@ -1006,26 +1006,25 @@ impl<'a, M: GuestMemoryBackend + Sync> Migration<'a, M> {
             let lane = &mut run.lanes[((i / CHUNK_PAGES) % lanes) as usize];
             let zero = if run.known_zero.get(i) {
                 true
-            } else if page_is_zero(
-                &self
+            } else {
+                let page = self
                     .mem
                     .get_slice(GuestAddress(gpa), PAGE_SIZE as usize)
-                    .map_err(|source| MigrationError::Memory { gpa, source })?,
-            ) {
-                // Checked in place: a zero page is not copied at all.
-                true
-            } else {
-                let slot = lane.page_slot(gpa);
-                self.mem
-                    .read_slice(slot, GuestAddress(gpa))
                     .map_err(|source| MigrationError::Memory { gpa, source })?;
-                if let Some(a) = run.audit.as_mut() {
-                    a.sent(i, slot);
+                // Checked in place: a zero page is not copied at all.
+                if page_is_zero(&page) {
+                    true
+                } else {
+                    let slot = lane.page_slot(gpa);
+                    page.copy_to(slot);
+                    if let Some(a) = run.audit.as_mut() {
+                        a.sent(i, slot);
+                    }
+                    run.dest_nonzero.set(i);
+                    stats.pages_sent += 1;
+                    stats.bytes += lane.keep_page(run.limiter.as_mut())?;
+                    false
                 }
-                run.dest_nonzero.set(i);
-                stats.pages_sent += 1;
-                stats.bytes += lane.keep_page(run.limiter.as_mut())?;
-                false
             };
             if zero {
                 if let Some(a) = run.audit.as_mut() {

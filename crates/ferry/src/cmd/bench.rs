@@ -19,8 +19,7 @@ use ferry_migration::{
     RegionDesc, Tls, UnpopulatedSource,
 };
 use ferry_sim::{create_memory, Guest, HintBehavior, SimConfig, SimVm, Workload};
-use vm_memory::VolatileSlice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 
 use crate::units::{mib, parse_size};
 
