@@ -326,8 +326,11 @@ impl IncomingVm {
             vcpus: fds,
             console,
         } = self;
+        // This runs inside the downtime: its steps are timed for the debug log.
+        let mut steps = Steps::new();
         check_compatible(&base, state)?;
         let devices = devices(&base, Some(state), console)?;
+        steps.done("devices");
         // check_compatible made sure there is one saved state per vCPU, in id order.
         for (id, (saved, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
             saved
@@ -337,7 +340,9 @@ impl IncomingVm {
                     source,
                 })?;
         }
+        steps.done("vcpu state");
         state.vm.restore(base.kvm.fd())?;
+        steps.done("vm state");
         if let Some(b) = &devices.balloon {
             // Restored devices come back paused; keep them so until the VM resumes.
             crate::bus::lock(b).pause();
@@ -346,7 +351,41 @@ impl IncomingVm {
         // told us which ones this guest has.
         let first = state.vcpus.first();
         let msrs = first.map(|v| v.msrs.iter().map(|e| e.index).collect());
-        start(base, devices, fds, true, msrs)
+        let vmm = start(base, devices, fds, true, msrs)?;
+        steps.done("vcpu threads");
+        tracing::debug!("restore steps: {steps}");
+        Ok(vmm)
+    }
+}
+
+/// Times the consecutive steps of a piece of work, for a debug line.
+struct Steps {
+    last: Instant,
+    done: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, what: &'static str) {
+        let now = Instant::now();
+        self.done.push((what, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (what, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{what} {:.2} ms", took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
     }
 }
 

@@ -134,6 +134,7 @@ pub fn receive(
             return Err(e.into());
         }
     };
+    let decoded_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
     // Before and after the restore: a difference between the two is a write to guest RAM
     // by the restore itself.
     crate::memory::debug_digest(incoming.ram(), "received-before-restore");
@@ -147,6 +148,7 @@ pub fn receive(
             });
         }
     };
+    let restored_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
     crate::memory::debug_digest(&vmm.ram, "received");
     // From here on a failure must stop the restored (still paused) VM before returning.
     let discard = |e: MigrateError| {
@@ -172,7 +174,13 @@ pub fn receive(
     received
         .acknowledge()
         .map_err(|e| discard(MigrateError::Acknowledge(e)))?;
+    let acked_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
     vmm.resume();
+    tracing::debug!(
+        "restore: state decoded at {decoded_ms:.2} ms, VM restored at {restored_ms:.2} ms, \
+         API served at {restore_ms:.2} ms, acknowledged at {acked_ms:.2} ms, resumed at {:.2} ms",
+        restore_started.elapsed().as_secs_f64() * 1000.0
+    );
     tracing::info!(
         "restored {state_bytes} bytes of machine state in {restore_ms:.1} ms, resumed {:.1} ms \
          after the last record",

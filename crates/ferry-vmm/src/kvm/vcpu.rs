@@ -384,20 +384,28 @@ impl Vcpus {
         if let Some(reason) = self.control.exit_reason() {
             return Err(VcpuError::Stopped(reason));
         }
-        let mut out = Vec::with_capacity(self.handles.len());
+        // Every vCPU thread saves its own state (KVM's vCPU ioctls belong to the thread that
+        // runs it): ask them all at once, so that the downtime pays for one vCPU's save, not
+        // the sum of them, then collect the answers in id order by one deadline.
+        let mut pending = Vec::with_capacity(self.handles.len());
         for h in &self.handles {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             h.requests
                 .send(Request::SaveState(tx))
                 .map_err(|_| VcpuError::Gone(h.id))?;
-            self.control.changed.notify_all();
+            pending.push((h.id, rx));
+        }
+        self.control.changed.notify_all();
+        let deadline = Instant::now() + SAVE_TIMEOUT;
+        let mut out = Vec::with_capacity(pending.len());
+        for (id, rx) in pending {
             let state = rx
-                .recv_timeout(SAVE_TIMEOUT)
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .map_err(|e| match e {
-                    RecvTimeoutError::Timeout => VcpuError::SaveTimeout(h.id),
-                    RecvTimeoutError::Disconnected => VcpuError::Gone(h.id),
+                    RecvTimeoutError::Timeout => VcpuError::SaveTimeout(id),
+                    RecvTimeoutError::Disconnected => VcpuError::Gone(id),
                 })?
-                .map_err(|source| VcpuError::State { id: h.id, source })?;
+                .map_err(|source| VcpuError::State { id, source })?;
             out.push(state);
         }
         Ok(out)
