@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BalloonConfig, ConfigError, SerialTarget, VmConfig};
 use crate::layout;
+use crate::state_format;
 use crate::vmm::MACHINE_STATE_VERSION;
 
 /// The version of [`VmDescription`] this build writes and reads.
@@ -32,6 +33,12 @@ pub struct VmDescription {
     /// The machine state format the source will send at the end ([`MACHINE_STATE_VERSION`]),
     /// checked now so that a destination that cannot read it refuses before any memory.
     pub machine_state_version: u32,
+    /// The envelope the machine state will come in ([`state_format::FORMAT_VERSION`]; a
+    /// source from before version 2 names none and sends version 1, JSON). An older
+    /// destination refuses this field it does not know, before any memory, instead of
+    /// failing to read the state inside the downtime.
+    #[serde(default = "json_state_format")]
+    pub state_format: u32,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
     /// vCPU count.
@@ -42,6 +49,10 @@ pub struct VmDescription {
     pub xsave: bool,
     /// The kernel command line the guest was booted with (for status; nothing is booted).
     pub cmdline: String,
+}
+
+fn json_state_format() -> u32 {
+    state_format::FORMAT_VERSION_JSON
 }
 
 /// Why a destination refuses a source's VM. The source is told the same sentence.
@@ -61,6 +72,13 @@ pub enum IncomingError {
     /// The machine state would come in a format this build cannot read.
     #[error("machine state format version {0} (this ferry reads {MACHINE_STATE_VERSION})")]
     StateVersion(u32),
+    /// The machine state would come in an envelope this build cannot read.
+    #[error(
+        "machine state envelope version {0} (this ferry reads {json} and {current})",
+        json = state_format::FORMAT_VERSION_JSON,
+        current = state_format::FORMAT_VERSION
+    )]
+    StateEnvelope(u32),
     /// More memory than this destination allows.
     #[error("the VM has {} MiB of memory, more than this destination's limit of {} MiB (--max-memory)", .bytes >> 20, .max >> 20)]
     MemoryLimit {
@@ -150,6 +168,7 @@ impl VmDescription {
         Self {
             version: DESCRIPTION_VERSION,
             machine_state_version: MACHINE_STATE_VERSION,
+            state_format: state_format::FORMAT_VERSION,
             memory_bytes: config.memory_bytes,
             vcpus: config.vcpus,
             balloon: config.balloon,
@@ -191,6 +210,9 @@ impl VmDescription {
     ) -> Result<VmConfig, IncomingError> {
         if self.machine_state_version != MACHINE_STATE_VERSION {
             return Err(IncomingError::StateVersion(self.machine_state_version));
+        }
+        if !state_format::reads(self.state_format) {
+            return Err(IncomingError::StateEnvelope(self.state_format));
         }
         if let Some(max) = settings.max_memory_bytes.filter(|m| self.memory_bytes > *m) {
             return Err(IncomingError::MemoryLimit {
@@ -305,6 +327,10 @@ mod tests {
         future.machine_state_version += 1;
         let e = refuse(&future, &ReceiveSettings::default(), &regions);
         assert!(e.contains("machine state format"), "{e}");
+        let mut envelope = d.clone();
+        envelope.state_format = 3;
+        let e = refuse(&envelope, &ReceiveSettings::default(), &regions);
+        assert!(e.contains("envelope version 3"), "{e}");
         let mut huge = d.clone();
         huge.vcpus = 200;
         let e = refuse(&huge, &ReceiveSettings::default(), &regions);
@@ -335,5 +361,22 @@ mod tests {
         v["balloon"]["free_page_poisoning"] = true.into();
         let e = VmDescription::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(e.to_string().contains("free_page_poisoning"), "{e}");
+    }
+
+    /// A source from before the binary machine state names no envelope: it sends JSON,
+    /// which this build still reads.
+    #[test]
+    fn a_description_without_an_envelope_means_json() {
+        let mut v = serde_json::to_value(VmDescription::of(&source_config())).unwrap();
+        assert_eq!(v["state_format"], state_format::FORMAT_VERSION);
+        v.as_object_mut().unwrap().remove("state_format");
+        let d = VmDescription::decode(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(d.state_format, state_format::FORMAT_VERSION_JSON);
+        let source = source_config();
+        d.config(
+            &ReceiveSettings::default(),
+            &ram_regions(source.memory_bytes),
+        )
+        .unwrap();
     }
 }

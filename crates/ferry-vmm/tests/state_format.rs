@@ -1,8 +1,10 @@
 //! Golden-file tests of the machine state format (`src/state_format.rs`): a fixed machine
-//! state must encode to exactly the bytes in `tests/golden/`, and those bytes must decode to
-//! it. A failure means the format changed: bump `FORMAT_VERSION` (or `MACHINE_STATE_VERSION`)
-//! if old states can no longer be read, then regenerate with
-//! `FERRY_UPDATE_GOLDEN=1 cargo test -p ferry-vmm --test state_format`.
+//! state must encode to exactly the bytes in `tests/golden/machine-state-v2.bin`, and those
+//! bytes, and version 1's JSON ones (`machine-state-v1.bin`, written by ferry before version
+//! 2), must decode to it. A failure means the format changed: bump `FORMAT_VERSION` (or
+//! `MACHINE_STATE_VERSION`) if old states can no longer be read, then regenerate the current
+//! version's files with `FERRY_UPDATE_GOLDEN=1 cargo test -p ferry-vmm --test state_format`
+//! (version 1's are never rewritten).
 
 use std::path::PathBuf;
 
@@ -11,7 +13,9 @@ use ferry_balloon::{BalloonState, QueueSnapshot};
 use ferry_migration::RegionDesc;
 use ferry_vmm::kvm::state::{VcpuState, VmState};
 use ferry_vmm::serial::SerialSnapshot;
-use ferry_vmm::state_format::{self, StateFormatError, FORMAT_VERSION, HEADER_BYTES, MAGIC};
+use ferry_vmm::state_format::{
+    self, StateFormatError, FORMAT_VERSION, FORMAT_VERSION_JSON, HEADER_BYTES, MAGIC,
+};
 use ferry_vmm::MachineState;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -156,7 +160,7 @@ fn golden_bytes(name: &str, fresh: &[u8]) -> Vec<u8> {
 #[test]
 fn machine_state_encodes_to_the_golden_bytes() {
     let fresh = state_format::encode(&sample()).unwrap();
-    let golden = golden_bytes("machine-state-v1.bin", &fresh);
+    let golden = golden_bytes("machine-state-v2.bin", &fresh);
     assert_eq!(&golden[..8], &MAGIC);
     assert_eq!(golden[8..12], FORMAT_VERSION.to_le_bytes());
     assert!(
@@ -167,18 +171,42 @@ fn machine_state_encodes_to_the_golden_bytes() {
     );
 }
 
-#[test]
-fn golden_bytes_decode_to_the_machine_state() {
-    let golden = std::fs::read(golden("machine-state-v1.bin")).unwrap();
-    let state = state_format::decode(&golden).unwrap();
-    // Compare through the encoder's own JSON: MachineState holds KVM structs without PartialEq.
+/// Compares through JSON: MachineState holds KVM structs without PartialEq.
+fn same(a: &MachineState, b: &MachineState) -> bool {
     let json = |s: &MachineState| serde_json::to_value(s).unwrap();
-    assert_eq!(json(&state), json(&sample()));
-    assert_eq!(state.vcpus[1].regs.rip, 0xffff_ffff_8100_0001);
-    assert_eq!(state.vcpus[0].xsave.region[6], 0x1f80);
-    assert_eq!(state.vm.clock.clock, 987_654_321);
-    assert_eq!(state.serial.in_buffer, b"verify\n");
-    assert_eq!(state.balloon.unwrap().hint.next_id, 0x8000_0003);
+    json(a) == json(b)
+}
+
+#[test]
+fn golden_bytes_of_both_versions_decode_to_the_machine_state() {
+    for (name, version) in [
+        ("machine-state-v2.bin", FORMAT_VERSION),
+        ("machine-state-v1.bin", FORMAT_VERSION_JSON),
+    ] {
+        let golden = std::fs::read(golden(name)).unwrap();
+        assert_eq!(golden[8..12], version.to_le_bytes(), "{name}");
+        let state = state_format::decode(&golden).unwrap();
+        assert!(same(&state, &sample()), "{name} decodes to another state");
+        assert_eq!(state.vcpus[1].regs.rip, 0xffff_ffff_8100_0001);
+        assert_eq!(state.vcpus[0].xsave.region[6], 0x1f80);
+        assert_eq!(state.vcpus[1].lapic.regs[0x20], 1);
+        assert_eq!(state.vm.clock.clock, 987_654_321);
+        assert_eq!(state.serial.in_buffer, b"verify\n");
+        assert_eq!(state.balloon.unwrap().hint.next_id, 0x8000_0003);
+    }
+}
+
+/// What the binary format is for: the state of two vCPUs is a fraction of its JSON.
+#[test]
+fn the_binary_state_is_much_smaller_than_its_json() {
+    let v2 = std::fs::read(golden("machine-state-v2.bin")).unwrap();
+    let v1 = std::fs::read(golden("machine-state-v1.bin")).unwrap();
+    assert!(
+        v2.len() * 2 < v1.len(),
+        "{} bytes binary, {} JSON",
+        v2.len(),
+        v1.len()
+    );
 }
 
 /// The TSC frequency came after version 1's golden state: a state without it still reads
@@ -201,7 +229,7 @@ fn the_tsc_frequency_is_optional_and_kept() {
 
 #[test]
 fn golden_envelope_of_a_fixed_payload() {
-    let fresh = state_format::seal(br#"{"ferry":true}"#).unwrap();
+    let fresh = state_format::seal_version(FORMAT_VERSION_JSON, br#"{"ferry":true}"#).unwrap();
     let golden = golden_bytes("envelope-v1.bin", &fresh);
     assert_eq!(fresh, golden);
     // The header, spelled out: magic, version 1, flags 0, length 14, CRC-32.
@@ -209,37 +237,73 @@ fn golden_envelope_of_a_fixed_payload() {
     assert_eq!(golden[8..16], [1, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(golden[16..24], 14u64.to_le_bytes());
     assert_eq!(golden.len(), HEADER_BYTES + 14);
+    let opened = state_format::open(&golden).unwrap();
+    assert_eq!(opened.version, FORMAT_VERSION_JSON);
+    assert_eq!(opened.payload, br#"{"ferry":true}"#.as_slice());
+    // The current version differs in its version field (and so its checksum) only.
+    let current = state_format::seal(br#"{"ferry":true}"#).unwrap();
+    assert_eq!(current[8..12], FORMAT_VERSION.to_le_bytes());
     assert_eq!(
-        state_format::open(&golden).unwrap(),
-        br#"{"ferry":true}"#.as_slice()
+        (&current[..8], &current[12..24]),
+        (&golden[..8], &golden[12..24])
     );
+    assert_eq!(current[HEADER_BYTES..], golden[HEADER_BYTES..]);
 }
 
 #[test]
 fn damaged_golden_states_are_refused_with_the_reason() {
-    let golden = std::fs::read(golden("machine-state-v1.bin")).unwrap();
-    let mut flipped = golden.clone();
-    let mid = HEADER_BYTES + (golden.len() - HEADER_BYTES) / 2;
-    flipped[mid] ^= 0x01;
+    for name in ["machine-state-v2.bin", "machine-state-v1.bin"] {
+        let golden = std::fs::read(golden(name)).unwrap();
+        let mut flipped = golden.clone();
+        let mid = HEADER_BYTES + (golden.len() - HEADER_BYTES) / 2;
+        flipped[mid] ^= 0x01;
+        assert!(matches!(
+            state_format::decode(&flipped),
+            Err(StateFormatError::Checksum { .. })
+        ));
+        assert!(matches!(
+            state_format::decode(&golden[..golden.len() - 1]),
+            Err(StateFormatError::Length { .. })
+        ));
+        let mut future = golden.clone();
+        future[8] = 3;
+        let e = state_format::decode(&future).unwrap_err();
+        assert!(e.to_string().contains("version 3"), "{e}");
+    }
+    // A checksummed payload with another machine-state layout version is refused too, in
+    // either encoding.
+    let mut state = sample();
+    state.version = 99;
+    let binary = state_format::encode(&state).unwrap();
     assert!(matches!(
-        state_format::decode(&flipped),
-        Err(StateFormatError::Checksum { .. })
-    ));
-    assert!(matches!(
-        state_format::decode(&golden[..golden.len() - 1]),
-        Err(StateFormatError::Length { .. })
-    ));
-    let mut future = golden.clone();
-    future[8] = 2;
-    let e = state_format::decode(&future).unwrap_err();
-    assert!(e.to_string().contains("version 2"), "{e}");
-    // A checksummed payload with another machine-state layout version is refused too.
-    let mut value: serde_json::Value =
-        serde_json::from_slice(state_format::open(&golden).unwrap()).unwrap();
-    value["version"] = 99.into();
-    let resealed = state_format::seal(&serde_json::to_vec(&value).unwrap()).unwrap();
-    assert!(matches!(
-        state_format::decode(&resealed),
+        state_format::decode(&binary),
         Err(StateFormatError::Layout { found: 99 })
+    ));
+    let json =
+        state_format::seal_version(FORMAT_VERSION_JSON, &serde_json::to_vec(&state).unwrap())
+            .unwrap();
+    assert!(matches!(
+        state_format::decode(&json),
+        Err(StateFormatError::Layout { found: 99 })
+    ));
+}
+
+/// The payload must be exactly one state: a truncated one, and one with bytes after it,
+/// are refused even when their envelope is intact.
+#[test]
+fn a_binary_payload_must_be_one_whole_state() {
+    let golden = std::fs::read(golden("machine-state-v2.bin")).unwrap();
+    let payload = state_format::open(&golden).unwrap().payload;
+    let short = state_format::seal(&payload[..payload.len() - 9]).unwrap();
+    assert!(matches!(
+        state_format::decode(&short),
+        Err(StateFormatError::Payload(_))
+    ));
+    let mut long = payload.to_vec();
+    long.extend_from_slice(&[0, 0, 0]);
+    let long = state_format::seal(&long).unwrap();
+    assert!(matches!(
+        state_format::decode(&long),
+        Err(StateFormatError::Trailing(3))
     ));
 }

@@ -92,8 +92,9 @@ pub struct VcpuState {
     /// Pending exceptions, interrupts, NMIs, SMM state.
     pub vcpu_events: kvm_vcpu_events,
     /// The guest's TSC frequency (`KVM_GET_TSC_KHZ`): what its kvmclock and TSC-deadline
-    /// timer were calibrated against. Absent in states saved before it was recorded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// timer were calibrated against. Absent in (JSON) states saved before it was recorded.
+    /// Always written: the binary format has no absent fields.
+    #[serde(default)]
     pub tsc_khz: Option<u32>,
 }
 

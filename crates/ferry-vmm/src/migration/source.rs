@@ -37,12 +37,22 @@ impl VmControl for SealedControl {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmControlError> {
+        let started = std::time::Instant::now();
         let state = self
             .0
             .save_state()
             .map_err(|e| VmControlError::new("saving the VM state", e))?;
+        let saved = started.elapsed();
         crate::memory::debug_digest(&self.0.ram, "sent");
-        state_format::encode(&state).map_err(|e| VmControlError::new("encoding the VM state", e))
+        let encoded = state_format::encode(&state)
+            .map_err(|e| VmControlError::new("encoding the VM state", e))?;
+        tracing::debug!(
+            "state saved in {:.2} ms, encoded in {:.2} ms ({} bytes)",
+            saved.as_secs_f64() * 1000.0,
+            (started.elapsed() - saved).as_secs_f64() * 1000.0,
+            encoded.len()
+        );
+        Ok(encoded)
     }
 }
 
