@@ -21,7 +21,7 @@ use crate::devices::{AcpiPm, IrqfdTrigger, I8042};
 use crate::gate::Gate;
 use crate::kvm::cpuid::CpuOptions;
 use crate::kvm::state::saveable_msrs;
-use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, Vcpus};
+use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, VcpuError, Vcpus, Waiting};
 use crate::kvm::vm::{configure_boot, KvmVm, VmError};
 use crate::memory::{register_slots, GuestMemory, GuestRam};
 use crate::serial::SerialConsole;
@@ -162,46 +162,41 @@ fn devices(
     })
 }
 
-/// Starts the vCPU threads (paused if `paused`) and assembles the [`Vmm`]. The MSRs to save
-/// later are probed on the first vCPU unless given (a restored VM saves what it was given).
-fn start(
-    base: Base,
-    devices: Devices,
-    fds: Vec<VcpuFd>,
-    paused: bool,
-    msr_indices: Option<Vec<u32>>,
-) -> Result<Arc<Vmm>, VmmError> {
-    vcpu::install_kick_handler()?;
-    let msr_indices = match msr_indices {
-        Some(list) => list,
-        None => {
-            let first = fds
-                .first()
-                .ok_or(VmmError::Incompatible("no vCPU".into()))?;
-            saveable_msrs(base.kvm.kvm(), first)?
-        }
-    };
-    let msr_indices = Arc::new(msr_indices);
-    let ctx = VcpuContext {
-        pio: Arc::new(devices.pio),
-        mmio: Arc::new(devices.mmio),
+/// The vCPU threads' shared context; the buses move out of `devices` into it.
+fn vcpu_context(devices: &mut Devices, msr_indices: Vec<u32>) -> VcpuContext {
+    VcpuContext {
+        pio: Arc::new(std::mem::take(&mut devices.pio)),
+        mmio: Arc::new(std::mem::take(&mut devices.mmio)),
         control: devices.control.clone(),
-        msr_indices,
-    };
-    if paused {
-        devices.control.set_paused();
-        devices.gate.close();
+        msr_indices: Arc::new(msr_indices),
     }
+}
+
+/// Starts the vCPU threads of a booting VM and assembles the [`Vmm`]. The MSRs to save
+/// later are probed on the first vCPU.
+fn start(base: Base, mut devices: Devices, fds: Vec<VcpuFd>) -> Result<Arc<Vmm>, VmmError> {
+    vcpu::install_kick_handler()?;
+    let first = fds
+        .first()
+        .ok_or(VmmError::Incompatible("no vCPU".into()))?;
+    let msr_indices = saveable_msrs(base.kvm.kvm(), first)?;
+    let ctx = vcpu_context(&mut devices, msr_indices);
     let handles = fds
         .into_iter()
         .enumerate()
         .map(|(id, fd)| vcpu::spawn(id as u8, fd, ctx.clone()))
         .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = Vcpus::new(handles, devices.control.clone());
+    assemble(base, devices, vcpus)
+}
+
+/// Starts the console's input and assembles the [`Vmm`] around running vCPU threads.
+fn assemble(base: Base, devices: Devices, vcpus: Vcpus) -> Result<Arc<Vmm>, VmmError> {
     devices
         .serial_in
         .spawn_input(devices.serial.clone(), devices.gate.clone())?;
     Ok(Arc::new(Vmm {
-        vcpus: Mutex::new(Vcpus::new(handles, devices.control.clone())),
+        vcpus: Mutex::new(vcpus),
         config: base.config,
         kvm: base.kvm,
         ram: base.ram,
@@ -258,7 +253,7 @@ impl Vmm {
             config.memory_bytes >> 20,
             config.vcpus
         );
-        start(base, devices, fds, false, None)
+        start(base, devices, fds)
     }
 }
 
@@ -266,10 +261,11 @@ impl Vmm {
 /// same size and layout as the source's (same `memory_bytes`); write it through
 /// [`IncomingVm::memory`], then call [`IncomingVm::restore`].
 pub struct IncomingVm {
+    /// The vCPU threads, created (with their vCPUs and CPUID) while RAM streams in rather
+    /// than in the downtime; each restores its vCPU's state when [`IncomingVm::restore`]
+    /// launches it. First, so that dropped unlaunched they end before the VM goes.
+    vcpus: Vec<Waiting>,
     base: Base,
-    /// The vCPUs, created (with their CPUID) while RAM streams in rather than in the
-    /// downtime; their state is set by [`IncomingVm::restore`].
-    vcpus: Vec<VcpuFd>,
     /// The console's host side, open while RAM streams in: a console client can connect
     /// before the switchover and sees the guest's first line after it at once (instead of
     /// connecting some time after the guest resumed), and binding the socket is not part
@@ -286,15 +282,20 @@ impl std::fmt::Debug for IncomingVm {
 }
 
 impl IncomingVm {
-    /// Creates the KVM VM (irqchip, PIT) and zeroed RAM for `config`. The kernel and initrd
-    /// in `config` are not loaded (RAM comes from the source), so they need not exist.
+    /// Creates the KVM VM (irqchip, PIT), zeroed RAM and the waiting vCPU threads for
+    /// `config`. The kernel and initrd in `config` are not loaded (RAM comes from the
+    /// source), so they need not exist.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
         config.validate_resources()?;
         let base = Base::new(config)?;
+        vcpu::install_kick_handler()?;
         let count = base.config.vcpus;
         let vcpus = (0..count)
-            .map(|id| base.kvm.create_vcpu(id, count, base.cpu_options()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|id| {
+                let fd = base.kvm.create_vcpu(id, count, base.cpu_options())?;
+                Ok(Waiting::spawn(id, fd)?)
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
         let console = Console::open(&base.config)?;
         Ok(Self {
             base,
@@ -320,39 +321,47 @@ impl IncomingVm {
 
     /// Restores devices, vCPUs and VM state from `state` (in KVM's required order) and
     /// returns the VM paused; [`Vmm::resume`] lets it run.
-    pub fn restore(self, state: &MachineState) -> Result<Arc<Vmm>, VmmError> {
+    pub fn restore(self, mut state: MachineState) -> Result<Arc<Vmm>, VmmError> {
         let Self {
             base,
-            vcpus: fds,
+            vcpus: waiting,
             console,
         } = self;
         // This runs inside the downtime: its steps are timed for the debug log.
         let mut steps = Steps::new();
-        check_compatible(&base, state)?;
-        let devices = devices(&base, Some(state), console)?;
+        check_compatible(&base, &state)?;
+        let mut devices = devices(&base, Some(&state), console)?;
         steps.done("devices");
+        // Probing every MSR again would add to the migration's downtime; the source already
+        // told us which ones this guest has.
+        let first = state.vcpus.first();
+        let msrs = first.map_or_else(Vec::new, |v| v.msrs.iter().map(|e| e.index).collect());
+        let ctx = vcpu_context(&mut devices, msrs);
+        // The vCPUs park, paused, once restored.
+        devices.control.set_paused();
+        devices.gate.close();
+        // Every thread restores its own vCPU, all at once. Threads launched so far are
+        // stopped (dropping `vcpus`) if a later one fails.
+        let mut vcpus = Vcpus::new(Vec::with_capacity(waiting.len()), devices.control.clone());
+        let mut pending = Vec::with_capacity(waiting.len());
         // check_compatible made sure there is one saved state per vCPU, in id order.
-        for (id, (saved, fd)) in state.vcpus.iter().zip(&fds).enumerate() {
-            saved
-                .restore(fd)
-                .map_err(|source| crate::kvm::vcpu::VcpuError::State {
-                    id: id as u8,
-                    source,
-                })?;
+        for (thread, saved) in waiting.into_iter().zip(std::mem::take(&mut state.vcpus)) {
+            let id = saved.id;
+            let (handle, restored) = thread.launch(ctx.clone(), Some(saved))?;
+            vcpus.add(handle);
+            pending.push((id, restored));
         }
+        vcpu::collect(pending, VcpuError::RestoreTimeout)?;
         steps.done("vcpu state");
+        // After the vCPUs: the clock and the interrupt controllers.
         state.vm.restore(base.kvm.fd())?;
         steps.done("vm state");
         if let Some(b) = &devices.balloon {
             // Restored devices come back paused; keep them so until the VM resumes.
             crate::bus::lock(b).pause();
         }
-        // Probing every MSR again would add to the migration's downtime; the source already
-        // told us which ones this guest has.
-        let first = state.vcpus.first();
-        let msrs = first.map(|v| v.msrs.iter().map(|e| e.index).collect());
-        let vmm = start(base, devices, fds, true, msrs)?;
-        steps.done("vcpu threads");
+        let vmm = assemble(base, devices, vcpus)?;
+        steps.done("assemble");
         tracing::debug!("restore steps: {steps}");
         Ok(vmm)
     }

@@ -138,7 +138,7 @@ pub fn receive(
     // Before and after the restore: a difference between the two is a write to guest RAM
     // by the restore itself.
     crate::memory::debug_digest(incoming.ram(), "received-before-restore");
-    let vmm = match incoming.restore(&state) {
+    let vmm = match incoming.restore(state) {
         Ok(vmm) => vmm,
         Err(source) => {
             received.reject(&format!("the destination cannot restore the VM: {source}"));

@@ -307,3 +307,26 @@ fn a_binary_payload_must_be_one_whole_state() {
         Err(StateFormatError::Trailing(3))
     ));
 }
+
+/// The state comes from the peer: a payload damaged anywhere (and sealed again, so that
+/// the checksum does not catch it first) is refused or read, never a panic. Every byte
+/// of the golden payload, replaced by three values, and every truncation.
+#[test]
+fn every_damaged_binary_payload_is_refused_or_read_never_a_panic() {
+    let golden = std::fs::read(golden("machine-state-v2.bin")).unwrap();
+    let payload = state_format::open(&golden).unwrap().payload.to_vec();
+    let mut read = 0usize;
+    for i in 0..payload.len() {
+        for value in [0x00, 0xff, payload[i] ^ 0x80] {
+            let mut bad = payload.clone();
+            bad[i] = value;
+            read += usize::from(state_format::decode(&state_format::seal(&bad).unwrap()).is_ok());
+        }
+    }
+    for len in 0..payload.len() {
+        let short = state_format::seal(&payload[..len]).unwrap();
+        assert!(state_format::decode(&short).is_err(), "{len} bytes read");
+    }
+    // Most bytes are register contents, which any value fits: those read.
+    assert!(read > payload.len(), "{read} damaged payloads read");
+}

@@ -119,7 +119,7 @@ fn restored_state_continues_the_guest_in_a_new_vm() -> Result<()> {
     let copy_start = Instant::now();
     copy_ram(source.memory(), incoming.memory())?;
     eprintln!("copied 512 MiB in {:.1?}", copy_start.elapsed());
-    let dest = incoming.restore(&state)?;
+    let dest = incoming.restore(state)?;
     // The destination owns the guest now; the source never runs again.
     source.request_exit(ExitReason::Shutdown);
     source.stop();
@@ -560,7 +560,7 @@ fn free_page_reports_survive_repeated_pauses_and_restores() -> Result<()> {
             next.serial = SerialTarget::Socket(socket.clone());
             let incoming = IncomingVm::new(next)?;
             copy_ram(vmm.memory(), incoming.memory())?;
-            let restored = incoming.restore(&state)?;
+            let restored = incoming.restore(state)?;
             reported += reported_ranges(&vmm);
             vmm.request_exit(ExitReason::Shutdown);
             vmm.stop();

@@ -75,6 +75,9 @@ pub enum VcpuError {
     /// A vCPU did not hand over its state in time.
     #[error("vCPU {0} did not save its state within {SAVE_TIMEOUT:?}")]
     SaveTimeout(u8),
+    /// A vCPU did not restore its state in time.
+    #[error("vCPU {0} did not restore its state within {SAVE_TIMEOUT:?}")]
+    RestoreTimeout(u8),
     /// Saving state failed.
     #[error("vCPU {id}: {source}")]
     State {
@@ -247,16 +250,121 @@ pub struct VcpuContext {
 
 /// Starts vCPU `id`'s thread.
 pub fn spawn(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Result<VcpuHandle, VcpuError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("ferry-vcpu{id}"))
-        .spawn(move || run_loop(id, fd, &ctx, &rx))
-        .map_err(VcpuError::Spawn)?;
-    Ok(VcpuHandle {
-        id,
-        thread: Some(thread),
-        requests: tx,
-    })
+    let (handle, _restored) = Waiting::spawn(id, fd)?.launch(ctx, None)?;
+    Ok(handle)
+}
+
+/// The answers of vCPU threads asked at once, in the order asked, by one deadline
+/// ([`SAVE_TIMEOUT`] from now): the first failure, timeout or vanished thread ends it.
+pub fn collect<T>(
+    pending: Vec<(u8, Receiver<Result<T, StateError>>)>,
+    timeout: fn(u8) -> VcpuError,
+) -> Result<Vec<T>, VcpuError> {
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    pending
+        .into_iter()
+        .map(|(id, rx)| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .map_err(|e| match e {
+                    RecvTimeoutError::Timeout => timeout(id),
+                    RecvTimeoutError::Disconnected => VcpuError::Gone(id),
+                })?
+                .map_err(|source| VcpuError::State { id, source })
+        })
+        .collect()
+}
+
+/// What a [`Waiting`] thread needs to start.
+struct Launch {
+    ctx: VcpuContext,
+    requests: Receiver<Request>,
+    /// Saved state to restore into the vCPU (on its own thread) before it parks.
+    state: Option<VcpuState>,
+    restored: SyncSender<Result<(), StateError>>,
+}
+
+/// A vCPU thread started before its VM's devices exist, waiting to be launched. A
+/// migration destination starts its vCPU threads while RAM streams in, so that creating
+/// them is not part of the downtime, and each restores its own vCPU's state when
+/// launched, in parallel with the others (Firecracker, too, restores each vCPU's state
+/// on its own thread). Dropped unlaunched, the thread ends.
+#[derive(Debug)]
+pub struct Waiting {
+    id: u8,
+    thread: Option<JoinHandle<()>>,
+    launch: Option<SyncSender<Launch>>,
+}
+
+impl Waiting {
+    /// Starts vCPU `id`'s thread, which waits for [`launch`](Self::launch).
+    pub fn spawn(id: u8, fd: VcpuFd) -> Result<Self, VcpuError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Launch>(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("ferry-vcpu{id}"))
+            .spawn(move || {
+                // No launch: the VM was abandoned before it ran.
+                let Ok(launch) = rx.recv() else {
+                    return;
+                };
+                if let Some(state) = &launch.state {
+                    let restored = state.restore(&fd);
+                    let failed = restored.is_err();
+                    let _ = launch.restored.send(restored);
+                    if failed {
+                        return;
+                    }
+                }
+                run_loop(id, fd, &launch.ctx, &launch.requests);
+            })
+            .map_err(VcpuError::Spawn)?;
+        Ok(Self {
+            id,
+            thread: Some(thread),
+            launch: Some(tx),
+        })
+    }
+
+    /// Lets the thread run its vCPU with `ctx`, after restoring `state` into it if given;
+    /// the receiver gets the restore's outcome (nothing when there is no state). A VM
+    /// restored paused must have its run state paused before this.
+    pub fn launch(
+        mut self,
+        ctx: VcpuContext,
+        state: Option<VcpuState>,
+    ) -> Result<(VcpuHandle, Receiver<Result<(), StateError>>), VcpuError> {
+        let (requests_tx, requests) = std::sync::mpsc::channel();
+        let (restored_tx, restored) = std::sync::mpsc::sync_channel(1);
+        let sent = match self.launch.take() {
+            Some(tx) => tx
+                .send(Launch {
+                    ctx,
+                    requests,
+                    state,
+                    restored: restored_tx,
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(VcpuError::Gone(self.id));
+        }
+        let handle = VcpuHandle {
+            id: self.id,
+            thread: self.thread.take(),
+            requests: requests_tx,
+        };
+        Ok((handle, restored))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // Unlaunched: closing the channel ends the thread, which holds nothing else.
+        self.launch.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The vCPUs of one VM.
@@ -282,6 +390,11 @@ impl Vcpus {
             control,
             ticker: None,
         }
+    }
+
+    /// Adds a launched vCPU thread.
+    pub fn add(&mut self, handle: VcpuHandle) {
+        self.handles.push(handle);
     }
 
     /// Limits every vCPU to running `100 - percent`% of the time (at most
@@ -396,19 +509,7 @@ impl Vcpus {
             pending.push((h.id, rx));
         }
         self.control.changed.notify_all();
-        let deadline = Instant::now() + SAVE_TIMEOUT;
-        let mut out = Vec::with_capacity(pending.len());
-        for (id, rx) in pending {
-            let state = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .map_err(|e| match e {
-                    RecvTimeoutError::Timeout => VcpuError::SaveTimeout(id),
-                    RecvTimeoutError::Disconnected => VcpuError::Gone(id),
-                })?
-                .map_err(|source| VcpuError::State { id, source })?;
-            out.push(state);
-        }
-        Ok(out)
+        collect(pending, VcpuError::SaveTimeout)
     }
 
     /// Stops and joins every vCPU thread.
