@@ -1132,13 +1132,33 @@ fn hints_that_spared_nothing_still_get_a_closing_round() {
         },
     );
     assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
-    let [bulk, closing, last] = &stats.rounds[..] else {
+    let [bulk, next, last] = &stats.rounds[..] else {
         panic!("{stats:?}");
     };
     assert_eq!(
         bulk.pages_skipped,
         [("holes".into(), 64), ("driver".into(), 0)]
     );
-    assert!(closing.closing && closing.pages_zero == 64, "{closing:?}");
-    assert!(last.is_final && last.pages_queued == 0, "{last:?}");
+    assert!(last.is_final && last.pages_queued == 0, "{:?}", stats.rounds);
+    // Whether the engine switches over after the bulk round depends on the bandwidth that
+    // round measured (convergence: one more asked round while it would halve what is left
+    // and that is not negligible). Computed here the way the engine does, so that the test
+    // checks the closing round whenever the engine must take it, on a starved CPU too
+    // (there the bulk round can measure a link too slow for the 64 pages to be negligible).
+    let bandwidth = if bulk.duration_ms >= 5.0 && bulk.bytes > 0 {
+        bulk.bandwidth_bytes_per_s
+    } else {
+        0.0
+    };
+    let dirty_bytes = (bulk.pages_dirtied * ferry_migration::PAGE_SIZE) as f64;
+    let negligible = bandwidth > 0.0
+        && dirty_bytes / bandwidth <= ferry_migration::DOWNTIME_NEGLIGIBLE.as_secs_f64();
+    if negligible {
+        assert!(next.closing && next.pages_zero == 64, "{next:?}");
+    } else {
+        // One more asked round: the holes source hints the pages again and they are
+        // skipped there, still before the pause.
+        assert!(!next.closing, "{next:?}");
+        assert_eq!(next.pages_skipped[0], ("holes".into(), 64), "{next:?}");
+    }
 }
