@@ -1139,7 +1139,11 @@ fn hints_that_spared_nothing_still_get_a_closing_round() {
         bulk.pages_skipped,
         [("holes".into(), 64), ("driver".into(), 0)]
     );
-    assert!(last.is_final && last.pages_queued == 0, "{:?}", stats.rounds);
+    assert!(
+        last.is_final && last.pages_queued == 0,
+        "{:?}",
+        stats.rounds
+    );
     // Whether the engine switches over after the bulk round depends on the bandwidth that
     // round measured (convergence: one more asked round while it would halve what is left
     // and that is not negligible). Computed here the way the engine does, so that the test
