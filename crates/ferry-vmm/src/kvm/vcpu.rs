@@ -36,6 +36,9 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a parked vCPU may take to hand over its state (a few ioctls; seconds under
 /// nested emulation).
 const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Vcpus::stop`] kicks the vCPU threads before it leaves behind the ones that
+/// have not ended (a thread blocked in a device's handler, say on a full console pipe).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval between kicks while waiting for vCPUs to park.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
 /// Exits served while completing a pending access before a pause, at most.
@@ -512,21 +515,40 @@ impl Vcpus {
         collect(pending, VcpuError::SaveTimeout)
     }
 
-    /// Stops and joins every vCPU thread.
+    /// Stops and joins every vCPU thread, waiting at most [`STOP_TIMEOUT`].
     pub fn stop(&mut self) {
+        self.stop_within(STOP_TIMEOUT);
+    }
+
+    /// Stops every vCPU thread and joins those that end within `timeout`; returns how
+    /// many did not. A thread left behind never runs the guest again: the run state is
+    /// `Stopping`, which every thread checks before each `KVM_RUN`, so whatever blocks it
+    /// (a device handler, a write to a full console pipe) can only end in its exit.
+    fn stop_within(&mut self, timeout: Duration) -> usize {
         self.set_throttle(0);
         lock(&self.control.ctl).state = RunState::Stopping;
         self.control.changed.notify_all();
+        let deadline = Instant::now() + timeout;
+        let mut left = 0;
         for h in &mut self.handles {
-            if let Some(t) = h.thread.take() {
-                // Kick until the thread leaves KVM_RUN and sees Stopping.
-                while !t.is_finished() {
-                    let _ = t.kill(kick_signal());
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+            let Some(t) = h.thread.take() else { continue };
+            // Kick until the thread leaves KVM_RUN and sees Stopping.
+            while !t.is_finished() && Instant::now() < deadline {
+                let _ = t.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
                 let _ = t.join();
+            } else {
+                tracing::error!(
+                    "vCPU {} did not stop within {timeout:?}; its thread is left behind \
+                     (it cannot run the guest again)",
+                    h.id
+                );
+                left += 1;
             }
         }
+        left
     }
 }
 
@@ -775,6 +797,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn stopping_joins_ended_threads_and_leaves_a_stuck_one_behind_by_the_deadline() {
+        // A thread blocked outside KVM_RUN ignores kicks (a channel receive restarts after
+        // the signal, as a write to a full pipe would): the stop must not wait for it for
+        // ever, and must still join the threads that end.
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let mut handles = Vec::new();
+        for (id, thread) in [
+            (0, std::thread::spawn(|| {})),
+            (1, std::thread::spawn(move || drop(stuck.recv()))),
+        ] {
+            let (requests, _) = std::sync::mpsc::channel();
+            handles.push(VcpuHandle {
+                id,
+                thread: Some(thread),
+                requests,
+            });
+        }
+        let mut vcpus = Vcpus::new(handles, control.clone());
+        let started = Instant::now();
+        assert_eq!(vcpus.stop_within(Duration::from_millis(100)), 1);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "stop took {took:?}");
+        assert_eq!(lock(&control.ctl).state, RunState::Stopping);
+        assert!(vcpus.handles.iter().all(|h| h.thread.is_none()));
+        // Dropping the Vcpus stops again: nothing is left to wait for.
+        let started = Instant::now();
+        drop(vcpus);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        release.send(()).unwrap();
     }
 
     #[test]
