@@ -25,6 +25,7 @@ use crate::kvm::vcpu::{self, VcpuContext, VcpuControl, VcpuError, Vcpus, Waiting
 use crate::kvm::vm::{configure_boot, KvmVm, VmError};
 use crate::memory::{register_slots, GuestMemory, GuestRam};
 use crate::serial::SerialConsole;
+use crate::steps::Steps;
 use crate::vmm::{MachineState, Vmm, VmmError, MACHINE_STATE_VERSION};
 use crate::{acpi, boot, layout};
 
@@ -364,37 +365,6 @@ impl IncomingVm {
         steps.done("assemble");
         tracing::debug!("restore steps: {steps}");
         Ok(vmm)
-    }
-}
-
-/// Times the consecutive steps of a piece of work, for a debug line.
-struct Steps {
-    last: Instant,
-    done: Vec<(&'static str, std::time::Duration)>,
-}
-
-impl Steps {
-    fn new() -> Self {
-        Self {
-            last: Instant::now(),
-            done: Vec::new(),
-        }
-    }
-
-    fn done(&mut self, what: &'static str) {
-        let now = Instant::now();
-        self.done.push((what, now - self.last));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Steps {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (what, took)) in self.done.iter().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}{what} {:.2} ms", took.as_secs_f64() * 1000.0)?;
-        }
-        Ok(())
     }
 }
 

@@ -32,6 +32,7 @@ pub mod serial;
 mod serve;
 pub mod state_format;
 pub mod status;
+mod steps;
 pub mod units;
 pub mod vmm;
 

@@ -14,6 +14,7 @@ use crate::description::{ReceiveSettings, VmDescription};
 use crate::exit::ExitReason;
 use crate::migration::{MigrateError, Supervisor};
 use crate::state_format;
+use crate::steps::Steps;
 
 /// What [`receive`] tells its caller along the way.
 pub trait ReceiveObserver {
@@ -35,6 +36,18 @@ impl Drop for SocketFile {
         if let Some(p) = &self.0 {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Answers the destination's API until the VM runs here.
+struct Arriving;
+
+impl api::ApiHandler for Arriving {
+    fn handle(&self, _: api::Request) -> Result<serde_json::Value, api::Refusal> {
+        Err(api::Refusal::new(
+            api::ErrorCode::MigrationActive,
+            "no VM runs here yet: this destination waits for a migration, or receives one",
+        ))
     }
 }
 
@@ -67,7 +80,16 @@ pub fn receive(
         what: "cannot create the destination VM",
         source: e.into(),
     })?;
-    let api_socket = settings.api_socket.clone();
+    // The API socket is served from the start, refusing requests until the VM runs here:
+    // an operator's client gets a sentence instead of a missing socket, and neither
+    // binding it nor starting its thread is part of the downtime.
+    let (server, socket) = match &settings.api_socket {
+        Some(path) => {
+            let server = api::serve(path, Arc::new(Arriving))?;
+            (Some(server), SocketFile(Some(path.clone())))
+        }
+        None => (None, SocketFile(None)),
+    };
     let mut listener = Listener::bind(listen).map_err(|source| MigrateError::Listen {
         endpoint: listen.to_string(),
         source,
@@ -126,7 +148,7 @@ pub fn receive(
     };
     let received = destination.receive_incoming(arrived)?;
     // From the last record to the acknowledgement the guest is paused on both sides: time it.
-    let restore_started = std::time::Instant::now();
+    let mut steps = Steps::new();
     let state = match state_format::decode(&received.device_state) {
         Ok(s) => s,
         Err(e) => {
@@ -134,7 +156,7 @@ pub fn receive(
             return Err(e.into());
         }
     };
-    let decoded_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
+    steps.done("decode");
     // Before and after the restore: a difference between the two is a write to guest RAM
     // by the restore itself.
     crate::memory::debug_digest(incoming.ram(), "received-before-restore");
@@ -148,7 +170,7 @@ pub fn receive(
             });
         }
     };
-    let restored_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
+    steps.done("restore");
     crate::memory::debug_digest(&vmm.ram, "received");
     // From here on a failure must stop the restored (still paused) VM before returning.
     let discard = |e: MigrateError| {
@@ -156,35 +178,27 @@ pub fn receive(
         vmm.stop();
         e
     };
-    let socket = SocketFile(api_socket.clone());
-    let mut server = None;
-    if let Some(path) = &api_socket {
+    // Before the acknowledgement: a client that hears from the source that the migration
+    // is done finds the VM's API here.
+    if let Some(server) = &server {
         let handler = Arc::new(crate::serve::ApiVmm(vmm.clone(), Supervisor::default()));
-        match api::serve(path, handler) {
-            Ok(s) => server = Some(s),
-            Err(e) => {
-                received.reject(&format!("the destination cannot serve its API: {e}"));
-                return Err(discard(e.into()));
-            }
-        }
+        server.set_handler(handler);
     }
+    steps.done("api");
+    let restore_ms = steps.total_ms();
     let stats = received.stats.clone();
     let state_bytes = received.device_state.len();
-    let restore_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
     received
         .acknowledge()
         .map_err(|e| discard(MigrateError::Acknowledge(e)))?;
-    let acked_ms = restore_started.elapsed().as_secs_f64() * 1000.0;
+    steps.done("acknowledge");
     vmm.resume();
-    tracing::debug!(
-        "restore: state decoded at {decoded_ms:.2} ms, VM restored at {restored_ms:.2} ms, \
-         API served at {restore_ms:.2} ms, acknowledged at {acked_ms:.2} ms, resumed at {:.2} ms",
-        restore_started.elapsed().as_secs_f64() * 1000.0
-    );
+    steps.done("resume");
+    tracing::debug!("switchover steps here: {steps}");
     tracing::info!(
         "restored {state_bytes} bytes of machine state in {restore_ms:.1} ms, resumed {:.1} ms \
          after the last record",
-        restore_started.elapsed().as_secs_f64() * 1000.0
+        steps.total_ms()
     );
     tracing::info!(
         "migration received ({} pages, {} zero, {} rounds); the guest runs here",

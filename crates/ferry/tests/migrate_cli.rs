@@ -89,3 +89,71 @@ fn cancel_without_a_reachable_vmm_says_so() {
     let (ok, err) = ferry(&["cancel"]);
     assert!(!ok && err.contains("--api"), "{err}");
 }
+
+#[test]
+fn a_destination_answers_its_api_while_it_waits_for_a_migration() {
+    // The destination serves its API socket from the start (so binding it is not part of the
+    // downtime): until a VM runs there, requests get a sentence, not a missing socket.
+    // `--kvm /dev/null --allow-pvm` gets past the KVM check without KVM; no VM is built
+    // before a source arrives.
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let dir = std::env::temp_dir().join(format!("ferry-cli-dest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let api = dir.join("b.api");
+    let api_arg = api.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-socket",
+            api_arg,
+        ])
+        .args(["--kvm", "/dev/null", "--allow-pvm"])
+        .env("FERRY_LOG", "off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ferry receive");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let waiting = loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.starts_with("ferry: waiting for a migration on ") => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let status = waiting.then(|| ferry(&["status", "--api", api_arg]));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(waiting, "the destination never waited: {seen:?}");
+    let (ok, err) = status.unwrap();
+    assert!(!ok, "a destination without a VM answered status");
+    assert!(err.contains("migration-active"), "{err}");
+    assert!(err.contains("no VM runs here yet"), "{err}");
+
+    // A socket it cannot bind fails the command before it takes a source.
+    let (ok, err) = ferry(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-socket",
+        "/nonexistent/dir/b.api",
+        "--kvm",
+        "/dev/null",
+        "--allow-pvm",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/dir/b.api"), "{err}");
+    assert!(!err.contains("waiting for a migration"), "{err}");
+}

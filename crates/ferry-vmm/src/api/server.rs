@@ -5,21 +5,48 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::{
     answer, ApiError, ApiHandler, ErrorCode, Greeting, Reply, CLIENTS_MAX, REQUEST_BYTES_MAX,
 };
 
-/// The running API server: what a VMM needs to exit without cutting a reply short.
-#[derive(Debug, Clone, Default)]
+/// The running API server: what a VMM needs to exit without cutting a reply short, and to
+/// hand the socket to the VM it serves once that VM exists.
+#[derive(Clone)]
 pub struct ApiServer {
     /// Requests read and not yet fully answered.
     in_flight: Arc<AtomicUsize>,
+    /// Who answers requests; every request asks it anew, so a replacement serves the next
+    /// request of every client.
+    handler: Arc<RwLock<Arc<dyn ApiHandler>>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("in_flight", &self.in_flight.load(SeqCst))
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiServer {
+    /// Lets `handler` answer every request from now on. A migration destination binds its
+    /// socket with a handler that refuses everything while the VM arrives (a failed bind
+    /// then refuses the migration before any memory moves, and starting the server's
+    /// thread is not part of the downtime), then hands the socket to the restored VM.
+    pub fn set_handler(&self, handler: Arc<dyn ApiHandler>) {
+        *self.handler.write().unwrap_or_else(|p| p.into_inner()) = handler;
+    }
+
+    fn handler(&self) -> Arc<dyn ApiHandler> {
+        self.handler
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Waits until no request is being answered, at most `timeout`; returns whether it got
     /// there. A VMM calls this before it exits: a reply it still owes (the statistics of the
     /// migration that ended the VM here, the answer to `shutdown`) is then in the client's
@@ -58,8 +85,11 @@ pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, Api
         path: path.to_owned(),
         source,
     })?;
-    let server = ApiServer::default();
-    let in_flight = server.in_flight.clone();
+    let server = ApiServer {
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        handler: Arc::new(RwLock::new(handler)),
+    };
+    let shared = server.clone();
     let clients = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ferry-api".into())
@@ -73,12 +103,11 @@ pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, Api
                     let _ = writeln!(stream, "{line}");
                     continue;
                 }
-                let (handler, clients) = (handler.clone(), clients.clone());
-                let in_flight = in_flight.clone();
+                let (server, clients) = (shared.clone(), clients.clone());
                 let spawned = std::thread::Builder::new()
                     .name("ferry-api-client".into())
                     .spawn(move || {
-                        serve_client(stream, handler.as_ref(), &in_flight);
+                        serve_client(stream, &server);
                         clients.fetch_sub(1, SeqCst);
                     });
                 if spawned.is_err() {
@@ -93,7 +122,7 @@ pub fn serve(path: &Path, handler: Arc<dyn ApiHandler>) -> Result<ApiServer, Api
     Ok(server)
 }
 
-fn serve_client(stream: UnixStream, handler: &dyn ApiHandler, in_flight: &Arc<AtomicUsize>) {
+fn serve_client(stream: UnixStream, server: &ApiServer) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -121,8 +150,8 @@ fn serve_client(stream: UnixStream, handler: &dyn ApiHandler, in_flight: &Arc<At
         if line.trim().is_empty() {
             continue;
         }
-        let _answering = InFlight::start(in_flight);
-        let reply = answer(handler, line.trim());
+        let _answering = InFlight::start(&server.in_flight);
+        let reply = answer(server.handler().as_ref(), line.trim());
         let Ok(text) = serde_json::to_string(&reply) else {
             return;
         };
