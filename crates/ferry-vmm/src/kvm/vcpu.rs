@@ -810,7 +810,12 @@ mod tests {
         let mut handles = Vec::new();
         for (id, thread) in [
             (0, std::thread::spawn(|| {})),
-            (1, std::thread::spawn(move || drop(stuck.recv()))),
+            (
+                1,
+                std::thread::spawn(move || {
+                    let _ = stuck.recv();
+                }),
+            ),
         ] {
             let (requests, _) = std::sync::mpsc::channel();
             handles.push(VcpuHandle {
