@@ -235,7 +235,9 @@ impl VmDescription {
             vcpus: self.vcpus,
             balloon: self.balloon,
             serial: settings.serial.clone(),
-            api_socket: settings.api_socket.clone(),
+            // The destination serves its API socket itself, bound before any source arrived
+            // (crate::receive): this VM must not check it is free, nor bind it.
+            api_socket: None,
             kvm_path: settings.kvm_path.clone(),
             xsave: self.xsave,
             console_log: settings.console_log.clone(),
@@ -290,6 +292,27 @@ mod tests {
         assert_eq!(config.serial, SerialTarget::None);
         assert_eq!(config.api_socket, None);
         assert_eq!(config.kernel, PathBuf::new());
+    }
+
+    #[test]
+    fn the_destinations_own_api_socket_does_not_refuse_the_vm() {
+        // `receive` binds its API socket before a source arrives; the VM built for the
+        // source must not find that socket busy (every lab migration failed so once).
+        let dir = std::env::temp_dir().join(format!("ferry-desc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let api = dir.join("dest.api");
+        let _ = std::fs::remove_file(&api);
+        let _served = std::os::unix::net::UnixListener::bind(&api).unwrap();
+        let source = source_config();
+        let settings = ReceiveSettings {
+            serial: SerialTarget::None,
+            api_socket: Some(api.clone()),
+            ..ReceiveSettings::default()
+        };
+        let config =
+            VmDescription::of(&source).config(&settings, &ram_regions(source.memory_bytes));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(config.unwrap().api_socket, None);
     }
 
     #[test]
