@@ -214,6 +214,32 @@ fn client_and_server_talk_over_a_socket() {
     assert!(reply.contains("too long"), "{reply}");
 }
 
+#[test]
+fn a_new_handler_answers_the_next_request_of_a_connected_client() {
+    // A migration destination serves its socket before the VM exists and hands it over
+    // once restored: a client connected before must get the VM's answers after.
+    struct NotYet;
+    impl ApiHandler for NotYet {
+        fn handle(&self, _request: Request) -> Result<Value, Refusal> {
+            Err(Refusal::new(ErrorCode::MigrationActive, "no VM yet"))
+        }
+    }
+    let (dir, path) = socket_dir("ferry-api-handover");
+    let server = serve(&path, Arc::new(NotYet)).unwrap();
+    let fake = Arc::new(Fake(Mutex::new(Vec::new())));
+    let mut early = ApiClient::connect(&path).unwrap();
+    let refused = early.status().unwrap_err();
+    assert!(refused.to_string().contains("no VM yet"), "{refused}");
+    server.set_handler(fake.clone());
+    assert_eq!(early.status().unwrap().vcpus, 2);
+    assert_eq!(
+        ApiClient::connect(&path).unwrap().status().unwrap().vcpus,
+        2
+    );
+    assert_eq!(fake.0.lock().unwrap().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A server that greets with `line` instead of ferry's greeting.
 fn greeting_server(line: &str) -> (PathBuf, PathBuf) {
     let (dir, path) = socket_dir(&format!("greet-{}", line.len()));
